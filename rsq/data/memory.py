@@ -1,0 +1,98 @@
+"""Data sets small enough to hold as one uint8 tensor (Fashion-MNIST), augmented per batch.
+
+Crop, flip, normalisation and resizing run on whole batch tensors on the training device, and
+every random draw comes from a generator seeded by (seed, epoch, step), so a resumed run sees
+exactly the batches an uninterrupted one would have seen.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .multires import resize_batch
+
+
+def _generator(*seeds: int) -> torch.Generator:
+    value = 0
+    for s in seeds:
+        value = (value * 1_000_003 + int(s)) % (2**63 - 1)
+    return torch.Generator().manual_seed(value)
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """One random crop (after zero padding) and one random horizontal flip per image."""
+    n, _, h, w = x.shape
+    if pad > 0:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]
+        batch = torch.arange(n, device=x.device)[:, None, None]
+        x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)[:, None, None, None]
+    return torch.where(flip, x.flip(-1), x)
+
+
+class _Normalizer:
+    def __init__(self, mean, std, device):
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return (images_uint8.float() / 255.0 - self.mean) / self.std
+
+
+class TensorTrainData:
+    """Shuffled, augmented training batches at the largest resolution."""
+
+    def __init__(self, images, labels, batch_size, resolution, mean, std, seed=0, pad=2,
+                 rank=0, world_size=1, device="cpu"):
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.batch_size, self.resolution, self.pad, self.seed = batch_size, resolution, pad, seed
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.normalize = _Normalizer(mean, std, device)
+        per_rank = len(self.images) // world_size
+        self.steps_per_epoch = per_rank // batch_size  # drop the last partial batch
+        if self.steps_per_epoch == 0:
+            from ..errors import RsqError
+            raise RsqError(
+                f"batch size {batch_size * world_size} is larger than the {len(self.images)} training images"
+            )
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.images), generator=_generator(self.seed, epoch))
+        per_rank = len(order) // self.world_size
+        order = order[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.device)
+        for step in range(start_step, self.steps_per_epoch):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            gen = _generator(self.seed, epoch, step, self.rank, 7)
+            x = random_crop_flip(self.normalize(self.images[idx]), self.pad, gen)
+            yield resize_batch(x, self.resolution), self.labels[idx]
+
+
+class TensorEvalData:
+    """Test batches: the whole image resized to each resolution (no crop)."""
+
+    def __init__(self, images, labels, batch_size, resolutions, mean, std, rank=0, world_size=1,
+                 device="cpu"):
+        # Each rank takes a contiguous slice; results are summed across ranks.
+        per_rank = -(-len(images) // world_size)
+        sl = slice(rank * per_rank, (rank + 1) * per_rank)
+        self.images, self.labels = images[sl].to(device), labels[sl].to(device)
+        self.batch_size, self.resolutions = batch_size, resolutions
+        self.normalize = _Normalizer(mean, std, device)
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+    def batches(self) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor]]:
+        for start in range(0, len(self.images), self.batch_size):
+            x = self.normalize(self.images[start:start + self.batch_size])
+            yield {r: resize_batch(x, r) for r in self.resolutions}, self.labels[start:start + self.batch_size]

@@ -1,0 +1,79 @@
+"""Multi-resolution ensemble distillation (MRED), as in RS-Nets (Wang et al., ECCV 2020).
+
+Given the logits z_1..z_n of one batch at resolutions S_1 > ... > S_n:
+- the ensemble teacher is sum_j softmax(alpha)_j * stopgrad(z_j); its cross-entropy trains alpha only;
+- vanilla: KD from the ensemble to every resolution;
+- full: also KD from every higher resolution to every lower one, the KD sum scaled by 2/(n+1).
+KD is KL(softmax(teacher) || softmax(student)) at temperature 1, batch mean, teacher detached.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def kd_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(t) || softmax(s)), mean over the batch, teacher detached."""
+    teacher_log_p = F.log_softmax(teacher_logits.detach().float(), dim=-1)
+    student_log_p = F.log_softmax(student_logits.float(), dim=-1)
+    return F.kl_div(student_log_p, teacher_log_p, reduction="batchmean", log_target=True)
+
+
+class EnsembleWeights(nn.Module):
+    """The learnable alpha of MRED (initialised to ones; never weight-decayed)."""
+
+    def __init__(self, num_resolutions: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(num_resolutions))
+        self.alpha._rsq_no_weight_decay = True
+
+    def weights(self) -> torch.Tensor:
+        return torch.softmax(self.alpha, dim=0)
+
+    def ensemble(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        """sum_j w_j * stopgrad(z_j): the gradient of this reaches alpha only."""
+        w = self.weights()
+        return sum(w[j] * z.detach().float() for j, z in enumerate(logits))
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    ce: torch.Tensor
+    ens: torch.Tensor
+    kd: torch.Tensor
+
+
+def mred_loss(
+    logits: list[torch.Tensor],
+    target: torch.Tensor,
+    ensemble: EnsembleWeights,
+    mode: str = "full",
+    label_smoothing: float = 0.0,
+    teacher_logits: list[torch.Tensor] | None = None,
+) -> LossParts:
+    """The RS-Net loss for logits ordered from the largest resolution to the smallest.
+
+    ``teacher_logits`` (optional, one per resolution) adds KD from an external full-precision
+    RS-Net at each resolution, on top of MRED.
+    """
+    n = len(logits)
+    ce = sum(F.cross_entropy(z.float(), target, label_smoothing=label_smoothing) for z in logits)
+    zero = ce.new_zeros(())
+    if mode == "none":
+        ens = kd = zero
+    else:
+        z_ens = ensemble.ensemble(logits)
+        ens = F.cross_entropy(z_ens, target)
+        kd = sum(kd_loss(z_ens, z) for z in logits)
+        if mode == "full":
+            kd = kd + sum(kd_loss(logits[k], logits[j]) for j in range(n) for k in range(j))
+            kd = kd * (2.0 / (n + 1))
+        elif mode != "vanilla":
+            raise ValueError(f"unknown distill mode {mode!r}")
+    if teacher_logits is not None:
+        kd = kd + sum(kd_loss(t, z) for t, z in zip(teacher_logits, logits))
+    return LossParts(ce + ens + kd, ce.detach(), ens.detach(), kd.detach() if torch.is_tensor(kd) else zero)

@@ -1,0 +1,35 @@
+"""Model factories by name: ``@register_model`` and ``create_model(name, ...)``."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+from torch import nn
+
+from ..convert import convert
+from ..errors import choices_error
+
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    _FACTORIES[factory.__name__] = factory
+    return factory
+
+
+def list_models() -> list[str]:
+    return sorted(_FACTORIES)
+
+
+def create_model(
+    name: str,
+    num_classes: int = 1000,
+    in_chans: int = 3,
+    resolutions: Optional[Iterable[int]] = None,
+) -> nn.Module:
+    """Build a model by name; with ``resolutions`` it comes back as an RS-Net."""
+    if name not in _FACTORIES:
+        raise choices_error("model", name, list_models())
+    model = _FACTORIES[name](num_classes=num_classes, in_chans=in_chans)
+    if resolutions is not None:
+        convert(model, resolutions)
+    return model

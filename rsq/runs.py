@@ -1,0 +1,124 @@
+"""Commands on finished checkpoints: re-evaluate, and calibrate a new resolution."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_save, build_model, checkpoint_config, load_checkpoint
+from .convert import add_resolution, mode_state, using_mode
+from .data import build_data, dataset_info
+from .data.multires import resize_batch
+from .distill import EnsembleWeights
+from .errors import RsqError
+from .evaluate import evaluate, format_table
+from .results import write_json_atomic
+from .train import build_results
+
+
+def _checkpoint_path(path) -> Path:
+    path = Path(path)
+    return path / "checkpoint.pt" if path.is_dir() else path
+
+
+def _ensemble_of(ckpt: dict) -> EnsembleWeights:
+    ensemble = EnsembleWeights(len(ckpt["resolutions"]))
+    ensemble.load_state_dict(ckpt["ensemble"])
+    return ensemble
+
+
+def evaluate_checkpoint(path, data=None, data_dir=None, resolutions=None, test_subset=None, batch_size=None,
+                        out=None) -> dict:
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt)
+    config = checkpoint_config(ckpt)
+    for key, value in (("data", data), ("data_dir", data_dir), ("test_subset", test_subset),
+                       ("batch_size", batch_size)):
+        if value is not None:
+            setattr(config, key, value)
+    known = mode_state(model).resolutions
+    # Trained resolutions first: the ensemble weights pair with them (calibrated ones come after).
+    order = list(ckpt["resolutions"]) + [r for r in known if r not in ckpt["resolutions"]]
+    if resolutions:
+        unknown = [r for r in resolutions if r not in known]
+        if unknown:
+            raise RsqError(f"resolution(s) {unknown} unknown to this checkpoint (known: {known}); "
+                           f"add them with `rsq calibrate`")
+        order = [r for r in order if r in resolutions]
+    config.validate()
+    num_classes, in_chans = dataset_info(config)
+    if (num_classes, in_chans) != (ckpt["num_classes"], ckpt["in_chans"]):
+        raise RsqError(f"data set {config.data} has {num_classes} classes / {in_chans} channels; the checkpoint "
+                       f"expects {ckpt['num_classes']} / {ckpt['in_chans']}")
+    config.resolutions = order
+    test = build_data(config, train=False).test
+    with_ensemble = order[:len(ckpt["resolutions"])] == list(ckpt["resolutions"])
+    ensemble = _ensemble_of(ckpt) if with_ensemble else None
+    metrics = evaluate(model, test, order, ensemble.weights().detach() if ensemble else None)
+    calibrated = {int(r) for r in ckpt.get("calibrated", {})}
+    results = build_results(config, model, metrics, ensemble, in_chans, num_classes,
+                            _checkpoint_path(path).parent.name, ckpt.get("train_time_s", 0.0), calibrated)
+    print(format_table(results["rows"], results["ensemble"]))
+    if out:
+        write_json_atomic(results, Path(out))
+    return results
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, resolution: int, images: torch.Tensor) -> None:
+    """Re-estimate one resolution's BN statistics (cumulative average, no weight change)."""
+    key = mode_state(model).find(resolution).key
+    model.eval()
+    bns = [m.bns[key] for m in model.modules() if hasattr(m, "bns")]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # an exact average over all calibration batches
+        bn.train()
+    with using_mode(model, resolution):
+        for start in range(0, len(images), 128):
+            model(resize_batch(images[start:start + 128], resolution))
+    for bn in bns:
+        bn.momentum = 0.1
+        bn.eval()
+
+
+def calibrate_checkpoint(path, resolutions: list[int], images: int = 512, like: Optional[int] = None,
+                         out=None, test_subset=None) -> dict:
+    source = _checkpoint_path(path)
+    ckpt = load_checkpoint(source)
+    config = checkpoint_config(ckpt)
+    if images < 1:
+        raise RsqError("--images must be at least 1")
+    model = build_model(ckpt)
+    known = mode_state(model).resolutions
+    if like is not None and like not in known:
+        raise RsqError(f"--like {like} is not a resolution of this checkpoint (known: {known})")
+    calib = build_data(config.__class__(**{**config.to_dict(), "subset": images, "batch_size": min(images, 128),
+                                           "test_subset": test_subset or config.test_subset}))
+    batches = [x for x, _ in _take(calib.train, images)]
+    pool = torch.cat(batches)[:images]
+    calibrated = dict(ckpt.get("calibrated", {}))
+    for r in resolutions:
+        mode = add_resolution(model, r, like=like)
+        # The nearest trained resolution's BN is only the starting point; the statistics are new.
+        recalibrate_bn(model, mode.resolution, pool)
+        calibrated[str(r)] = like if like is not None else min(known, key=lambda k: (abs(k - r), -k))
+    ckpt["model"], ckpt["calibrated"] = model.state_dict(), calibrated
+    target = Path(out) if out else source
+    atomic_save(ckpt, target)
+    print(f"added resolution(s) {resolutions} to {target} (statistics from {len(pool)} training images)")
+    return evaluate_checkpoint(target, test_subset=test_subset)
+
+
+def _take(train_data, images: int):
+    count = 0
+    epoch = 0
+    while count < images:
+        for x, y in train_data.batches(epoch):
+            yield x, y
+            count += len(x)
+            if count >= images:
+                return
+        epoch += 1
