@@ -2,7 +2,8 @@
 
 Crop, flip, normalisation and resizing run on whole batch tensors on the training device, and
 every random draw comes from a generator seeded by (seed, epoch, step), so a resumed run sees
-exactly the batches an uninterrupted one would have seen.
+exactly the batches an uninterrupted one would have seen. Draws are made for the global batch and
+each DDP rank takes its slice, so N processes see the same images as one process.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from ..errors import RsqError
 from .multires import resize_batch
 
 
@@ -21,19 +23,24 @@ def _generator(*seeds: int) -> torch.Generator:
     return torch.Generator().manual_seed(value)
 
 
-def random_crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """One random crop (after zero padding) and one random horizontal flip per image."""
+def draw_crop_flip(n: int, pad: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Crop offsets (dy, dx) and flip flags for ``n`` images."""
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    return dy, dx, torch.rand(n, generator=gen) < 0.5
+
+
+def crop_flip(x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """One crop (after zero padding) and one optional horizontal flip per image."""
     n, _, h, w = x.shape
+    dy, dx, flip = dy.to(x.device), dx.to(x.device), flip.to(x.device)
     if pad > 0:
         padded = F.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]
         batch = torch.arange(n, device=x.device)[:, None, None]
         x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
-    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)[:, None, None, None]
-    return torch.where(flip, x.flip(-1), x)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 class _Normalizer:
@@ -55,25 +62,22 @@ class TensorTrainData:
         self.batch_size, self.resolution, self.pad, self.seed = batch_size, resolution, pad, seed
         self.rank, self.world_size, self.device = rank, world_size, device
         self.normalize = _Normalizer(mean, std, device)
-        per_rank = len(self.images) // world_size
-        self.steps_per_epoch = per_rank // batch_size  # drop the last partial batch
+        global_batch = batch_size * world_size
+        self.steps_per_epoch = len(self.images) // global_batch  # drop the last partial batch
         if self.steps_per_epoch == 0:
-            from ..errors import RsqError
-            raise RsqError(
-                f"batch size {batch_size * world_size} is larger than the {len(self.images)} training images"
-            )
+            raise RsqError(f"batch size {global_batch} is larger than the {len(self.images)} training images")
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(self.images), generator=_generator(self.seed, epoch))
-        per_rank = len(order) // self.world_size
-        order = order[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.device)
+        order = torch.randperm(len(self.images), generator=_generator(self.seed, epoch)).to(self.device)
+        global_batch = self.batch_size * self.world_size
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for step in range(start_step, self.steps_per_epoch):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-            gen = _generator(self.seed, epoch, step, self.rank, 7)
-            x = random_crop_flip(self.normalize(self.images[idx]), self.pad, gen)
+            idx = order[step * global_batch:(step + 1) * global_batch][mine]
+            dy, dx, flip = draw_crop_flip(global_batch, self.pad, _generator(self.seed, epoch, step, 7))
+            x = crop_flip(self.normalize(self.images[idx]), self.pad, dy[mine], dx[mine], flip[mine])
             yield resize_batch(x, self.resolution), self.labels[idx]
 
 
