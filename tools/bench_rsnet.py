@@ -10,30 +10,11 @@ every resolution. Runs go ``--jobs`` at a time, one thread each, so the figures 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+
+from benchlib import run_train, top1, write_outputs
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
-
-
-def run(name: str, flags: list[str], args) -> dict:
-    out = Path(args.work) / name
-    cmd = [sys.executable, "-m", "rsq.cli", "train", "fashion_mnist", "--out", str(out), "--overwrite",
-           "--epochs", str(args.epochs), "--subset", str(args.subset), "--seed", str(args.seed), *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
-    began = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
-    result = json.loads((out / "results.json").read_text())
-    result["wall_s"] = round(time.perf_counter() - began, 1)
-    print(f"{name}: {result['wall_s']} s", flush=True)
-    return result
 
 
 def main() -> None:
@@ -53,14 +34,13 @@ def main() -> None:
     configs = {"rsnet_full": ["--resolutions", res_flag, "--distill", "full"],
                "rsnet_none": ["--resolutions", res_flag, "--distill", "none"]}
     configs.update({f"separate_{r}": ["--resolutions", str(r), "--distill", "none"] for r in RESOLUTIONS})
+    common = ["fashion_mnist", "--epochs", str(args.epochs), "--subset", str(args.subset), "--seed", str(args.seed)]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = dict(zip(configs, pool.map(lambda kv: run(kv[0], kv[1], args), configs.items())))
-
-    def top1(name, r):
-        return next(row["top1"] for row in results[name]["rows"] if row["resolution"] == r)
+        runs = pool.map(lambda kv: run_train(kv[0], common + kv[1], args.work, args.threads), configs.items())
+        results = dict(zip(configs, runs))
 
     lines = [
-        f"# RS-Net vs separately trained models (Fashion-MNIST, ResNet-20)",
+        "# RS-Net vs separately trained models (Fashion-MNIST, ResNet-20)",
         "",
         f"Setting: {args.subset} training images, {args.epochs} epochs, batch 128, lr 0.1 cosine, SGD, "
         f"seed {args.seed}, full 10k test set; each run one process with {args.threads} thread(s), {args.jobs} at a time.",
@@ -71,7 +51,7 @@ def main() -> None:
     ]
     wins = 0
     for r in RESOLUTIONS:
-        sep, none, full = top1(f"separate_{r}", r), top1("rsnet_none", r), top1("rsnet_full", r)
+        sep, none, full = (top1(results[name], r) for name in (f"separate_{r}", "rsnet_none", "rsnet_full"))
         wins += full >= sep
         lines.append(f"| {r} | {sep:.2f} | {none:.2f} | {full:.2f} | {full - sep:+.2f} |")
     ens = results["rsnet_full"]["ensemble"]["top1"]
@@ -83,9 +63,7 @@ def main() -> None:
         f"Training time: RS-Net {results['rsnet_full']['train_time_s']:.0f} s (one model) vs "
         f"{sep_time:.0f} s for the five separate models together.",
     ]
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    Path(args.out + ".json").write_text(json.dumps({"settings": vars(args), "results": results}, indent=1))
-    print("\n".join(lines))
+    write_outputs(args.out, lines, {"settings": vars(args), "results": results})
 
 
 if __name__ == "__main__":

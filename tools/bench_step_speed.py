@@ -144,6 +144,7 @@ def main() -> None:
     if best:
         lines.append(f"Fastest rsq step ({best['variant']}) / plain eager loop: {best['ms_per_step'] / base:.2f}x "
                      f"(goal <= 0.8).")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     Path(args.out + ".json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
     print("\n".join(lines))

@@ -1,0 +1,35 @@
+"""Shared by the accuracy benchmarks: run `rsq train` in a subprocess, read its results."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run_train(name: str, flags: list[str], work: str, threads: int) -> dict:
+    """One `rsq train` process with ``threads`` threads; returns its results.json (+ wall_s)."""
+    out = Path(work) / name
+    cmd = [sys.executable, "-m", "rsq.cli", "train", "--out", str(out), "--overwrite", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    began = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+    result = json.loads((out / "results.json").read_text())
+    result["wall_s"] = round(time.perf_counter() - began, 1)
+    print(f"{name}: {result['wall_s']} s", flush=True)
+    return result
+
+
+def top1(result: dict, resolution: int) -> float:
+    return next(row["top1"] for row in result["rows"] if row["resolution"] == resolution)
+
+
+def write_outputs(out: str, lines: list[str], payload: dict) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".md").write_text("\n".join(lines) + "\n")
+    Path(out + ".json").write_text(json.dumps(payload, indent=1))
+    print("\n".join(lines))
