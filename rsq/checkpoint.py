@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +15,59 @@ from .errors import RsqError
 
 FORMAT = "rsq-checkpoint"
 VERSION = 1
+TMP_SUFFIX = ".tmp"
+# What every reader of a checkpoint (eval, calibrate, --init, --teacher, --resume) relies on.
+REQUIRED_KEYS = ("config", "num_classes", "in_chans", "resolutions", "model")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A crash at any moment leaves either the old file or the new one, never a torn one.
+    A crash at any moment leaves either the old file or the new one, never a torn one. A full
+    disk or a folder that cannot be written is a one-line RsqError; the old file stays.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+        _fsync_folder(path.parent)  # make the rename itself survive a power cut
+    except OSError as exc:
+        raise RsqError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not possible on every platform / file system; the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete ``*.tmp`` files a killed ``atomic_save`` left behind (never the checkpoint itself)."""
+    for leftover in Path(folder).glob(f"*.pt.*{TMP_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = line.split(". ")[0].rstrip(".")
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def load_checkpoint(path) -> dict:
@@ -46,18 +78,26 @@ def load_checkpoint(path) -> dict:
     if not path.is_file():
         raise RsqError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise RsqError(f"{path} is not a readable rsq checkpoint (truncated or corrupt?): {first}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about foreign pickles before failing on them
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle a user's file is the user's file
+        reason = _first_sentence(str(exc)) or exc.__class__.__name__
+        raise RsqError(f"{path} is not a readable rsq checkpoint (truncated, corrupt or another format): "
+                       f"{reason}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise RsqError(f"{path} is not an rsq checkpoint (no '{FORMAT}' marker)")
-    if ckpt.get("version", 0) > VERSION:
-        raise RsqError(f"{path} was written by a newer rsq (format {ckpt['version']} > {VERSION})")
+    if not isinstance(ckpt.get("version"), int) or ckpt["version"] > VERSION:
+        raise RsqError(f"{path} was written by a newer rsq (format {ckpt.get('version')!r} > {VERSION})")
+    missing = [key for key in REQUIRED_KEYS if key not in ckpt]
+    if missing:
+        raise RsqError(f"{path} is a damaged rsq checkpoint: it lacks {', '.join(missing)}")
     return ckpt
 
 
 def checkpoint_config(ckpt: dict) -> TrainConfig:
+    if not isinstance(ckpt["config"], dict):
+        raise RsqError("damaged rsq checkpoint: its config is not a table of settings")
     return config_from_dict(ckpt["config"])
 
 
@@ -71,13 +111,15 @@ def build_model(ckpt: dict) -> nn.Module:
     for resolution, like in ckpt.get("calibrated", {}).items():
         add_resolution(model, int(resolution), like=int(like))
     if config.quantized:
-        from .quantize import QuantConfig, quantize_
+        from .quantize import quantize_
 
         quantize_(model, quant_config(config))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise RsqError(f"checkpoint weights do not fit model {config.model}: {str(exc).splitlines()[0]}") from None
+        # The first line only says "Error(s) in loading state_dict"; the second names the key.
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise RsqError(f"checkpoint weights do not fit model {config.model}: {' '.join(lines[:2])[:300]}") from None
     return model
 
 

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-from .config import VALID_BITS, TrainConfig
+from .config import VALID_BITS
 from .errors import RsqError
 
 TRAIN_FLAGS = {  # flag -> (config field, type, help)
@@ -63,16 +65,40 @@ def _bits(text: str) -> int:
     return value
 
 
-def _non_negative(kind):
+MAX_SEED = 2**63 - 1  # what torch.manual_seed and the data generators accept
+
+
+def _number(kind, minimum=0, exclusive: bool = False, maximum=None):
+    """An argparse type: a finite int/float >= minimum (> minimum when exclusive), <= maximum."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number")
+        if value < minimum or (exclusive and value == minimum):
+            rule = f"be greater than {minimum}" if exclusive else ("not be negative" if minimum == 0
+                                                                   else f"be at least {minimum}")
+            raise argparse.ArgumentTypeError(f"{text!r} must {rule}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be at most {maximum}")
         return value
     return parse
+
+
+def _non_negative(kind):
+    return _number(kind, 0)
+
+
+# Flags whose values have a tighter rule than "not negative".
+FLAG_TYPES = {
+    "--epochs": _number(int, 1),
+    "--batch-size": _number(int, 1),
+    "--lr": _number(float, 0, exclusive=True),
+    "--seed": _number(int, 0, maximum=MAX_SEED),
+    "--label-smoothing": _number(float, 0, maximum=0.999),
+}
 
 
 def add_train_parser(sub) -> None:
@@ -80,7 +106,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("recipe", nargs="?", default=None,
                    help="recipe name in recipes/ or a .toml path (default: fashion_mnist)")
     for flag, (field, kind, text) in TRAIN_FLAGS.items():
-        parse = _non_negative(kind) if kind in (int, float) else kind
+        parse = FLAG_TYPES.get(flag) or (_non_negative(kind) if kind in (int, float) else kind)
         p.add_argument(flag, dest=field, type=parse, default=None, help=text)
     p.add_argument("--resolutions", type=_resolutions, default=None, help="comma list, e.g. 224,192,160,128,96")
     p.add_argument("--bits", type=_bits, default=None, help="weight and activation bits: 2-8, or 32 (FP)")
@@ -113,8 +139,21 @@ def cmd_train(args) -> int:
 
     overrides = _overrides(args)
     if args.resume:
-        config = checkpoint_config(load_checkpoint(Path(args.resume) / "checkpoint.pt"))
+        run_dir = Path(args.resume)
+        if args.overwrite:
+            raise RsqError("--resume continues a run and --overwrite replaces it; pass one of them")
+        if run_dir.is_file():
+            raise RsqError(f"--resume takes the run folder, not a file: pass --resume {run_dir.parent}")
+        if not (run_dir / "checkpoint.pt").is_file():
+            raise RsqError(f"--resume {run_dir}: no checkpoint.pt there to resume from")
+        if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
+            raise RsqError(f"--resume continues {run_dir} in place; drop --out {args.out}")
+        config = checkpoint_config(load_checkpoint(run_dir / "checkpoint.pt"))
         saved = config.to_dict()
+        if saved.get("resolutions") is not None:
+            saved["resolutions"] = sorted(saved["resolutions"], reverse=True)
+        if overrides.get("resolutions") is not None:
+            overrides["resolutions"] = sorted(overrides["resolutions"], reverse=True)
         conflicts = [f"{k}={v!r} (run has {saved[k]!r})" for k, v in overrides.items()
                      if v is not None and k != "out" and saved.get(k) != v]
         if conflicts or args.recipe:
@@ -134,7 +173,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--data-dir", dest="data_dir", default=None)
     p.add_argument("--resolutions", type=_resolutions, default=None, help="default: all the checkpoint knows")
     p.add_argument("--test-subset", dest="test_subset", type=_non_negative(int), default=None)
-    p.add_argument("--batch-size", dest="batch_size", type=_non_negative(int), default=None)
+    p.add_argument("--batch-size", dest="batch_size", type=_number(int, 1), default=None)
     p.add_argument("--out", default=None, help="also write the results JSON here")
     p.set_defaults(func=cmd_eval)
 
@@ -151,8 +190,9 @@ def add_calibrate_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="add a BN set for a resolution that was not trained")
     p.add_argument("checkpoint", help="checkpoint file or run folder (updated in place, atomically)")
     p.add_argument("--resolution", type=_resolutions, required=True, help="new resolution(s), e.g. 26 or 26,14")
-    p.add_argument("--images", type=_non_negative(int), default=512, help="training images for the statistics")
-    p.add_argument("--like", type=int, default=None, help="start from this resolution's BN (default: nearest)")
+    p.add_argument("--images", type=_number(int, 1), default=512, help="training images for the statistics")
+    p.add_argument("--like", type=_number(int, 1), default=None,
+                   help="start from this resolution's BN (default: nearest)")
     p.add_argument("--out", default=None, help="write the calibrated checkpoint here instead of in place")
     p.add_argument("--test-subset", dest="test_subset", type=_non_negative(int), default=None)
     p.set_defaults(func=cmd_calibrate)
@@ -180,8 +220,18 @@ def cmd_models(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, like every other rsq error, and exits 2.
+
+    Sub-command parsers are made with the parent's class, so this covers all of them.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"rsq: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rsq", description="Quantization-aware training of resolution-switchable networks.")
+    parser = _Parser(prog="rsq", description="Quantization-aware training of resolution-switchable networks.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_eval_parser(sub)
@@ -210,7 +260,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return args.func(args)
     except RsqError as exc:
-        print(f"rsq: error: {_one_line(exc)}", file=sys.stderr)
+        # An error every DDP rank agreed on is printed once, by rank 0.
+        if not (getattr(exc, "all_ranks", False) and os.environ.get("RANK", "0") != "0"):
+            print(f"rsq: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rsq: interrupted", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Commands on finished checkpoints: re-evaluate, and calibrate a new resolution."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,28 @@ def _checkpoint_path(path) -> Path:
     return path / "checkpoint.pt" if path.is_dir() else path
 
 
+def _check_results_target(out) -> Path:
+    """``rsq eval --out``: a new file, or an earlier results JSON; never a folder or another file."""
+    path = Path(out)
+    if path.is_dir():
+        raise RsqError(f"--out {path} is a folder; give the path of a .json file")
+    if path.exists():
+        try:
+            kind = json.loads(path.read_text()).get("kind")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            kind = None
+        if kind != "rsq-results":
+            raise RsqError(f"--out {path} exists and is not an rsq results file; refusing to overwrite it")
+    elif not path.parent.is_dir():
+        raise RsqError(f"--out {path}: folder {path.parent} does not exist")
+    return path
+
+
+def _check_data_flags(config) -> None:
+    if config.data == "imagefolder" and not config.data_dir:
+        raise RsqError("--data imagefolder needs --data-dir ROOT (with ROOT/train/CLASS and ROOT/val/CLASS)")
+
+
 def _ensemble_of(ckpt: dict) -> EnsembleWeights:
     ensemble = EnsembleWeights(len(ckpt["resolutions"]))
     ensemble.load_state_dict(ckpt["ensemble"])
@@ -31,6 +54,7 @@ def _ensemble_of(ckpt: dict) -> EnsembleWeights:
 
 def evaluate_checkpoint(path, data=None, data_dir=None, resolutions=None, test_subset=None, batch_size=None,
                         out=None) -> dict:
+    target = _check_results_target(out) if out else None  # before any work, so a bad --out costs nothing
     ckpt = load_checkpoint(path)
     model = build_model(ckpt)
     config = checkpoint_config(ckpt)
@@ -48,6 +72,7 @@ def evaluate_checkpoint(path, data=None, data_dir=None, resolutions=None, test_s
                            f"add them with `rsq calibrate`")
         order = [r for r in order if r in resolutions]
     config.validate()
+    _check_data_flags(config)
     num_classes, in_chans = dataset_info(config)
     if (num_classes, in_chans) != (ckpt["num_classes"], ckpt["in_chans"]):
         raise RsqError(f"data set {config.data} has {num_classes} classes / {in_chans} channels; the checkpoint "
@@ -61,8 +86,11 @@ def evaluate_checkpoint(path, data=None, data_dir=None, resolutions=None, test_s
     results = build_results(config, model, metrics, ensemble, in_chans, num_classes,
                             _checkpoint_path(path).parent.name, ckpt.get("train_time_s", 0.0), calibrated)
     print(format_table(results["rows"], results["ensemble"]))
-    if out:
-        write_json_atomic(results, Path(out))
+    if target is not None:
+        try:
+            write_json_atomic(results, target)
+        except OSError as exc:
+            raise RsqError(f"cannot write {target}: {exc.strerror or exc}") from None
     return results
 
 
@@ -87,18 +115,25 @@ def recalibrate_bn(model: nn.Module, resolution: int, images: torch.Tensor) -> N
 def calibrate_checkpoint(path, resolutions: list[int], images: int = 512, like: Optional[int] = None,
                          out=None, test_subset=None) -> dict:
     source = _checkpoint_path(path)
+    target = source
+    if out:
+        # A new file (or a folder, which gets checkpoint.pt): calibrate never replaces another checkpoint.
+        target = Path(out) / "checkpoint.pt" if Path(out).is_dir() else Path(out)
+        if target.exists() and target.resolve() != source.resolve():
+            raise RsqError(f"--out {target} already exists; give a new path, or leave out --out to update "
+                           f"{source} in place")
+        if not target.parent.is_dir():
+            raise RsqError(f"--out {target}: folder {target.parent} does not exist")
     ckpt = load_checkpoint(source)
     config = checkpoint_config(ckpt)
     if images < 1:
         raise RsqError("--images must be at least 1")
+    _check_data_flags(config)
     model = build_model(ckpt)
     known = mode_state(model).resolutions
     if like is not None and like not in known:
         raise RsqError(f"--like {like} is not a resolution of this checkpoint (known: {known})")
-    calib = build_data(config.__class__(**{**config.to_dict(), "subset": images, "batch_size": min(images, 128),
-                                           "test_subset": test_subset or config.test_subset}))
-    batches = [x for x, _ in _take(calib.train, images)]
-    pool = torch.cat(batches)[:images]
+    pool = training_pool(config, images, test_subset)
     calibrated = dict(ckpt.get("calibrated", {}))
     for r in resolutions:
         mode = add_resolution(model, r, like=like)
@@ -106,10 +141,17 @@ def calibrate_checkpoint(path, resolutions: list[int], images: int = 512, like: 
         recalibrate_bn(model, mode.resolution, pool)
         calibrated[str(r)] = like if like is not None else min(known, key=lambda k: (abs(k - r), -k))
     ckpt["model"], ckpt["calibrated"] = model.state_dict(), calibrated
-    target = Path(out) if out else source
     atomic_save(ckpt, target)
     print(f"added resolution(s) {resolutions} to {target} (statistics from {len(pool)} training images)")
     return evaluate_checkpoint(target, test_subset=test_subset)
+
+
+def training_pool(config, images: int, test_subset: Optional[int] = None) -> torch.Tensor:
+    """``images`` training images at the largest trained resolution, with the training augmentation:
+    what `rsq calibrate` re-estimates BN statistics from (also used by tools/bench_calibrate.py)."""
+    calib = build_data(config.__class__(**{**config.to_dict(), "subset": images, "batch_size": min(images, 128),
+                                           "test_subset": test_subset or config.test_subset}))
+    return torch.cat([x for x, _ in _take(calib.train, images)])[:images]
 
 
 def _take(train_data, images: int):

@@ -3,36 +3,49 @@
 The whole flow, top to bottom: set-up (distributed, device, run folder), data, model (convert,
 optionally quantize, optionally start from a checkpoint), optimizer, then epochs of
 ``train_one_epoch`` + ``evaluate``, with atomic checkpoints that a killed run resumes from.
+
+Distributed runs (``torchrun --nproc_per_node N -m rsq.cli train ...``) use DDP: every rank
+takes its slice of the same global batch, only rank 0 writes files, and an error on any rank
+is raised on every rank (``agree``), so no rank is left waiting in a collective.
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import FORMAT, VERSION, atomic_save, build_model, load_checkpoint, quant_config
+from .checkpoint import (FORMAT, VERSION, atomic_save, build_model, checkpoint_config, load_checkpoint,
+                         quant_config, remove_stale_temporaries)
 from .config import TrainConfig, save_config
 from .convert import mode_state, using_mode
 from .data import build_data
 from .data.multires import resize_batch
 from .distill import EnsembleWeights, mred_loss
-from .errors import RsqError
+from .errors import RsqError, choices_error
 from .evaluate import autocast_for, bits_label, evaluate, format_table, result_rows
 from .models import create_model
 from .results import write_json_atomic, write_metrics_csv
 
 RUN_FILES = ("checkpoint.pt", "results.json", "config.toml", "metrics.csv")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# How long a rank waits in a collective (and at start-up for the others) before giving up.
+DEFAULT_DIST_TIMEOUT_S = 1800
+LOG_EVERY_S = 60.0  # progress line interval when stderr is not a terminal (logs, nohup)
+
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -47,40 +60,139 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device_flag: str) -> tuple[Dist, torch.device]:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on the CPU, NCCL on CUDA."""
-    cuda = torch.cuda.is_available() and device_flag in ("auto", "cuda")
-    if device_flag == "cuda" and not torch.cuda.is_available():
+def world_from_env() -> Dist:
+    """The rank layout torchrun puts in the environment; one process when it is absent."""
+    try:
+        info = Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                    int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError:
+        raise RsqError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them)") from None
+    if info.world_size < 1 or not 0 <= info.rank < info.world_size or info.local_rank < 0:
+        raise RsqError(f"bad process layout from the environment: RANK={info.rank}, WORLD_SIZE={info.world_size}, "
+                       f"LOCAL_RANK={info.local_rank}")
+    return info
+
+
+def _wants_cuda(device_flag: str) -> bool:
+    return device_flag in ("auto", "cuda") and torch.cuda.is_available()
+
+
+def check_before_start(config: TrainConfig, info: Dist) -> None:
+    """Checks every rank makes before a process group exists; they read, never write."""
+    if config.device not in DEVICE_CHOICES:
+        raise choices_error("device", config.device, DEVICE_CHOICES)
+    # A recipe can hold what the CLI's parsers refuse: an infinite lr, a seed torch cannot take.
+    for name in ("lr", "weight_decay", "warmup_epochs", "momentum", "label_smoothing"):
+        if not math.isfinite(getattr(config, name)):
+            raise RsqError(f"{name} must be a finite number, got {getattr(config, name)}")
+    if not 0 <= config.seed < 2**63:
+        raise RsqError(f"seed must be in 0 .. 2**63-1, got {config.seed}")
+    if config.device == "cuda" and not torch.cuda.is_available():
         raise RsqError("--device cuda was asked for but no CUDA device is available")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Dist(), torch.device("cuda" if cuda else "cpu")
-    info = Dist(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+    if _wants_cuda(config.device) and info.local_rank >= torch.cuda.device_count():
+        raise RsqError(f"LOCAL_RANK {info.local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                       f"start at most that many processes per node")
+    if config.data == "imagefolder" and not config.data_dir:
+        raise RsqError("--data imagefolder needs --data-dir ROOT (with ROOT/train/CLASS and ROOT/val/CLASS)")
+    if config.batch_size % info.world_size:
+        raise RsqError(f"--batch-size {config.batch_size} is the global batch; it must be divisible by the "
+                       f"{info.world_size} processes")
+
+
+def setup_distributed(info: Dist, device_flag: str) -> torch.device:
+    """gloo on the CPU, NCCL on CUDA; each rank drives the GPU numbered by its LOCAL_RANK."""
+    cuda = _wants_cuda(device_flag)
+    device = torch.device("cuda", info.local_rank if info.world_size > 1 else torch.cuda.current_device()) \
+        if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(info.local_rank)
-        return info, torch.device("cuda", info.local_rank)
-    return info, torch.device("cpu")
+        torch.cuda.set_device(device)  # before NCCL starts, so each rank binds its own GPU
+    if info.world_size > 1 and not dist.is_initialized():
+        try:
+            timeout = float(os.environ.get("RSQ_DIST_TIMEOUT_S", DEFAULT_DIST_TIMEOUT_S))
+        except ValueError:
+            raise RsqError("RSQ_DIST_TIMEOUT_S must be a number of seconds") from None
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
+    return device
 
 
-def seed_everything(seed: int, rank: int) -> None:
-    random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
+def shutdown_distributed(info: Dist) -> None:
+    if info.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write over an existing run unless --resume or --overwrite says so."""
-    holds_run = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
+def agree(info: Dist, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank; if it raised an RsqError on any rank, raise one on every rank.
+
+    Without this a rank that fails alone (rank 0 refusing the out folder, a missing file on one
+    node) would leave the others waiting in their next collective until the timeout. The
+    exception carries ``all_ranks = True`` so the CLI prints it once (on rank 0).
+    """
+    error: Optional[RsqError] = None
+    result = None
+    try:
+        result = fn()
+    except RsqError as exc:
+        error = exc
+    if info.world_size > 1:
+        messages: list[Optional[str]] = [None] * info.world_size
+        dist.all_gather_object(messages, None if error is None else str(error))
+        failed = [(rank, text) for rank, text in enumerate(messages) if text is not None]
+        if failed and error is None:
+            rank, text = failed[0]
+            error = RsqError(f"rank {rank}: {text}" if rank != 0 else text)
+        if error is not None:
+            error.all_ranks = True
+    if error is not None:
+        raise error
+    return result
+
+
+def seed_everything(seed: int) -> None:
+    # The same seed on every rank: each rank builds the same model, so quantizer steps set from
+    # the first batch (averaged over ranks) match what one process would compute. The data
+    # stream has its own generators, seeded per (seed, epoch, step).
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write over an existing run unless --resume or --overwrite says so; writes nothing."""
+    if resume and overwrite:
+        raise RsqError("--resume continues a run and --overwrite replaces it; pass one of them")
     if resume:
         if not (out / "checkpoint.pt").is_file():
             raise RsqError(f"--resume {out}: no checkpoint.pt there to resume from")
         return
     if out.exists() and not out.is_dir():
         raise RsqError(f"output path {out} exists and is not a folder")
+    holds_run = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
     if holds_run and not overwrite:
-        raise RsqError(f"output folder {out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
+        raise RsqError(f"output folder {out} already holds a run; pass --resume {out} to continue it "
+                       f"or --overwrite to replace it")
+    existing = out
+    while not existing.exists():  # the folder is made later: its nearest existing parent must take it
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RsqError(f"cannot create output folder {out}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RsqError(f"cannot write to {existing} (for output folder {out})")
+
+
+def start_run_dir(out: Path, overwrite: bool, config: TrainConfig) -> None:
+    """Rank 0, once everything else is built: make the folder (or reuse it on --resume), write config.toml.
+
+    --overwrite removes the old run's files only now, so a run that fails while setting up
+    (bad data, bad --init) leaves the old run as it was. Other files in the folder are kept.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        remove_stale_temporaries(out)  # left by a run killed while writing a checkpoint
+        save_config(config, out / "config.toml")
+    except OSError as exc:
+        raise RsqError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
@@ -128,123 +240,230 @@ class AllResolutions(nn.Module):
 
 
 # ----------------------------------------------------------------------------- model
-def build_training_model(config: TrainConfig, num_classes: int, in_chans: int, sample: torch.Tensor,
-                         device: torch.device) -> nn.Module:
-    model = create_model(config.model, num_classes, in_chans, resolutions=config.resolutions)
-    if config.init:
-        init = load_checkpoint(config.init)
-        missing = set(config.resolutions) - set(init["resolutions"])
-        if missing:
-            raise RsqError(f"--init {config.init} was trained for resolutions {init['resolutions']}, "
-                           f"not {sorted(missing, reverse=True)}")
-        source = build_model(init)
-        if (init["num_classes"], init["in_chans"]) != (num_classes, in_chans):
-            raise RsqError(f"--init {config.init} has {init['num_classes']} classes / {init['in_chans']} channels; "
-                           f"the data has {num_classes} / {in_chans}")
-        state = {k: v for k, v in source.state_dict().items() if k in model.state_dict()}
+def load_source(flag: str, path: str, config: TrainConfig, num_classes: int, in_chans: int) -> dict:
+    """--init and --teacher: a full-precision RS-Net checkpoint for this run's resolutions and data."""
+    try:
+        ckpt = load_checkpoint(path)
+    except RsqError as exc:
+        raise RsqError(f"{flag}: {exc}") from None
+    source = checkpoint_config(ckpt)
+    if flag == "--init" and source.model != config.model:
+        raise RsqError(f"--init {path} is a {source.model} checkpoint; this run trains {config.model}")
+    if source.quantized:
+        raise RsqError(f"{flag} {path} is a {bits_label(source.weight_bits, source.act_bits)} checkpoint; {flag} "
+                       f"takes a full-precision one" + (" (continue a quantized run with --resume)"
+                                                       if flag == "--init" else ""))
+    missing = [r for r in config.resolutions if r not in ckpt["resolutions"]]
+    if missing:
+        raise RsqError(f"{flag} {path} was trained for resolutions {ckpt['resolutions']}, not {missing}")
+    if (ckpt["num_classes"], ckpt["in_chans"]) != (num_classes, in_chans):
+        raise RsqError(f"{flag} {path} has {ckpt['num_classes']} classes / {ckpt['in_chans']} channels; "
+                       f"the data has {num_classes} / {in_chans}")
+    return ckpt
+
+
+def apply_init(model: nn.Module, init: dict, path: str) -> None:
+    """Copy the shared weights and the BN sets of this run's resolutions from --init."""
+    wanted = model.state_dict()
+    state = {k: v for k, v in build_model(init).state_dict().items() if k in wanted}
+    try:
         model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise RsqError(f"--init {path} does not fit this model: {str(exc).strip().splitlines()[-1][:200]}") from None
+
+
+@torch.no_grad()
+def initialize_quantizers(model: nn.Module, sample: torch.Tensor, resolutions: list[int]) -> None:
+    """Let every quantizer set its steps from the first batch, now, as one training forward would.
+
+    Done before DDP wraps the model and before torch.compile traces it, so the data-dependent
+    initialisation (a Python branch and an all-reduce of the steps across ranks) stays out of
+    both. BN runs in training mode (the activations quantizers see are batch-normalised), but its
+    running statistics are put back afterwards: this forward is not a training step.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [copy.deepcopy(bn.state_dict()) for bn in bns]
+    was_training = model.training
+    model.train()
+    for r in resolutions:
+        with using_mode(model, r):
+            model(resize_batch(sample, r))
+    for bn, state in zip(bns, saved):
+        bn.load_state_dict(state)
+    model.train(was_training)
+
+
+def build_training_model(config: TrainConfig, num_classes: int, in_chans: int, sample: torch.Tensor,
+                         device: torch.device, init: Optional[dict] = None) -> nn.Module:
+    model = create_model(config.model, num_classes, in_chans, resolutions=config.resolutions)
+    if init is not None:
+        apply_init(model, init, config.init)
     model.to(device)
     if config.quantized:
         from .quantize import quantize_
 
         quantize_(model, quant_config(config))
         model.to(device)
-        # Data-dependent quantizer initialisation happens on the first forward; do it here,
-        # before DDP broadcasts rank 0's state, so every rank starts from the same steps.
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            for r in config.resolutions:
-                with using_mode(model, r):
-                    model(resize_batch(sample.to(device), r))
-        model.train(was_training)
+        initialize_quantizers(model, sample.to(device), config.resolutions)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
 
 
-def load_teacher(path: str, config: TrainConfig, device: torch.device) -> nn.Module:
-    ckpt = load_checkpoint(path)
-    missing = set(config.resolutions) - set(ckpt["resolutions"])
-    if missing:
-        raise RsqError(f"--teacher {path} was trained for resolutions {ckpt['resolutions']}, not {sorted(missing)}")
+def build_teacher(ckpt: dict, device: torch.device) -> nn.Module:
     teacher = build_model(ckpt).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
 
 
+def load_resume(out: Path, config: TrainConfig) -> dict:
+    resumed = load_checkpoint(out / "checkpoint.pt")
+    if resumed.get("complete"):
+        raise RsqError(f"run {out} already finished ({config.epochs} epochs); nothing to resume")
+    missing = [key for key in ("ensemble", "optimizer", "epoch", "step", "history", "rng") if key not in resumed]
+    if missing:
+        raise RsqError(f"{out / 'checkpoint.pt'} cannot be resumed: it lacks {', '.join(missing)}")
+    return resumed
+
+
 # ----------------------------------------------------------------------------- loop
-def train_one_epoch(epoch, start_step, runner, ensemble, teacher, optimizer, data, config, dist_info, device,
-                    total_steps, warmup_steps, save_checkpoint) -> dict:
-    """One pass over the training data; ``save_checkpoint(epoch, next_step)`` every N steps."""
+class Divergence(RsqError):
+    """A non-finite loss (or weights): the run stops and the last good checkpoint stays."""
+
+
+def all_finite(model: nn.Module, info: Dist) -> bool:
+    """Every parameter and floating buffer finite, agreed by all ranks (one reduction, one sync).
+
+    Buffers count: a blown-up forward leaves inf/NaN in BN running statistics while the loss
+    and the weights are still finite.
+    """
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    flags = torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()
+    if info.world_size > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return bool(flags.item())
+
+
+def sync_buffers(model: nn.Module, info: Dist) -> None:
+    """Rank 0's BN statistics (and quantizer buffers) to every rank.
+
+    DDP broadcasts buffers at the start of each forward, but each rank then updates its BN
+    statistics from its own slice: after the last step they differ, and evaluation and the
+    checkpoint must use one model.
+    """
+    if info.world_size > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+@dataclass
+class EpochState:
+    """What a checkpoint taken mid-epoch needs to finish the epoch exactly as if never stopped."""
+    totals: torch.Tensor   # summed [loss, ce, ens, kd] of the steps done so far
+    counted: int           # steps summed in ``totals``
+
+
+def train_one_epoch(epoch, start_step, state: EpochState, runner, ensemble, teacher, optimizer, data, config,
+                    info: Dist, device, total_steps, warmup_steps, save_checkpoint) -> dict:
+    """One pass over the training data; ``save_checkpoint(epoch, next_step, state)`` every N steps."""
     runner.train()
     steps = len(data)
-    totals = torch.zeros(4, device=device)
-    counted = 0
-    bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}",
-               disable=not dist_info.main, mininterval=2.0, leave=False, file=sys.stderr)
-    for step, (x, y) in enumerate(data.batches(epoch, start_step), start=start_step):
-        global_step = epoch * steps + step
-        lr = lr_at(global_step, total_steps, warmup_steps, config.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast_for(device, config.amp):
-            logits = runner(x)
-            teacher_logits = None
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = []
-                    for r in config.resolutions:
-                        with using_mode(teacher, r):
-                            teacher_logits.append(teacher(resize_batch(x, r)))
-        parts = mred_loss(logits, y, ensemble, config.distill, config.label_smoothing, teacher_logits)
-        loss_value = parts.total.detach()
-        if not torch.isfinite(loss_value):
-            raise Divergence(epoch, step, global_step, loss_value.item())
-        optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
-        if dist_info.world_size > 1 and ensemble.alpha.grad is not None:
-            dist.all_reduce(ensemble.alpha.grad)
-            ensemble.alpha.grad /= dist_info.world_size
-        optimizer.step()
-        totals += torch.stack([loss_value, parts.ce, parts.ens, parts.kd])
-        counted += 1
-        bar.update(1)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss_value.item():.3f}", lr=f"{lr:.4f}")
-        if config.checkpoint_every and (global_step + 1) % config.checkpoint_every == 0 and step + 1 < steps:
-            save_checkpoint(epoch, step + 1)
-    bar.close()
-    means = (totals / max(1, counted)).tolist()
+    show_bar = info.main and sys.stderr.isatty()
+    last_log = time.perf_counter()
+    with tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show_bar,
+              mininterval=2.0, leave=False, file=sys.stderr) as bar:
+        for step, (x, y) in enumerate(data.batches(epoch, start_step), start=start_step):
+            global_step = epoch * steps + step
+            lr = lr_at(global_step, total_steps, warmup_steps, config.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast_for(device, config.amp):
+                logits = runner(x)
+                teacher_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = []
+                        for r in config.resolutions:
+                            with using_mode(teacher, r):
+                                teacher_logits.append(teacher(resize_batch(x, r)))
+            parts = mred_loss(logits, y, ensemble, config.distill, config.label_smoothing, teacher_logits)
+            # The mean over ranks: what one process would log, and a NaN on any rank stops all of
+            # them at the same step. Checking it costs one device sync per step.
+            stats = torch.stack([parts.total.detach(), parts.ce, parts.ens, parts.kd]).float()
+            if info.world_size > 1:
+                dist.all_reduce(stats)
+                stats /= info.world_size
+            if not torch.isfinite(stats[0]):
+                raise Divergence(f"loss became {stats[0].item()} at epoch {epoch + 1}, step {step + 1} "
+                                 f"(global step {global_step + 1}, lr {lr:.4g})")
+            optimizer.zero_grad(set_to_none=True)
+            parts.total.backward()
+            if info.world_size > 1 and ensemble.alpha.grad is not None:
+                # alpha lives outside the DDP module, so its gradient is averaged here.
+                dist.all_reduce(ensemble.alpha.grad)
+                ensemble.alpha.grad /= info.world_size
+            optimizer.step()
+            state.totals += stats
+            state.counted += 1
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{stats[0].item():.3f}", lr=f"{lr:.4f}")
+            if info.main and not show_bar and time.perf_counter() - last_log > LOG_EVERY_S:
+                last_log = time.perf_counter()
+                print(f"epoch {epoch + 1}/{config.epochs} step {step + 1}/{steps}: loss {stats[0].item():.4f}, "
+                      f"lr {lr:.4g}", flush=True)
+            if config.checkpoint_every and (global_step + 1) % config.checkpoint_every == 0 and step + 1 < steps:
+                save_checkpoint(epoch, step + 1, state)
+    means = (state.totals / max(1, state.counted)).tolist()
     return dict(zip(("loss", "loss_ce", "loss_ens", "loss_kd"), means))
-
-
-class Divergence(RsqError):
-    def __init__(self, epoch, step, global_step, value):
-        super().__init__(f"loss became {value} at epoch {epoch + 1}, step {step + 1} (global step {global_step + 1}); "
-                         f"stopping, the last good checkpoint is kept")
 
 
 # ----------------------------------------------------------------------------- the run
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
-    dist_info, device = setup_distributed(config.device)
-    out = Path(config.out)
-    resumed = None
-    if dist_info.main:
-        prepare_run_dir(out, resume, overwrite)
-    if resume:
-        resumed = load_checkpoint(out / "checkpoint.pt")
-        if resumed.get("complete"):
-            raise RsqError(f"run {out} already finished all {config.epochs} epochs; nothing to resume")
-    seed_everything(config.seed, dist_info.rank)
-    torch.set_float32_matmul_precision("high")
+    info = world_from_env()
+    check_before_start(config, info)
+    device = setup_distributed(info, config.device)
+    try:
+        results = _train(config, resume, overwrite, info, device)
+    except RsqError as exc:
+        # An agreed error: every rank is here, no collective is pending, so leave cleanly.
+        if getattr(exc, "all_ranks", False):
+            shutdown_distributed(info)
+        raise
+    shutdown_distributed(info)
+    return results
 
-    data = build_data(config, dist_info.rank, dist_info.world_size, device)
-    sample, _ = next(iter(data.train.batches(0)))
-    model = build_training_model(config, data.num_classes, data.in_chans, sample, device)
+
+def _train(config: TrainConfig, resume: bool, overwrite: bool, info: Dist, device: torch.device) -> dict:
+    out = Path(config.out)
+    seed_everything(config.seed)
+    torch.set_float32_matmul_precision("high")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # a handful of fixed shapes: one per resolution
+
+    # Set-up in two agreed stages. The first reads files and data and runs no collective, so a
+    # rank that fails there cannot leave another inside an all-reduce; the second builds the
+    # model, whose quantizer initialisation all-reduces across ranks.
+    def read_inputs():
+        if info.main:
+            check_run_dir(out, resume, overwrite)
+        resumed = load_resume(out, config) if resume else None
+        data = build_data(config, info.rank, info.world_size, device)
+        init = load_source("--init", config.init, config, data.num_classes, data.in_chans) if config.init else None
+        teacher = load_source("--teacher", config.teacher, config, data.num_classes, data.in_chans) \
+            if config.teacher else None
+        return resumed, data, init, teacher
+
+    resumed, data, init, teacher_ckpt = agree(info, read_inputs)
+
+    def build_models():
+        sample, _ = next(iter(data.train.batches(0)))
+        model = build_training_model(config, data.num_classes, data.in_chans, sample, device, init)
+        return model, build_teacher(teacher_ckpt, device) if teacher_ckpt is not None else None
+
+    model, teacher = agree(info, build_models)
     ensemble = EnsembleWeights(len(config.resolutions)).to(device)
-    teacher = load_teacher(config.teacher, config, device) if config.teacher else None
     runner = AllResolutions(model, config.resolutions, config.channels_last)
     if config.compile:
         import torch._dynamo as dynamo
@@ -255,44 +474,94 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     optimizer = torch.optim.SGD(param_groups([model, ensemble], config.weight_decay), lr=config.lr,
                                 momentum=config.momentum)
 
-    start_epoch, start_step, history = 0, 0, []
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        ensemble.load_state_dict(resumed["ensemble"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        start_epoch, start_step, history = resumed["epoch"], resumed["step"], resumed["history"]
-        torch.set_rng_state(resumed["rng"]["torch"])
-    if dist_info.world_size > 1:
-        runner = nn.parallel.DistributedDataParallel(
-            runner, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=True)
-    if dist_info.main:
-        save_config(config, out / "config.toml")
-
     steps = len(data.train)
     total_steps = steps * config.epochs
     warmup_steps = int(config.warmup_epochs * steps)
     in_chans, num_classes = data.in_chans, data.num_classes
-    trained_time = resumed["train_time_s"] if resumed else 0.0
+    start_epoch, start_step, history, trained_time = 0, 0, [], 0.0
+    state = EpochState(torch.zeros(4, device=device), 0)
+    last_good = None  # (epoch, step) of the checkpoint on disk that this run wrote or resumed from
+    if resumed is not None:
+        def restore():
+            try:
+                model.load_state_dict(resumed["model"])
+                ensemble.load_state_dict(resumed["ensemble"])
+                optimizer.load_state_dict(resumed["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise RsqError(f"{out / 'checkpoint.pt'} does not fit its own config: "
+                               f"{str(exc).strip().splitlines()[-1][:200]}") from None
+        agree(info, restore)
+        start_epoch, start_step = resumed["epoch"], resumed["step"]
+        history, trained_time = resumed["history"], resumed.get("train_time_s", 0.0)
+        partial = resumed.get("partial_epoch")
+        if start_step and partial:
+            state = EpochState(partial["totals"].to(device), partial["counted"])
+        last_good = (start_epoch, start_step)
+        # Nothing in a step draws from these today (data has its own seeded generators); restore
+        # them anyway so anything that does (dropout, a random augmentation) continues exactly.
+        rng = resumed["rng"]
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        if rng.get("python") is not None:
+            random.setstate(rng["python"])
+    if info.world_size > 1:
+        # Buffers (BN statistics) follow rank 0 at every forward; torch 2.14 renamed the flag.
+        sync_flag = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+            nn.parallel.DistributedDataParallel).parameters else "broadcast_buffers"
+        runner = nn.parallel.DistributedDataParallel(
+            runner, device_ids=[device.index] if device.type == "cuda" else None, **{sync_flag: True})
+    agree(info, lambda: info.main and start_run_dir(out, overwrite, config))
 
-    def checkpoint(epoch: int, step: int, complete: bool = False) -> None:
-        if not dist_info.main:
-            return
-        atomic_save({
-            "format": FORMAT, "version": VERSION, "config": config.to_dict(),
-            "num_classes": num_classes, "in_chans": in_chans, "resolutions": list(config.resolutions),
-            "calibrated": {}, "model": model.state_dict(), "ensemble": ensemble.state_dict(),
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "history": history,
-            "rng": {"torch": torch.get_rng_state()}, "train_time_s": trained_time, "complete": complete,
-        }, out / "checkpoint.pt")
+    def last_good_text() -> str:
+        if last_good is None:
+            return "no checkpoint had been written yet"
+        epoch, step = last_good
+        where = f"epoch {epoch + 1}, step {step}" if step else f"end of epoch {epoch}"
+        return f"{out / 'checkpoint.pt'} ({where}) is the last good checkpoint"
 
+    epoch_began = time.perf_counter()
+
+    def save_checkpoint(epoch: int, step: int, partial: Optional[EpochState] = None, complete: bool = False) -> None:
+        """Rank 0 writes, after every rank agreed the weights are finite: no checkpoint holds NaNs."""
+        nonlocal last_good
+        if not all_finite(model, info):
+            where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+            raise Divergence(f"weights or BN statistics became non-finite by {where}")
+        elapsed = trained_time + (time.perf_counter() - epoch_began if step else 0.0)
+
+        def write():
+            if not info.main:
+                return
+            rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                   "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+            atomic_save({
+                "format": FORMAT, "version": VERSION, "config": config.to_dict(),
+                "num_classes": num_classes, "in_chans": in_chans, "resolutions": list(config.resolutions),
+                "calibrated": {}, "model": model.state_dict(), "ensemble": ensemble.state_dict(),
+                "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "history": history,
+                "partial_epoch": {"totals": partial.totals.cpu(), "counted": partial.counted} if partial else None,
+                "rng": rng, "train_time_s": elapsed, "complete": complete, "world_size": info.world_size,
+            }, out / "checkpoint.pt")
+
+        agree(info, write)
+        last_good = (epoch, step)
+
+    metrics = None
     for epoch in range(start_epoch, config.epochs):
-        began = time.perf_counter()
-        losses = train_one_epoch(epoch, start_step, runner, ensemble, teacher, optimizer, data.train, config,
-                                 dist_info, device, total_steps, warmup_steps, checkpoint)
-        epoch_time = time.perf_counter() - began
+        epoch_began = time.perf_counter()
+        try:
+            losses = train_one_epoch(epoch, start_step, state, runner, ensemble, teacher, optimizer, data.train,
+                                     config, info, device, total_steps, warmup_steps, save_checkpoint)
+        except Divergence as exc:
+            error = Divergence(f"{exc}; stopping, {last_good_text()} (try a lower --lr)")
+            error.all_ranks = True  # every rank saw the same all-reduced loss / weights
+            raise error from None
+        epoch_time = time.perf_counter() - epoch_began
         trained_time += epoch_time
         images = (steps - start_step) * config.batch_size
-        start_step = 0
+        start_step, state = 0, EpochState(torch.zeros(4, device=device), 0)
+        sync_buffers(model, info)
         metrics = evaluate(model, data.test, config.resolutions, ensemble.weights().detach(), device, config.amp,
                            config.channels_last)
         row = {"epoch": epoch + 1, **{k: round(v, 5) for k, v in losses.items()},
@@ -301,22 +570,26 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         row.update({f"top1_{r}": round(m["top1"], 3) for r, m in metrics["per_resolution"].items()})
         row["top1_ensemble"] = round(metrics["ensemble"]["top1"], 3)
         history.append(row)
-        if dist_info.main:
+        if info.main:
             print(f"epoch {epoch + 1}/{config.epochs}: loss {losses['loss']:.4f}, top-1 "
                   + " / ".join(f"{r}: {m['top1']:.2f}" for r, m in metrics["per_resolution"].items())
                   + f", ensemble {metrics['ensemble']['top1']:.2f}", flush=True)
-            write_metrics_csv(history, out / "metrics.csv")
-        checkpoint(epoch + 1, 0, complete=epoch + 1 == config.epochs)
+        agree(info, lambda: info.main and _write_file(write_metrics_csv, history, out / "metrics.csv"))
+        save_checkpoint(epoch + 1, 0, complete=epoch + 1 == config.epochs)
 
-    if resumed is not None and start_epoch >= config.epochs:
-        metrics = evaluate(model, data.test, config.resolutions, ensemble.weights().detach(), device, config.amp)
     results = build_results(config, model, metrics, ensemble, in_chans, num_classes, out.name, trained_time)
-    if dist_info.main:
-        write_json_atomic(results, out / "results.json")
+    agree(info, lambda: info.main and _write_file(write_json_atomic, results, out / "results.json"))
+    if info.main:
         print(format_table(results["rows"], results["ensemble"]))
-    if dist_info.world_size > 1:
-        dist.barrier()
     return results
+
+
+def _write_file(write: Callable, obj, path: Path) -> bool:
+    try:
+        write(obj, path)
+    except OSError as exc:
+        raise RsqError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return True
 
 
 def build_results(config, model, metrics, ensemble: Optional[EnsembleWeights], in_chans, num_classes, run_name,
