@@ -90,6 +90,8 @@ def set_mode(model: nn.Module, resolution: Union[int, Mode, None]) -> None:
     mode = resolution if isinstance(resolution, Mode) else state.find(int(resolution))
     if mode not in state.modes:
         state.find(mode.resolution)  # raises with the known resolutions
+        known = ", ".join(str(m) for m in state.modes)
+        raise RsqError(f"mode {mode} is not one of this model's modes ({known})")
     state.pinned = mode
     state.current = mode
 

@@ -100,6 +100,7 @@ def recalibrate_bn(model: nn.Module, resolution: int, images: torch.Tensor) -> N
     key = mode_state(model).find(resolution).key
     model.eval()
     bns = [m.bns[key] for m in model.modules() if hasattr(m, "bns")]
+    momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # an exact average over all calibration batches
@@ -107,8 +108,8 @@ def recalibrate_bn(model: nn.Module, resolution: int, images: torch.Tensor) -> N
     with using_mode(model, resolution):
         for start in range(0, len(images), 128):
             model(resize_batch(images[start:start + 128], resolution))
-    for bn in bns:
-        bn.momentum = 0.1
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
         bn.eval()
 
 
@@ -136,10 +137,12 @@ def calibrate_checkpoint(path, resolutions: list[int], images: int = 512, like: 
     pool = training_pool(config, images, test_subset)
     calibrated = dict(ckpt.get("calibrated", {}))
     for r in resolutions:
-        mode = add_resolution(model, r, like=like)
-        # The nearest trained resolution's BN is only the starting point; the statistics are new.
-        recalibrate_bn(model, mode.resolution, pool)
-        calibrated[str(r)] = like if like is not None else min(known, key=lambda k: (abs(k - r), -k))
+        # The source BN is only the starting point (its affine part); the statistics are new.
+        # Sources come from the resolutions known before this call, and are recorded as used.
+        source_resolution = like if like is not None else min(known, key=lambda k: (abs(k - r), -k))
+        add_resolution(model, r, like=source_resolution)
+        recalibrate_bn(model, r, pool)
+        calibrated[str(r)] = source_resolution
     ckpt["model"], ckpt["calibrated"] = model.state_dict(), calibrated
     atomic_save(ckpt, target)
     print(f"added resolution(s) {resolutions} to {target} (statistics from {len(pool)} training images)")

@@ -42,10 +42,12 @@ def _has_files(folder: Path) -> bool:
 
 def find_dir(data_dir: Optional[str] = None) -> Path:
     """The folder holding the four IDX files, or an error that says how to get them."""
-    candidates = [Path(data_dir)] if data_dir else []
-    if os.environ.get("RSQ_DATA_DIR"):
-        candidates.append(Path(os.environ["RSQ_DATA_DIR"]))
-    candidates += [SYSTEM_DIR, cache_dir()]
+    if data_dir:
+        # An explicit folder is the only candidate: never fall back silently to another copy.
+        candidates = [Path(data_dir)]
+    else:
+        candidates = [Path(os.environ["RSQ_DATA_DIR"])] if os.environ.get("RSQ_DATA_DIR") else []
+        candidates += [SYSTEM_DIR, cache_dir()]
     for folder in candidates:
         if _has_files(folder):
             return folder
@@ -92,6 +94,8 @@ def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
         raise RsqError(f"cannot read {path}: {exc}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or data[3] != expected_dims:
         raise RsqError(f"{path} is not an unsigned-byte IDX file with {expected_dims} dimensions")
+    if len(data) < 4 + 4 * expected_dims:
+        raise RsqError(f"{path} is truncated: its IDX header is incomplete")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(expected_dims))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * expected_dims)
     if body.size != int(np.prod(shape)):

@@ -10,8 +10,10 @@ from .registry import register_model
 def _with_in_chans(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
     if in_chans == conv.in_channels:
         return conv
-    return nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                     bias=conv.bias is not None)
+    new = nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    bias=conv.bias is not None)
+    nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")  # as torchvision does
+    return new
 
 
 @register_model

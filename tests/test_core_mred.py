@@ -1,0 +1,236 @@
+"""MRED (REFERENCE.md section 1) against a plain-math oracle written here, not via rsq.distill."""
+import math
+
+import pytest
+import torch
+
+from rsq.distill import EnsembleWeights, kd_loss, mred_loss
+from rsq.train import param_groups
+
+# Three resolutions (largest first), batch of 2, 3 classes.
+LOGITS3 = [
+    [[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]],
+    [[1.0, 1.5, -0.5], [-1.0, 0.0, 2.0]],
+    [[0.3, -0.7, 0.9], [2.5, -1.5, 0.0]],
+]
+TARGET = [0, 2]
+REL = 1e-5  # mred_loss computes in float32
+
+
+# ----------------------------------------------------------------------------- the oracle
+def softmax(row):
+    m = max(row)
+    e = [math.exp(v - m) for v in row]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def ce(z, y):
+    """mean_b -log softmax(z_b)[y_b]"""
+    return sum(-math.log(softmax(row)[t]) for row, t in zip(z, y)) / len(z)
+
+
+def ce_smoothed(z, y, eps):
+    total = 0.0
+    for row, t in zip(z, y):
+        p = softmax(row)
+        c = len(row)
+        total += sum(-((1 - eps) * (k == t) + eps / c) * math.log(p[k]) for k in range(c))
+    return total / len(z)
+
+
+def kd(t, s):
+    """KL(softmax(t) || softmax(s)), mean over the batch."""
+    total = 0.0
+    for tr, sr in zip(t, s):
+        pt, ps = softmax(tr), softmax(sr)
+        total += sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps))
+    return total / len(t)
+
+
+def ensemble(logits, alpha):
+    w = softmax(alpha)
+    batch, classes = len(logits[0]), len(logits[0][0])
+    return [[sum(w[j] * logits[j][b][c] for j in range(len(logits))) for c in range(classes)]
+            for b in range(batch)]
+
+
+def oracle(logits, y, alpha, mode):
+    n = len(logits)
+    l_ce = sum(ce(z, y) for z in logits)
+    if mode == "none":
+        return l_ce, 0.0, 0.0
+    z_ens = ensemble(logits, alpha)
+    l_ens = ce(z_ens, y)
+    l_kd = sum(kd(z_ens, z) for z in logits)
+    if mode == "full":
+        pairs = [(k, j) for j in range(n) for k in range(j)]
+        assert len(pairs) + n == n * (n + 1) // 2
+        l_kd = 2.0 / (n + 1) * (l_kd + sum(kd(logits[k], logits[j]) for k, j in pairs))
+    return l_ce, l_ens, l_kd
+
+
+def _tensors(logits):
+    return [torch.tensor(z, dtype=torch.float32, requires_grad=True) for z in logits]
+
+
+def _ensemble(n, alpha=None):
+    ens = EnsembleWeights(n)
+    if alpha is not None:
+        with torch.no_grad():
+            ens.alpha.copy_(torch.tensor(alpha, dtype=torch.float32))
+    return ens
+
+
+# ----------------------------------------------------------------------------- values
+def test_oracle_itself_on_a_case_worked_by_hand():
+    # Equal logits: every CE is log 3, every KD is 0.
+    z = [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+    assert ce(z, [0, 2]) == pytest.approx(math.log(3))
+    assert kd(z, z) == pytest.approx(0.0, abs=1e-15)
+    # One sample, two classes: KL([0.5,0.5] || softmax([0, log 3]) = [1/4, 3/4])
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert kd([[0.0, 0.0]], [[0.0, math.log(3)]]) == pytest.approx(expected)
+
+
+def test_equal_logits_give_n_log_c_and_zero_kd():
+    logits = [[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]] * 3
+    parts = mred_loss(_tensors(logits), torch.tensor(TARGET), _ensemble(3), "full")
+    assert parts.ce.item() == pytest.approx(3 * math.log(3), rel=REL)
+    assert parts.ens.item() == pytest.approx(math.log(3), rel=REL)
+    assert parts.kd.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_alpha_initialised_to_ones_and_never_weight_decayed():
+    ens = EnsembleWeights(5)
+    assert torch.equal(ens.alpha.detach(), torch.ones(5))
+    torch.testing.assert_close(ens.weights(), torch.full((5,), 0.2))
+    groups = param_groups([torch.nn.Linear(2, 2), ens], weight_decay=0.1)
+    no_decay = [g for g in groups if g["weight_decay"] == 0.0]
+    assert any(p is ens.alpha for g in no_decay for p in g["params"])
+    assert not any(p is ens.alpha for g in groups if g["weight_decay"] > 0 for p in g["params"])
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("mode", ["full", "vanilla", "none"])
+@pytest.mark.parametrize("alpha", [None, [0.7, -0.4, 0.2]])
+def test_loss_parts_match_the_oracle(n, mode, alpha):
+    logits = LOGITS3[:n]
+    a = [1.0] * n if alpha is None else alpha[:n]
+    want_ce, want_ens, want_kd = oracle(logits, TARGET, a, mode)
+    parts = mred_loss(_tensors(logits), torch.tensor(TARGET), _ensemble(n, None if alpha is None else a), mode)
+    assert parts.ce.item() == pytest.approx(want_ce, rel=REL)
+    assert parts.ens.item() == pytest.approx(want_ens, rel=REL, abs=1e-7)
+    assert parts.kd.item() == pytest.approx(want_kd, rel=REL, abs=1e-7)
+    assert parts.total.item() == pytest.approx(want_ce + want_ens + want_kd, rel=REL)
+    if mode != "none":
+        assert want_kd > 0.01 and want_ens > 0.01  # the example exercises every term
+
+
+def test_full_and_vanilla_differ_as_the_formula_says():
+    n = 3
+    pairs = sum(kd(LOGITS3[k], LOGITS3[j]) for j in range(n) for k in range(j))
+    vanilla = mred_loss(_tensors(LOGITS3), torch.tensor(TARGET), _ensemble(n), "vanilla").kd.item()
+    full = mred_loss(_tensors(LOGITS3), torch.tensor(TARGET), _ensemble(n), "full").kd.item()
+    assert full == pytest.approx(2.0 / (n + 1) * (vanilla + pairs), rel=REL)
+    assert full != pytest.approx(vanilla + pairs, rel=1e-3)
+
+
+def test_mode_none_is_the_plain_sum_of_cross_entropies():
+    logits = _tensors(LOGITS3)
+    ens = _ensemble(3)
+    parts = mred_loss(logits, torch.tensor(TARGET), ens, "none")
+    assert parts.total.item() == pytest.approx(sum(ce(z, TARGET) for z in LOGITS3), rel=REL)
+    assert parts.ens.item() == 0.0 and parts.kd.item() == 0.0
+    parts.total.backward()
+    assert ens.alpha.grad is None or torch.all(ens.alpha.grad == 0)
+
+
+def test_label_smoothing_applies_to_the_resolution_cross_entropies():
+    parts = mred_loss(_tensors(LOGITS3), torch.tensor(TARGET), _ensemble(3), "full", label_smoothing=0.1)
+    assert parts.ce.item() == pytest.approx(sum(ce_smoothed(z, TARGET, 0.1) for z in LOGITS3), rel=REL)
+    assert parts.ens.item() == pytest.approx(oracle(LOGITS3, TARGET, [1.0] * 3, "full")[1], rel=REL)
+
+
+def test_external_teacher_adds_one_kd_per_resolution():
+    teachers = [[[0.5, 0.0, -0.5], [0.0, 0.0, 1.0]], [[1.0, -1.0, 0.0], [0.2, 0.1, 0.0]]]
+    logits = LOGITS3[:2]
+    base = oracle(logits, TARGET, [1.0, 1.0], "full")[2]
+    extra = sum(kd(t, z) for t, z in zip(teachers, logits))
+    t = [torch.tensor(v, dtype=torch.float32, requires_grad=True) for v in teachers]
+    parts = mred_loss(_tensors(logits), torch.tensor(TARGET), _ensemble(2), "full", teacher_logits=t)
+    assert parts.kd.item() == pytest.approx(base + extra, rel=REL)
+    parts.total.backward()
+    assert all(v.grad is None for v in t)
+
+
+# ----------------------------------------------------------------------------- gradients
+def _grad_softmax_ce(z, y):
+    """d CE / d z = (softmax(z) - onehot) / B."""
+    return [[(p - (c == t)) / len(z) for c, p in enumerate(softmax(row))] for row, t in zip(z, y)]
+
+
+def _grad_kd_student(t, s):
+    """d KL(p_t || p_s) / d s = (p_s - p_t) / B, the teacher held constant."""
+    return [[(ps - pt) / len(s) for ps, pt in zip(softmax(sr), softmax(tr))] for tr, sr in zip(t, s)]
+
+
+def _add(a, b, scale=1.0):
+    return [[x + scale * y for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
+
+
+@pytest.mark.parametrize("mode", ["full", "vanilla"])
+def test_logit_gradients_treat_every_teacher_as_a_constant(mode):
+    """grad z_j = CE'(z_j) + factor * [KD'(ens -> z_j) + sum_{k<j} KD'(z_k -> z_j)]: no gradient
+    flows into a logit through the ensemble or through its role as a teacher."""
+    n = 3
+    alpha = [0.7, -0.4, 0.2]
+    z_ens = ensemble(LOGITS3, alpha)
+    factor = 2.0 / (n + 1) if mode == "full" else 1.0
+    logits = _tensors(LOGITS3)
+    parts = mred_loss(logits, torch.tensor(TARGET), _ensemble(n, alpha), mode)
+    parts.total.backward()
+    for j in range(n):
+        kd_grad = _grad_kd_student(z_ens, LOGITS3[j])
+        if mode == "full":
+            for k in range(j):
+                kd_grad = _add(kd_grad, _grad_kd_student(LOGITS3[k], LOGITS3[j]))
+        want = _add(_grad_softmax_ce(LOGITS3[j], TARGET), kd_grad, factor)
+        torch.testing.assert_close(logits[j].grad, torch.tensor(want, dtype=torch.float32), rtol=1e-5, atol=1e-7)
+
+
+def test_ensemble_ce_gradient_reaches_alpha_only():
+    n = 3
+    alpha = [0.7, -0.4, 0.2]
+    logits = _tensors(LOGITS3)
+    ens = _ensemble(n, alpha)
+    parts = mred_loss(logits, torch.tensor(TARGET), ens, "full")
+    parts.total.backward()
+    # alpha's gradient is that of L_ens alone (KD's teacher is detached), by central differences
+    h = 1e-6
+    numeric = []
+    for i in range(n):
+        up, down = list(alpha), list(alpha)
+        up[i] += h
+        down[i] -= h
+        numeric.append((ce(ensemble(LOGITS3, up), TARGET) - ce(ensemble(LOGITS3, down), TARGET)) / (2 * h))
+    torch.testing.assert_close(ens.alpha.grad, torch.tensor(numeric, dtype=torch.float32), rtol=1e-3, atol=1e-6)
+    assert ens.alpha.grad.abs().sum() > 1e-3
+
+    # The ensemble itself carries no gradient to the logits.
+    logits = _tensors(LOGITS3)
+    ens = _ensemble(n, alpha)
+    loss = torch.nn.functional.cross_entropy(ens.ensemble(logits), torch.tensor(TARGET))
+    loss.backward()
+    assert all(z.grad is None or torch.all(z.grad == 0) for z in logits)
+    assert ens.alpha.grad.abs().sum() > 0
+
+
+def test_kd_loss_gives_no_gradient_to_the_teacher():
+    t = torch.tensor(LOGITS3[0], dtype=torch.float32, requires_grad=True)
+    s = torch.tensor(LOGITS3[1], dtype=torch.float32, requires_grad=True)
+    value = kd_loss(t, s)
+    assert value.item() == pytest.approx(kd(LOGITS3[0], LOGITS3[1]), rel=REL)
+    value.backward()
+    assert t.grad is None
+    torch.testing.assert_close(s.grad, torch.tensor(_grad_kd_student(LOGITS3[0], LOGITS3[1]), dtype=torch.float32))
