@@ -1,0 +1,189 @@
+"""``quantize_(model, QuantConfig(...))``: swap every Conv2d / Linear for a fake-quantized one, in place."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .convert import mode_state
+from .errors import RsqError, choices_error
+from .nn.quant_layers import QuantConv2d, QuantLinear
+from .nn.quantizers import FULL_PRECISION, LQNetQuantizer, LSQQuantizer, SwitchableQuantizer, check_bits
+
+QUANTIZERS = {"lsq": LSQQuantizer, "lqnet": LQNetQuantizer}
+FIRST_LAST_POLICIES = ("8", "fp", "same")
+# A plain model has no resolutions to trace at; convs of ImageNet-style models run at this size.
+PLAIN_TRACE_RESOLUTION = 224
+
+
+@dataclass
+class QuantConfig:
+    """Bits and quantizer for ``quantize_``; 32 bits means full precision.
+
+    first_last: bits of the first conv and the last linear: "8" (8-bit wherever the rest is
+    quantized), "fp" (full precision) or "same" (the bits of every other layer).
+    act_per_mode: one activation quantizer per resolution instead of one shared by all.
+    """
+
+    weight_bits: int = 4
+    act_bits: int = 4
+    quantizer: str = "lsq"
+    first_last: str = "8"
+    act_per_mode: bool = False
+
+    def __post_init__(self):
+        check_bits(self.weight_bits, "weight_bits")
+        check_bits(self.act_bits, "act_bits")
+        if self.quantizer not in QUANTIZERS:
+            raise choices_error("quantizer", self.quantizer, sorted(QUANTIZERS))
+        if self.first_last not in FIRST_LAST_POLICIES:
+            raise choices_error("first_last policy", self.first_last, FIRST_LAST_POLICIES)
+        if not isinstance(self.act_per_mode, bool):
+            raise choices_error("act_per_mode", self.act_per_mode, (True, False))
+
+    @property
+    def full_precision(self) -> bool:
+        return self.weight_bits == FULL_PRECISION and self.act_bits == FULL_PRECISION
+
+    def edge_bits(self) -> tuple[int, int]:
+        """(weight, activation) bits of the first conv and the last linear."""
+        if self.first_last == "same":
+            return self.weight_bits, self.act_bits
+        if self.first_last == "fp":
+            return FULL_PRECISION, FULL_PRECISION
+        return tuple(FULL_PRECISION if b == FULL_PRECISION else 8 for b in (self.weight_bits, self.act_bits))
+
+
+def bits_label(config: QuantConfig) -> str:
+    """"W4A4", "W2A32", or "FP" when nothing is quantized."""
+    return "FP" if config.full_precision else f"W{config.weight_bits}A{config.act_bits}"
+
+
+def _is_target(module: nn.Module) -> bool:
+    # Exact types only: a subclass (a quantized layer, MultiheadAttention's out_proj, a
+    # weight-standardised conv) has its own forward that a swap would silently drop.
+    return type(module) in (nn.Conv2d, nn.Linear)
+
+
+def _example_input(model: nn.Module, targets: list[nn.Module]) -> torch.Tensor:
+    first_conv = next((m for m in targets if isinstance(m, nn.Conv2d)), None)
+    device = targets[0].weight.device
+    generator = torch.Generator().manual_seed(0)
+    if first_conv is None:
+        return torch.randn(1, targets[0].in_features, generator=generator).to(device)
+    try:
+        size = mode_state(model).resolutions[0]
+    except RsqError:
+        size = PLAIN_TRACE_RESOLUTION
+    return torch.randn(1, first_conv.in_channels, size, size, generator=generator).to(device)
+
+
+@torch.no_grad()
+def _trace(model: nn.Module, targets: list[nn.Module], example: torch.Tensor) -> tuple[list[nn.Module], set[int]]:
+    """Targets in execution order, and the ids of those whose input was never negative.
+
+    A ReLU/ReLU6 output (also after pooling) is never negative; the output of a BN or a linear
+    bottleneck on a random input always has negative values, so one forward tells them apart.
+    """
+    order: list[nn.Module] = []
+    negative: set[int] = set()
+
+    def record(module, inputs):
+        if module not in order:
+            order.append(module)
+        if inputs[0].min() < 0:
+            negative.add(id(module))
+
+    handles = [m.register_forward_pre_hook(record) for m in targets]
+    was_training = model.training
+    model.eval()
+    try:
+        model(example)  # a converted model picks the BN set from the input size itself
+    except (RuntimeError, ValueError) as error:
+        raise RsqError(f"quantize_ could not run the model on a {tuple(example.shape)} input "
+                       f"to find each layer's input sign; pass example_input=... ({error})") from error
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    non_negative = {id(m) for m in order if id(m) not in negative}
+    return order, non_negative
+
+
+def _act_quantizer(model: nn.Module, config: QuantConfig, bits: int, signed: bool) -> nn.Module:
+    make = functools.partial(QUANTIZERS[config.quantizer], bits, signed=signed, per_channel=False)
+    if not config.act_per_mode or bits == FULL_PRECISION:
+        return make()
+    try:
+        state = mode_state(model)
+    except RsqError as error:
+        raise RsqError("act_per_mode=True needs a resolution-switchable model; "
+                       "call rsq.convert(model, resolutions) before quantize_") from error
+    return SwitchableQuantizer(state, make)
+
+
+def _weight_quantizer(config: QuantConfig, bits: int, layer: nn.Module) -> nn.Module:
+    cls = QUANTIZERS[config.quantizer]
+    if cls is LSQQuantizer:
+        return cls(bits, signed=True, per_channel=True, channels=layer.weight.shape[0], ndim=layer.weight.dim())
+    return cls(bits, signed=True, per_channel=True, channels=layer.weight.shape[0])
+
+
+def _replace_children(module: nn.Module, replacements: dict[int, nn.Module]) -> None:
+    # By identity, so a layer reachable under two names is replaced everywhere.
+    for name, child in module.named_children():
+        if id(child) in replacements:
+            setattr(module, name, replacements[id(child)])
+        else:
+            _replace_children(child, replacements)
+
+
+def quantize_(model: nn.Module, config: QuantConfig, example_input: Optional[torch.Tensor] = None) -> nn.Module:
+    """Fake-quantize every nn.Conv2d / nn.Linear of ``model`` in place and return it.
+
+    Weights and biases stay the same Parameter objects; the quantizers' step sizes are new
+    Parameters, so build the optimizer after this call. Each layer's input
+    quantizer is unsigned when that input is never negative (after ReLU), else signed. The
+    first conv and the last linear (in execution order) follow ``config.first_last``.
+    """
+    if not isinstance(config, QuantConfig):
+        raise RsqError(f"config must be a rsq.QuantConfig, not {type(config).__name__}")
+    if any(isinstance(m, (QuantConv2d, QuantLinear)) for m in model.modules()):
+        raise RsqError("model is already quantized; call rsq.dequantize_(model) first")
+    targets = [m for m in model.modules() if _is_target(m)]
+    if not targets:
+        raise RsqError("model has no nn.Conv2d or nn.Linear layers to quantize")
+    example = example_input if example_input is not None else _example_input(model, targets)
+    order, non_negative = _trace(model, targets, example)
+    first_conv = next((m for m in order if isinstance(m, nn.Conv2d)), None)
+    last_linear = next((m for m in reversed(order) if isinstance(m, nn.Linear)), None)
+
+    replacements: dict[int, nn.Module] = {}
+    for layer in targets:
+        is_edge = layer is first_conv or layer is last_linear
+        weight_bits, act_bits = config.edge_bits() if is_edge else (config.weight_bits, config.act_bits)
+        weight_q = _weight_quantizer(config, weight_bits, layer)
+        act_q = _act_quantizer(model, config, act_bits, signed=id(layer) not in non_negative)
+        device = layer.weight.device
+        weight_q, act_q = weight_q.to(device), act_q.to(device)
+        if isinstance(layer, nn.Conv2d):
+            replacements[id(layer)] = QuantConv2d.from_conv(layer, weight_q, act_q)
+        else:
+            replacements[id(layer)] = QuantLinear.from_linear(layer, weight_q, act_q)
+    _replace_children(model, replacements)
+    return model
+
+
+def dequantize_(model: nn.Module) -> nn.Module:
+    """Undo ``quantize_`` in place: plain Conv2d / Linear on the same Parameters, quantizers dropped."""
+    replacements: dict[int, nn.Module] = {}
+    for module in model.modules():
+        if isinstance(module, QuantConv2d):
+            replacements[id(module)] = module.to_conv()
+        elif isinstance(module, QuantLinear):
+            replacements[id(module)] = module.to_linear()
+    _replace_children(model, replacements)
+    return model
