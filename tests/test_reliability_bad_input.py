@@ -1,4 +1,4 @@
-"""The bad-input table of docs/bad-input.md, through the real CLI.
+"""The bad-input table of the README ("Bad input"), through the real CLI.
 
 Every row runs ``rsq.cli.main`` in a folder that holds a finished run, hand-made broken and
 foreign checkpoints, recipes and image folders, and checks: exit code 2, exactly one stderr

@@ -9,7 +9,7 @@ run (ResNet-20, 2048 images, 64 steps, lr 0.02), seeds 0-3: final top-1 per reso
 epoch 2. The cause is BN: each rank normalises with the statistics of its own 32 images, which
 changes the path of this short, noisy run (its top-1 spreads over 62-72 % between seeds). On a
 128-step run at batch 128 the top-1 gap was 0.5-0.75 points. The test allows 8 points of top-1,
-5 % of loss after epoch 1 and 8 % after epoch 2 (docs/distributed.md).
+5 % of loss after epoch 1 and 8 % after epoch 2 (README, "How close N processes are to one").
 """
 from __future__ import annotations
 

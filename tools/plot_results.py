@@ -1,8 +1,8 @@
 """Write the comparison plot and markdown table of some run folders, e.g. for committed benchmarks.
 
-    python tools/plot_results.py runs/fp runs/w4a4 --out-dir docs/benchmarks --name fmnist_resnet20
+    python tools/plot_results.py runs/fp runs/w4a4 --out-dir tools/results --name fmnist_resnet20
 
-writes docs/benchmarks/fmnist_resnet20.png and docs/benchmarks/fmnist_resnet20.md.
+writes tools/results/fmnist_resnet20.png and tools/results/fmnist_resnet20.md.
 """
 import argparse
 import sys
