@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from .convert import mode_state, using_mode
-from .nn.switchable_bn import SwitchableBatchNorm2d
 
 FULL_PRECISION_BITS = 32
 
@@ -73,37 +72,34 @@ def layer_costs(model: nn.Module, resolution: int, in_chans: int) -> list[LayerC
     return costs
 
 
-def weight_size_bits(model: nn.Module, resolution: int) -> int:
-    """Bits to store what one resolution needs: shared weights plus that resolution's BN."""
+def mode_parameters(model: nn.Module, resolution: int) -> list[nn.Parameter]:
+    """The parameters one resolution runs with: every shared one, and from each switchable
+    layer (BN, per-resolution quantizer) only that resolution's own."""
     key = mode_state(model).find(resolution).key
-    total = 0
-    counted: set[int] = set()
+    own: list[nn.Parameter] = []
+    other_modes: set[int] = set()
     for module in model.modules():
-        if isinstance(module, SwitchableBatchNorm2d):
-            bn = module.bns[key]
-            total += (bn.weight.numel() + bn.bias.numel()) * FULL_PRECISION_BITS
-            counted.update(id(p) for p in module.parameters())
-        elif _is_counted(module):
-            total += module.weight.numel() * _bits(module, "weight_bits")
-            counted.add(id(module.weight))
+        if callable(getattr(module, "for_mode", None)):
+            mine = {id(p) for p in module.for_mode(key).parameters()}
+            other_modes.update(id(p) for p in module.parameters() if id(p) not in mine)
+    seen: set[int] = set()
     for p in model.parameters():
-        if id(p) not in counted:
-            total += p.numel() * FULL_PRECISION_BITS
-            counted.add(id(p))
-    return total
+        if id(p) not in other_modes and id(p) not in seen:
+            seen.add(id(p))
+            own.append(p)
+    return own
+
+
+def weight_size_bits(model: nn.Module, resolution: int) -> int:
+    """Bits to store what one resolution needs: conv/linear weights at their weight bits,
+    everything else (biases, that resolution's BN, quantizer steps) at 32 bits."""
+    weight_bits = {id(m.weight): _bits(m, "weight_bits") for m in model.modules() if _is_counted(m)}
+    return sum(p.numel() * weight_bits.get(id(p), FULL_PRECISION_BITS) for p in mode_parameters(model, resolution))
 
 
 def mode_params(model: nn.Module, resolution: int) -> int:
     """Parameters one resolution uses: all shared ones plus its own BN set."""
-    key = mode_state(model).find(resolution).key
-    total = 0
-    seen: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, SwitchableBatchNorm2d):
-            total += sum(p.numel() for p in module.bns[key].parameters())
-            seen.update(id(p) for p in module.parameters())
-    total += sum(p.numel() for p in model.parameters() if id(p) not in seen)
-    return total
+    return sum(p.numel() for p in mode_parameters(model, resolution))
 
 
 def summarize(model: nn.Module, resolution: int, in_chans: int) -> dict:

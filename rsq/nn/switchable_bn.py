@@ -36,6 +36,10 @@ class SwitchableBatchNorm2d(nn.Module):
         """Give ``mode`` its own BN, initialised from the BN of mode ``like``."""
         self.bns[mode.key] = copy.deepcopy(self.bns[like.key])
 
+    def for_mode(self, key: str) -> nn.Module:
+        """The BN that mode ``key`` runs (every switchable layer has this method)."""
+        return self.bns[key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bns[self.state.current.key](x)
 
