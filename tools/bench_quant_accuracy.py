@@ -1,7 +1,8 @@
 """Top-1 per resolution of quantized RS-Nets on Fashion-MNIST, one recipe for all bit widths.
 
-1. A full-precision ResNet-20 RS-Net is trained from scratch (`fp_scratch`).
-2. From that checkpoint (`--init`), every setting is trained for the same further epochs with
+1. A full-precision ResNet-20 RS-Net: the main job's checkpoint (`--init`, default
+   runs/fashion_mnist/checkpoint.pt), or one trained here from scratch with `--init scratch`.
+2. From that checkpoint, every setting is trained for the same further epochs with
    the same recipe: full precision again (`fp`, the fair reference), W8A8, W4A4 (activation
    quantizers shared by all resolutions, and one per resolution), W2A2 with LSQ, and W2A2 with
    the paper's LQ-Nets (first conv / last FC in full precision for LQ-Nets as in the paper, 8-bit
@@ -31,7 +32,9 @@ GOALS = {"w4a4": 1.0, "w2a2_lsq": 4.0, "w2a2_lqnet": 4.0}  # allowed top-1 drop 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subset", type=int, default=20000)
+    parser.add_argument("--init", default="runs/fashion_mnist/checkpoint.pt",
+                        help="full-precision RS-Net checkpoint to start from, or 'scratch'")
+    parser.add_argument("--subset", type=int, default=10000)
     parser.add_argument("--scratch-epochs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2, help="epochs of every setting after --init")
     parser.add_argument("--lr", type=float, default=0.02)
@@ -44,21 +47,30 @@ def main() -> None:
     if args.quick:
         args.subset, args.scratch_epochs, args.epochs, args.out = 1024, 1, 1, args.out + "_quick"
     res = ["--resolutions", ",".join(map(str, RESOLUTIONS)), "--subset", str(args.subset), "--distill", "full"]
-    scratch = run_train("fp_scratch", ["fashion_mnist", *res, "--epochs", str(args.scratch_epochs)],
-                        args.work, args.threads * args.jobs)
-    init = str(Path(args.work) / "fp_scratch" / "checkpoint.pt")
+    if args.quick:
+        args.init = "scratch"
+    start = None
+    init = args.init
+    if init == "scratch":
+        start = run_train("fp_scratch", ["fashion_mnist", *res, "--epochs", str(args.scratch_epochs)],
+                          args.work, args.threads * args.jobs)
+        init = str(Path(args.work) / "fp_scratch" / "checkpoint.pt")
+    elif not Path(init).is_file():
+        raise SystemExit(f"--init {init} does not exist; train it first (the README's main command) or use --init scratch")
     common = ["fashion_mnist", *res, "--epochs", str(args.epochs), "--lr", str(args.lr), "--warmup-epochs", "0",
               "--weight-decay", "1e-4", "--init", init]
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = pool.map(lambda kv: run_train(kv[0], common + kv[1], args.work, args.threads), SETTINGS.items())
         results = dict(zip(SETTINGS, runs))
-    results["fp_scratch"] = scratch
+    if start is not None:
+        results["fp_scratch"] = start
 
     lines = [
         "# Quantized RS-Nets on Fashion-MNIST (ResNet-20, resolutions 28/24/20/16/12)",
         "",
-        f"Setting: {args.subset} training images, full 10k test set. `fp_scratch`: {args.scratch_epochs} epochs "
-        f"from scratch (lr 0.1). Every other row: {args.epochs} epochs from `fp_scratch` (`--init`), lr {args.lr} "
+        f"Setting: start from `{init}` (full precision)"
+        + (f", trained here for {args.scratch_epochs} epochs from scratch on {args.subset} images" if start else "")
+        + f". Every row: {args.epochs} epochs on {args.subset} training images from that checkpoint, lr {args.lr} "
         f"cosine, no warm-up, weight decay 1e-4, batch 128, full MRED. LSQ rows: first conv / last FC 8-bit; "
         f"LQ-Nets row: first/last full precision (the paper's setting). One thread per run, {args.jobs} runs at a time.",
         f"Command: `python tools/bench_quant_accuracy.py{' --quick' if args.quick else ''}`",
@@ -66,7 +78,7 @@ def main() -> None:
         "| setting | " + " | ".join(f"{r}px" for r in RESOLUTIONS) + " | ensemble | BitOPs @28 | weights |",
         "|:---|" + "---:|" * (len(RESOLUTIONS) + 3),
     ]
-    for name in ["fp_scratch", *SETTINGS]:
+    for name in [*(["fp_scratch"] if start else []), *SETTINGS]:
         result = results[name]
         row28 = next(r for r in result["rows"] if r["resolution"] == RESOLUTIONS[0])
         cells = [f"{top1(result, r):.2f}" for r in RESOLUTIONS]

@@ -346,6 +346,10 @@ class SwitchableQuantizer(nn.Module):
         """Give ``mode`` its own quantizer, initialised from the quantizer of mode ``like``."""
         self.quantizers[mode.key] = copy.deepcopy(self.quantizers[like.key])
 
+    def for_mode(self, key: str) -> nn.Module:
+        """The quantizer that mode ``key`` runs (every switchable layer has this method)."""
+        return self.quantizers[key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantizers[self.state.current.key](x)
 
