@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512, help="training images for the statistics")
     parser.add_argument("--out", default="tools/results/bench_calibrate")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     ckpt = load_checkpoint(args.checkpoint)
     config = checkpoint_config(ckpt)
     trained = list(ckpt["resolutions"])
