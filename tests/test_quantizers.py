@@ -1,6 +1,7 @@
 """LSQ and LQ-Nets quantizers against the formulas of REFERENCE.md sections 2 and 3."""
 import copy
 import math
+from itertools import product
 
 import pytest
 import torch
@@ -10,6 +11,14 @@ from rsq.nn import LQNetQuantizer, LSQQuantizer, Mode, ModeState, SwitchableQuan
 from rsq.nn.quantizers import integer_range, lsq_reference
 
 BAD_BITS = [0, 1, 9, 33, "four", [], 4.0, True, None]
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is faster and immune to other jobs stalling OpenMP."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def lsq_with_step(bits, signed, step, per_channel=False):
@@ -33,6 +42,15 @@ def test_lsq_output_is_on_the_integer_grid(bits, signed):
         assert torch.allclose(grid, grid.round(), atol=1e-4)
         assert grid.round().min() >= -qn and grid.round().max() <= qp
         assert len(grid.round().unique()) > min(qp + qn, 3)  # really uses the grid, not one level
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_lsq_grid_ends_are_the_published_ones(bits):
+    # Signed: -2^(b-1) .. 2^(b-1)-1; unsigned: 0 .. 2^b-1 (REFERENCE.md section 2).
+    x = torch.tensor([[-1e4, -0.3, 0.0, 0.3, 1e4]])
+    for signed, low, high in [(True, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1), (False, 0, 2**bits - 1)]:
+        grid = lsq_with_step(bits, signed, [0.25])(x) / 0.25
+        assert grid[0, 0].item() == low and grid[0, -1].item() == high
 
 
 def hand_lsq_grads(x, step, qn, qp, upstream, n):
@@ -133,8 +151,8 @@ def test_lsq_steps_are_excluded_from_weight_decay_even_after_deepcopy():
 @pytest.mark.parametrize("bits", [2, 3, 8])
 def test_lqnet_output_lies_in_the_level_set(bits):
     torch.manual_seed(0)
-    from itertools import product
-    for signed, per_channel, x in [(True, True, torch.randn(4, 3, 3, 3)), (False, False, torch.randn(2, 4, 6, 6).relu())]:
+    cases = [(True, True, torch.randn(4, 3, 3, 3)), (False, False, torch.randn(2, 4, 6, 6).relu())]
+    for signed, per_channel, x in cases:
         q = LQNetQuantizer(bits, signed, per_channel, channels=4).train()
         q(x)  # initialises the basis
         basis = q.basis.clone()
