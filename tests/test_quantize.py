@@ -13,13 +13,7 @@ from rsq.models import create_model
 from rsq.nn import QuantConv2d, QuantLinear, SwitchableQuantizer
 from rsq.quantize import QuantConfig, bits_label, dequantize_, quantize_
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster and immune to other jobs stalling OpenMP."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quant_layers(model):

@@ -12,13 +12,7 @@ from rsq.nn.quantizers import integer_range, lsq_reference
 
 BAD_BITS = [0, 1, 9, 33, "four", [], 4.0, True, None]
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster and immune to other jobs stalling OpenMP."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lsq_with_step(bits, signed, step, per_channel=False):

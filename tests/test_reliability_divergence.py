@@ -17,13 +17,7 @@ from rsq.cli import main
 SMALL = ["--subset", "512", "--test-subset", "128", "--resolutions", "16,12", "--batch-size", "64", "--epochs", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on a shared 2-core machine can be 10x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
