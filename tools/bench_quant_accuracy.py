@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def main() -> None:
     parser.add_argument("--work", default="runs/bench_quant")
     parser.add_argument("--out", default="tools/results/bench_quant_accuracy")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: tabulate the runs already in --work (missing ones marked)")
     args = parser.parse_args()
     if args.quick:
         args.subset, args.scratch_epochs, args.epochs, args.out = 1024, 1, 1, args.out + "_quick"
@@ -59,9 +62,13 @@ def main() -> None:
         raise SystemExit(f"--init {init} does not exist; train it first (the README's main command) or use --init scratch")
     common = ["fashion_mnist", *res, "--epochs", str(args.epochs), "--lr", str(args.lr), "--warmup-epochs", "0",
               "--weight-decay", "1e-4", "--init", init]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        runs = pool.map(lambda kv: run_train(kv[0], common + kv[1], args.work, args.threads), SETTINGS.items())
-        results = dict(zip(SETTINGS, runs))
+    if args.report_only:
+        done = {name: Path(args.work) / name / "results.json" for name in SETTINGS}
+        results = {name: json.loads(path.read_text()) for name, path in done.items() if path.is_file()}
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            runs = pool.map(lambda kv: run_train(kv[0], common + kv[1], args.work, args.threads), SETTINGS.items())
+            results = dict(zip(SETTINGS, runs))
     if start is not None:
         results["fp_scratch"] = start
 
@@ -79,6 +86,9 @@ def main() -> None:
         "|:---|" + "---:|" * (len(RESOLUTIONS) + 3),
     ]
     for name in [*(["fp_scratch"] if start else []), *SETTINGS]:
+        if name not in results:
+            lines.append(f"| {name} | " + " | ".join("not run" for _ in RESOLUTIONS) + " | | | |")
+            continue
         result = results[name]
         row28 = next(r for r in result["rows"] if r["resolution"] == RESOLUTIONS[0])
         cells = [f"{top1(result, r):.2f}" for r in RESOLUTIONS]
@@ -88,13 +98,16 @@ def main() -> None:
               "| setting | " + " | ".join(f"{r}px" for r in RESOLUTIONS) + " | goal | met |",
               "|:---|" + "---:|" * (len(RESOLUTIONS) + 2)]
     for name in SETTINGS:
-        if name == "fp":
+        if name == "fp" or name not in results:
             continue
         drops = [top1(results["fp"], r) - top1(results[name], r) for r in RESOLUTIONS]
         goal = GOALS.get(name)
         met = "" if goal is None else ("yes" if max(drops) <= goal else "no")
         lines.append(f"| {name} | " + " | ".join(f"{d:+.2f}" for d in drops)
                      + f" | {'' if goal is None else f'<= {goal}'} | {met} |")
+    if "w4a4_act_per_res" not in results:
+        write_outputs(args.out, lines, {"settings": vars(args), "results": results})
+        return
     shared = sum(top1(results["w4a4"], r) for r in RESOLUTIONS)
     per_res = sum(top1(results["w4a4_act_per_res"], r) for r in RESOLUTIONS)
     better = "one activation quantizer per resolution" if per_res > shared else "shared activation quantizers"
