@@ -80,7 +80,8 @@ def main() -> None:
         + f". Every row: {args.epochs} epochs on {args.subset} training images from that checkpoint, lr {args.lr} "
         f"cosine, no warm-up, weight decay 1e-4, batch 128, full MRED. LSQ rows: first conv / last FC 8-bit; "
         f"LQ-Nets row: first/last full precision (the paper's setting). One thread per run, {args.jobs} runs at a time.",
-        f"Command: `python tools/bench_quant_accuracy.py{' --quick' if args.quick else ''}`",
+        "Command: `python tools/bench_quant_accuracy.py "
+        + ("--quick" if args.quick else f"--subset {args.subset} --epochs {args.epochs} --lr {args.lr}") + "`",
         "",
         "| setting | " + " | ".join(f"{r}px" for r in RESOLUTIONS) + " | ensemble | BitOPs @28 | weights |",
         "|:---|" + "---:|" * (len(RESOLUTIONS) + 3),
