@@ -149,7 +149,7 @@ class AllResolutions(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         logits = []
-        net = self.compiled or self.model
+        net = self.model if self.compiled is None else self.compiled
         for r in self.resolutions:
             xr = resize_batch(x, r)
             if self.channels_last:
