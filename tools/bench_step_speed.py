@@ -19,6 +19,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,65 +89,93 @@ def measure(variant: str, batch: int, steps: int, warmup: int, threads: int) -> 
             "compile_s": round(compile_s, 1)}
 
 
+def run_variant(variant: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--variant", variant, "--batch", str(args.batch), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+    if done.returncode != 0:
+        return {"variant": variant, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    """The median and, over several rounds, the range: `0.79 (0.77-0.81)`."""
+    text = fmt.format(statistics.median(values))
+    return text if len(values) == 1 else f"{text} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="every round runs every variant once; ratios are taken within a round")
     parser.add_argument("--out", default="tools/results/bench_step_speed")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant here
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.warmup, args.out = 3, 1, args.out + "_quick"
+        args.steps, args.warmup, args.rounds, args.out = 3, 1, 1, args.out + "_quick"
     if args.variant:
         print(json.dumps(measure(args.variant, args.batch, args.steps, args.warmup, args.threads)))
         return
+    # One Inductor cache for the whole run, empty at the start: round 1 compiles cold, later rounds warm.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="rsq_bench_inductor_")
     variants = [f"single_{r}" for r in RESOLUTIONS] + ["plain_eager", "rsq_eager", "rsq_channels_last",
                                                        "rsq_compile"]
-    rows = {}
-    for variant in variants:
-        cmd = [sys.executable, __file__, "--variant", variant, "--batch", str(args.batch), "--steps",
-               str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
-        if done.returncode != 0:
-            rows[variant] = {"variant": variant, "error": done.stderr.strip().splitlines()[-1]}
-        else:
-            rows[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(rows[variant], flush=True)
+    rounds = []
+    for i in range(args.rounds):
+        rows = {}
+        for variant in variants:
+            rows[variant] = run_variant(variant, args)
+            print(f"round {i + 1}/{args.rounds}", rows[variant], flush=True)
+        rounds.append(rows)
 
-    singles = sum(rows[f"single_{r}"]["ms_per_step"] for r in RESOLUTIONS)
-    base = rows["plain_eager"]["ms_per_step"]
+    def ms(rows: dict, variant: str) -> float | None:
+        return rows[variant].get("ms_per_step")
+
+    ok = lambda v: all(ms(rows, v) is not None for rows in rounds)  # noqa: E731
     lines = [
         "# 5-resolution training step cost (CPU)",
         "",
         f"ResNet-20 RS-Net, 1x28x28 input, resolutions {RESOLUTIONS}, batch {args.batch}, loss CE + full MRED, "
-        f"SGD; median of {args.steps} steps after {args.warmup} warm-up steps; {args.threads} threads; "
-        f"each variant in its own process. Command: `python tools/bench_step_speed.py`",
+        f"SGD; per variant the median of {args.steps} steps after {args.warmup} warm-up steps, each variant in its "
+        f"own process with {args.threads} threads; {args.rounds} rounds, every round runs every variant once "
+        f"(the machine's speed drifts by up to 20% over minutes, so ratios are taken within a round: median "
+        f"(range) over rounds). Command: `python tools/bench_step_speed.py --rounds {args.rounds}`",
         "",
-        "| variant | ms / step | images / s | vs plain eager | peak RSS (MiB) | compile (s) |",
+        "| variant | ms / step | images / s | vs plain eager | peak RSS (MiB) | compile, cold (s) |",
         "|:---|---:|---:|---:|---:|---:|",
     ]
     for variant in variants:
-        row = rows[variant]
-        if "error" in row:
-            lines.append(f"| {variant} | failed: {row['error']} | | | | |")
+        if not ok(variant):
+            error = next(rows[variant]["error"] for rows in rounds if "error" in rows[variant])
+            lines.append(f"| {variant} | failed: {error} | | | | |")
             continue
-        ratio = row["ms_per_step"] / base
-        lines.append(f"| {variant} | {row['ms_per_step']:.1f} | {row['images_per_s']:.0f} | "
-                     f"{ratio:.2f}x | {row['peak_rss_mib']:.0f} | {row['compile_s'] or ''} |")
-    eager = rows["rsq_eager"].get("ms_per_step")
-    lines += ["", f"Sum of the five single-resolution steps: {singles:.1f} ms.",
-              f"rsq 5-resolution eager step / sum of singles: {eager / singles:.3f} (goal <= 1.05)." if eager else ""]
-    best = min((rows[v] for v in ("rsq_channels_last", "rsq_compile") if "error" not in rows[v]),
-               key=lambda r: r["ms_per_step"], default=None)
-    if best:
-        lines.append(f"Fastest rsq step ({best['variant']}) / plain eager loop: {best['ms_per_step'] / base:.2f}x "
-                     f"(goal <= 0.8).")
+        steps = [ms(rows, variant) for rows in rounds]
+        ips = [args.batch / t * 1000 for t in steps]
+        ratio = [ms(rows, variant) / ms(rows, "plain_eager") for rows in rounds] if ok("plain_eager") else [0.0]
+        rss = max(rows[variant]["peak_rss_mib"] for rows in rounds)
+        compile_s = rounds[0][variant]["compile_s"]
+        lines.append(f"| {variant} | {spread(steps, '{:.1f}')} | {spread(ips, '{:.0f}')} | {spread(ratio)}x | "
+                     f"{rss:.0f} | {compile_s or ''} |")
+    singles_ok = all(ok(f"single_{r}") for r in RESOLUTIONS)
+    if singles_ok and ok("rsq_eager"):
+        sums = [sum(ms(rows, f"single_{r}") for r in RESOLUTIONS) for rows in rounds]
+        vs_sum = [ms(rows, "rsq_eager") / total for rows, total in zip(rounds, sums)]
+        lines += ["", f"Sum of the five single-resolution steps: {spread(sums, '{:.1f}')} ms.",
+                  f"rsq 5-resolution eager step / sum of the singles (both NCHW): {spread(vs_sum, '{:.3f}')} "
+                  f"(goal <= 1.05)."]
+    for variant in ("rsq_channels_last", "rsq_compile"):
+        if ok(variant) and ok("plain_eager"):
+            ratio = [ms(rows, variant) / ms(rows, "plain_eager") for rows in rounds]
+            lines.append(f"{variant} / plain eager loop: {spread(ratio)}x (goal <= 0.8).")
+    write = {"settings": vars(args), "rounds": rounds}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    Path(args.out + ".json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
+    Path(args.out + ".json").write_text(json.dumps(write, indent=1))
     print("\n".join(lines))
 
 
