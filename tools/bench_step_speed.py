@@ -1,12 +1,14 @@
 """Cost of one 5-resolution RS-Net training step on the CPU, side by side in one run.
 
 Compares, for the same model (ResNet-20 RS-Net, 1 channel) and the same batch:
-- the five single-resolution steps, timed one by one (their sum is the reference);
+- the five single-resolution steps (their sum is the reference for the 5-resolution step);
 - a plain eager PyTorch loop over the resolutions (NCHW, no compile): the baseline;
-- rsq's step as `rsq train` runs it: eager NCHW, channels_last, and torch.compile with one static
-  graph per resolution (+ channels_last).
-Every variant runs in its own process (peak memory = that process's max RSS), with the same
-threads; the loss is CE + full MRED in all of them.
+- rsq's step as `rsq train` runs it: eager NCHW, channels_last (the default), and torch.compile
+  with one static graph per resolution (+ channels_last, as `rsq train --compile`).
+The loss is CE + full MRED everywhere. Timing is round-robin in one process: every round runs one
+step of every variant, and ratios are taken within a round, because this machine's speed drifts
+by up to 30% over minutes (separate processes one after another gave ratios from 0.63 to 0.94).
+Peak memory comes from one short process per variant (its peak resident set, VmHWM).
 
     python tools/bench_step_speed.py [--quick]
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,9 +25,11 @@ import time
 from pathlib import Path
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
+VARIANTS = [f"single_{r}" for r in RESOLUTIONS] + ["plain_eager", "rsq_eager", "rsq_channels_last", "rsq_compile"]
 
 
-def measure(variant: str, batch: int, steps: int, warmup: int, threads: int) -> dict:
+def make_step(variant: str, x, y):
+    """One variant's training step as a closure, with its own model and optimizer."""
     import torch
     import torch.nn.functional as F
 
@@ -34,23 +37,17 @@ def measure(variant: str, batch: int, steps: int, warmup: int, threads: int) -> 
     from rsq.distill import EnsembleWeights, mred_loss
     from rsq.train import AllResolutions
 
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    resolutions = RESOLUTIONS
-    if variant.startswith("single_"):
-        resolutions = [int(variant.split("_")[1])]
+    resolutions = [int(variant.split("_")[1])] if variant.startswith("single_") else RESOLUTIONS
     model = rsq.create_model("resnet20", 10, 1, resolutions=RESOLUTIONS)
     ensemble = EnsembleWeights(len(resolutions))
     opt = torch.optim.SGD(list(model.parameters()) + list(ensemble.parameters()), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 1, 28, 28)
-    y = torch.randint(0, 10, (batch,))
-    compile_s = 0.0
 
     if variant == "plain_eager":
         def forward():
             logits = []
             for r in resolutions:
-                xr = x if r == 28 else F.interpolate(x, size=(r, r), mode="bilinear", antialias=True)
+                xr = x if r == x.shape[-1] else F.interpolate(x, size=(r, r), mode="bilinear", antialias=True)
                 rsq.set_mode(model, r)
                 logits.append(model(xr))
             return logits
@@ -72,34 +69,51 @@ def measure(variant: str, batch: int, steps: int, warmup: int, threads: int) -> 
         parts.total.backward()
         opt.step()
 
-    began = time.perf_counter()
-    step()
-    if variant == "rsq_compile":
-        compile_s = time.perf_counter() - began
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    ms = statistics.median(times) * 1000
-    return {"variant": variant, "ms_per_step": round(ms, 2), "images_per_s": round(batch / ms * 1000, 1),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "compile_s": round(compile_s, 1)}
+    return step
 
 
-def run_variant(variant: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--variant", variant, "--batch", str(args.batch), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--threads", str(args.threads)]
+def batch(size: int):
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(size, 1, 28, 28, generator=generator), torch.randint(0, 10, (size,), generator=generator)
+
+
+def time_round_robin(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    x, y = batch(args.batch)
+    steps, compile_s = {}, {}
+    for variant in VARIANTS:
+        steps[variant] = make_step(variant, x, y)
+        began = time.perf_counter()
+        steps[variant]()
+        compile_s[variant] = round(time.perf_counter() - began, 1) if variant == "rsq_compile" else 0.0
+        for _ in range(args.warmup):
+            steps[variant]()
+        print(f"ready: {variant}", flush=True)
+    times = {v: [] for v in VARIANTS}
+    for i in range(args.steps):
+        for variant in VARIANTS:
+            began = time.perf_counter()
+            steps[variant]()
+            times[variant].append((time.perf_counter() - began) * 1000)
+        print(f"round {i + 1}/{args.steps}: plain_eager {times['plain_eager'][-1]:.0f} ms", flush=True)
+    return {"ms": times, "compile_s": compile_s}
+
+
+def peak_rss(variant: str, args) -> float:
+    """Max RSS (MiB) of a fresh process that runs two steps of one variant."""
+    cmd = [sys.executable, __file__, "--memory-of", variant, "--batch", str(args.batch), "--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
     if done.returncode != 0:
-        return {"variant": variant, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{variant}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def spread(values: list[float], fmt: str = "{:.2f}") -> str:
-    """The median and, over several rounds, the range: `0.79 (0.77-0.81)`."""
+    """The median and the range over rounds: `0.79 (0.77-0.81)`."""
     text = fmt.format(statistics.median(values))
     return text if len(values) == 1 else f"{text} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
@@ -107,75 +121,61 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=30, help="timed rounds (one step of every variant each)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="every round runs every variant once; ratios are taken within a round")
     parser.add_argument("--out", default="tools/results/bench_step_speed")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant here
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: peak RSS of one variant
     args = parser.parse_args()
-    if args.quick:
-        args.steps, args.warmup, args.rounds, args.out = 3, 1, 1, args.out + "_quick"
-    if args.variant:
-        print(json.dumps(measure(args.variant, args.batch, args.steps, args.warmup, args.threads)))
+    if args.memory_of:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        step = make_step(args.memory_of, *batch(args.batch))
+        step()
+        step()
+        # VmHWM, not ru_maxrss: the latter survives exec, so it would report the parent's peak.
+        status = Path("/proc/self/status").read_text()
+        print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024)
         return
-    # One Inductor cache for the whole run, empty at the start: round 1 compiles cold, later rounds warm.
+    if args.quick:
+        args.steps, args.warmup, args.out = 3, 1, args.out + "_quick"
+    # One Inductor cache, empty at the start: the timed compile is cold, the memory run's warm.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="rsq_bench_inductor_")
-    variants = [f"single_{r}" for r in RESOLUTIONS] + ["plain_eager", "rsq_eager", "rsq_channels_last",
-                                                       "rsq_compile"]
-    rounds = []
-    for i in range(args.rounds):
-        rows = {}
-        for variant in variants:
-            rows[variant] = run_variant(variant, args)
-            print(f"round {i + 1}/{args.rounds}", rows[variant], flush=True)
-        rounds.append(rows)
+    timed = time_round_robin(args)
+    rss = {variant: peak_rss(variant, args) for variant in VARIANTS}
+    ms = timed["ms"]
+    rounds = range(args.steps)
+    ratio = {v: [ms[v][i] / ms["plain_eager"][i] for i in rounds] for v in VARIANTS}
+    sums = [sum(ms[f"single_{r}"][i] for r in RESOLUTIONS) for i in rounds]
+    vs_sum = [ms["rsq_eager"][i] / sums[i] for i in rounds]
 
-    def ms(rows: dict, variant: str) -> float | None:
-        return rows[variant].get("ms_per_step")
-
-    ok = lambda v: all(ms(rows, v) is not None for rows in rounds)  # noqa: E731
     lines = [
         "# 5-resolution training step cost (CPU)",
         "",
         f"ResNet-20 RS-Net, 1x28x28 input, resolutions {RESOLUTIONS}, batch {args.batch}, loss CE + full MRED, "
-        f"SGD; per variant the median of {args.steps} steps after {args.warmup} warm-up steps, each variant in its "
-        f"own process with {args.threads} threads; {args.rounds} rounds, every round runs every variant once "
-        f"(the machine's speed drifts by up to 20% over minutes, so ratios are taken within a round: median "
-        f"(range) over rounds). Command: `python tools/bench_step_speed.py --rounds {args.rounds}`",
+        f"SGD, {args.threads} threads. Round-robin in one process: {args.steps} rounds, each one step of every "
+        f"variant, after {args.warmup} warm-up steps; ms = median over rounds (range), ratios = median of the "
+        f"per-round ratios (range). Peak RSS: a fresh process per variant running two steps. "
+        f"Command: `python tools/bench_step_speed.py`",
         "",
         "| variant | ms / step | images / s | vs plain eager | peak RSS (MiB) | compile, cold (s) |",
         "|:---|---:|---:|---:|---:|---:|",
     ]
-    for variant in variants:
-        if not ok(variant):
-            error = next(rows[variant]["error"] for rows in rounds if "error" in rows[variant])
-            lines.append(f"| {variant} | failed: {error} | | | | |")
-            continue
-        steps = [ms(rows, variant) for rows in rounds]
-        ips = [args.batch / t * 1000 for t in steps]
-        ratio = [ms(rows, variant) / ms(rows, "plain_eager") for rows in rounds] if ok("plain_eager") else [0.0]
-        rss = max(rows[variant]["peak_rss_mib"] for rows in rounds)
-        compile_s = rounds[0][variant]["compile_s"]
-        lines.append(f"| {variant} | {spread(steps, '{:.1f}')} | {spread(ips, '{:.0f}')} | {spread(ratio)}x | "
-                     f"{rss:.0f} | {compile_s or ''} |")
-    singles_ok = all(ok(f"single_{r}") for r in RESOLUTIONS)
-    if singles_ok and ok("rsq_eager"):
-        sums = [sum(ms(rows, f"single_{r}") for r in RESOLUTIONS) for rows in rounds]
-        vs_sum = [ms(rows, "rsq_eager") / total for rows, total in zip(rounds, sums)]
-        lines += ["", f"Sum of the five single-resolution steps: {spread(sums, '{:.1f}')} ms.",
-                  f"rsq 5-resolution eager step / sum of the singles (both NCHW): {spread(vs_sum, '{:.3f}')} "
-                  f"(goal <= 1.05)."]
-    for variant in ("rsq_channels_last", "rsq_compile"):
-        if ok(variant) and ok("plain_eager"):
-            ratio = [ms(rows, variant) / ms(rows, "plain_eager") for rows in rounds]
-            lines.append(f"{variant} / plain eager loop: {spread(ratio)}x (goal <= 0.8).")
-    write = {"settings": vars(args), "rounds": rounds}
+    for v in VARIANTS:
+        ips = [args.batch / t * 1000 for t in ms[v]]
+        lines.append(f"| {v} | {spread(ms[v], '{:.1f}')} | {spread(ips, '{:.0f}')} | {spread(ratio[v])}x | "
+                     f"{rss[v]:.0f} | {timed['compile_s'][v] or ''} |")
+    lines += ["", f"Sum of the five single-resolution steps: {spread(sums, '{:.1f}')} ms.",
+              f"rsq 5-resolution eager step / sum of the singles (both NCHW): {spread(vs_sum, '{:.3f}')} "
+              f"(goal <= 1.05)."]
+    for v in ("rsq_channels_last", "rsq_compile"):
+        lines.append(f"{v} / plain eager loop: {spread(ratio[v])}x (goal <= 0.8).")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    Path(args.out + ".json").write_text(json.dumps(write, indent=1))
+    Path(args.out + ".json").write_text(json.dumps({"settings": vars(args), "ms": ms, "peak_rss_mib": rss,
+                                                    "compile_s": timed["compile_s"]}, indent=1))
     print("\n".join(lines))
 
 
