@@ -37,6 +37,7 @@ VARIANTS = {
     "c": "rsq W4A4 LSQ channels_last",
     "d": "rsq W4A4 LSQ torch.compile (static per resolution)",
     "e": "brevitas W4A4 learned scales eager",
+    "f": "rsq W4A4 LSQ torch.compile + channels_last (what `rsq train --compile` runs)",
 }
 
 
@@ -126,7 +127,7 @@ def build(variant: str, inputs: dict, labels: torch.Tensor, notes: dict) -> Runn
         model = rsq_w4a4().to(memory_format=torch.channels_last)
         last = {r: x.contiguous(memory_format=torch.channels_last) for r, x in inputs.items()}
         return Runner(model, last, labels)
-    if variant == "d":
+    if variant in ("d", "f"):
         from torch import _dynamo
         # One graph per resolution (x forward and backward); the default limit of 8 silently
         # falls back to eager. Static shapes: automatic-dynamic failed in LSQ's backward.
@@ -134,12 +135,16 @@ def build(variant: str, inputs: dict, labels: torch.Tensor, notes: dict) -> Runn
         _dynamo.config.accumulated_cache_size_limit = 512
         # A fresh Inductor cache, so the compile time below is a cold compile.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="rsq_bench_inductor_")
-        runner = Runner(rsq_w4a4(), inputs, labels)
+        model = rsq_w4a4()
+        if variant == "f":
+            model = model.to(memory_format=torch.channels_last)
+            inputs = {r: x.contiguous(memory_format=torch.channels_last) for r, x in inputs.items()}
+        runner = Runner(model, inputs, labels)
         runner.step()  # eager: LSQ steps initialise from this first batch, outside the graphs
         runner.call = torch.compile(runner.model, dynamic=False)
         start = time.perf_counter()
         runner.step()  # compiles the forward and backward graph of every resolution
-        notes["d"] = f"compile (first compiled step) {time.perf_counter() - start:.1f} s"
+        notes[variant] = f"compile (first compiled step) {time.perf_counter() - start:.1f} s"
         return runner
     if variant == "e":
         torch.manual_seed(0)
@@ -153,13 +158,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant")
-    parser.add_argument("--variants", default=None, help="subset of a,b,c,d,e (default: all; --quick: no d)")
+    parser.add_argument("--variants", default=None, help="subset of a-f (default: all; --quick: no compile, d and f)")
     parser.add_argument("--out", type=Path, default=None, help="write <out>.md and <out>.json")
     args = parser.parse_args()
     batch = args.batch or (16 if args.quick else 128)
     rounds = args.rounds or (2 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    variants = (args.variants or ("a,b,c,e" if args.quick else "a,b,c,d,e")).split(",")
+    variants = (args.variants or ("a,b,c,e" if args.quick else "a,b,c,d,e,f")).split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {','.join(VARIANTS)}")
@@ -210,11 +215,11 @@ def report(variants, runners, notes, batch, rounds, warmup, load, out) -> None:
             "note": notes.get(v, ""),
         })
     goals = []
-    for v in ("b", "c", "d"):
+    for v in ("b", "c", "d", "f"):
         r = ratio(runners, v, "a")
         if r is not None:
             goals.append(f"W4A4 step <= 1.0x eager FP, {VARIANTS[v]}: {r:.2f}x -> {'met' if r <= 1.0 else 'NOT met'}")
-    for v in ("b", "c", "d"):
+    for v in ("b", "c", "d", "f"):
         r = ratio(runners, v, "e")
         if r is not None:
             goals.append(f">= 2x faster than brevitas, {VARIANTS[v]}: {1 / r:.2f}x -> "
