@@ -98,7 +98,7 @@ def weight_size_bits(model: nn.Module, resolution: int) -> int:
 
 
 def mode_params(model: nn.Module, resolution: int) -> int:
-    """Parameters one resolution uses: all shared ones plus its own BN set."""
+    """Parameters one resolution uses: all shared ones plus its own switchable layers' (BN, quantizers)."""
     return sum(p.numel() for p in mode_parameters(model, resolution))
 
 

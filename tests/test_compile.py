@@ -24,11 +24,11 @@ def _step(runner, model, ensemble, x, y):
     return parts.total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_compiled_w4a4_step_equals_eager_step(one_thread, bits=4):
+def test_compiled_w4a4_step_equals_eager_step(one_thread):
     torch.manual_seed(0)
     model = rsq.create_model("resnet20", 10, 1, resolutions=RES)
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
-    quantize_(model, QuantConfig(weight_bits=bits, act_bits=bits))
+    quantize_(model, QuantConfig(weight_bits=4, act_bits=4))
     AllResolutions(model, RES)(x)  # LSQ step sizes initialise from data, eagerly, as in training
     twin = copy.deepcopy(model)
     ensemble = EnsembleWeights(len(RES))

@@ -13,11 +13,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchlib import run_train, top1, write_outputs
+from benchlib import finished_run, run_train, top1, write_outputs
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
 SETTINGS = {  # name -> flags on top of the common fine-tuning recipe
@@ -55,16 +54,16 @@ def main() -> None:
     start = None
     init = args.init
     if init == "scratch":
-        start = run_train("fp_scratch", ["fashion_mnist", *res, "--epochs", str(args.scratch_epochs)],
-                          args.work, args.threads * args.jobs)
+        start = (finished_run(args.work, "fp_scratch") if args.report_only else
+                 run_train("fp_scratch", ["fashion_mnist", *res, "--epochs", str(args.scratch_epochs)],
+                           args.work, args.threads * args.jobs))
         init = str(Path(args.work) / "fp_scratch" / "checkpoint.pt")
     elif not Path(init).is_file():
         raise SystemExit(f"--init {init} does not exist; train it first (the README's main command) or use --init scratch")
     common = ["fashion_mnist", *res, "--epochs", str(args.epochs), "--lr", str(args.lr), "--warmup-epochs", "0",
               "--weight-decay", "1e-4", "--init", init]
     if args.report_only:
-        done = {name: Path(args.work) / name / "results.json" for name in SETTINGS}
-        results = {name: json.loads(path.read_text()) for name, path in done.items() if path.is_file()}
+        results = {name: done for name in SETTINGS if (done := finished_run(args.work, name)) is not None}
     else:
         with ThreadPoolExecutor(args.jobs) as pool:
             runs = pool.map(lambda kv: run_train(kv[0], common + kv[1], args.work, args.threads), SETTINGS.items())

@@ -10,11 +10,9 @@ every resolution. Runs go ``--jobs`` at a time, one thread each, so the figures 
 from __future__ import annotations
 
 import argparse
-import json
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-from benchlib import run_train, top1, write_outputs
+from benchlib import finished_run, run_train, top1, write_outputs
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
 
@@ -49,10 +47,10 @@ def main() -> None:
     reused = []
 
     def run(name: str) -> dict:
-        done = Path(args.work) / name / "results.json"
-        if args.reuse and done.is_file():
+        done = finished_run(args.work, name) if args.reuse else None
+        if done is not None:
             reused.append(name)
-            return json.loads(done.read_text())
+            return done
         return run_train(name, common + configs[name], args.work, args.threads)
 
     with ThreadPoolExecutor(args.jobs) as pool:

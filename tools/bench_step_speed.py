@@ -7,7 +7,7 @@ Compares, for the same model (ResNet-20 RS-Net, 1 channel) and the same batch:
   with one static graph per resolution (+ channels_last, as `rsq train --compile`).
 The loss is CE + full MRED everywhere. Timing is round-robin in one process: every round runs one
 step of every variant, and ratios are taken within a round, because this machine's speed drifts
-by up to 30% over minutes (separate processes one after another gave ratios from 0.63 to 0.94).
+over minutes, which made ratios of separate processes run one after another unreliable.
 Peak memory comes from one short process per variant (its peak resident set, VmHWM).
 
     python tools/bench_step_speed.py [--quick]
@@ -15,7 +15,6 @@ Peak memory comes from one short process per variant (its peak resident set, VmH
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import write_outputs
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
 VARIANTS = [f"single_{r}" for r in RESOLUTIONS] + ["plain_eager", "rsq_eager", "rsq_channels_last", "rsq_compile"]
@@ -104,7 +105,7 @@ def time_round_robin(args) -> dict:
 
 
 def peak_rss(variant: str, args) -> float:
-    """Max RSS (MiB) of a fresh process that runs two steps of one variant."""
+    """Peak resident set (MiB) of a fresh process that runs two steps of one variant."""
     cmd = [sys.executable, __file__, "--memory-of", variant, "--batch", str(args.batch), "--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
     if done.returncode != 0:
@@ -172,11 +173,8 @@ def main() -> None:
               f"(goal <= 1.05)."]
     for v in ("rsq_channels_last", "rsq_compile"):
         lines.append(f"{v} / plain eager loop: {spread(ratio[v])}x (goal <= 0.8).")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    Path(args.out + ".json").write_text(json.dumps({"settings": vars(args), "ms": ms, "peak_rss_mib": rss,
-                                                    "compile_s": timed["compile_s"]}, indent=1))
-    print("\n".join(lines))
+    write_outputs(args.out, lines, {"settings": vars(args), "ms": ms, "peak_rss_mib": rss,
+                                    "compile_s": timed["compile_s"]})
 
 
 if __name__ == "__main__":

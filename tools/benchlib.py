@@ -24,6 +24,12 @@ def run_train(name: str, flags: list[str], work: str, threads: int) -> dict:
     return result
 
 
+def finished_run(work: str, name: str) -> dict | None:
+    """The results.json of a run that already finished in ``work``, or None."""
+    path = Path(work) / name / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def top1(result: dict, resolution: int) -> float:
     return next(row["top1"] for row in result["rows"] if row["resolution"] == resolution)
 
