@@ -10,6 +10,7 @@ every resolution. Runs go ``--jobs`` at a time, one thread each, so the figures 
 from __future__ import annotations
 
 import argparse
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from benchlib import finished_run, run_train, top1, write_outputs
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished runs in --work (same settings) and train only the missing ones")
+    parser.add_argument("--only", help="comma-separated configs to train (default: all); the others come from "
+                                       "--work if they finished there, else their cells say 'not run'")
     parser.add_argument("--quick", action="store_true", help="tiny setting, to check the script runs")
     args = parser.parse_args()
     if args.quick:
@@ -44,48 +47,56 @@ def main() -> None:
     common = ["fashion_mnist", "--epochs", str(args.epochs), "--subset", str(args.subset), "--seed", str(args.seed),
               "--lr", str(args.lr)]  # a config's own --lr comes later and wins
 
+    chosen = args.only.split(",") if args.only else list(configs)
+    if set(chosen) - set(configs):
+        parser.error(f"--only: unknown configs {sorted(set(chosen) - set(configs))}; choose from {', '.join(configs)}")
     reused = []
 
-    def run(name: str) -> dict:
-        done = finished_run(args.work, name) if args.reuse else None
+    def run(name: str) -> dict | None:
+        done = finished_run(args.work, name) if args.reuse or name not in chosen else None
         if done is not None:
             reused.append(name)
             return done
-        return run_train(name, common + configs[name], args.work, args.threads)
+        return run_train(name, common + configs[name], args.work, args.threads) if name in chosen else None
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = dict(zip(configs, pool.map(run, configs)))
+        results = {name: done for name, done in zip(configs, pool.map(run, configs)) if done is not None}
+
+    def cell(name: str, r: int) -> str:
+        return f"{top1(results[name], r):.2f}" if name in results else "not run"
+
+    def gap(name: str, r: int) -> str:
+        both = name in results and f"separate_{r}" in results
+        return f"{top1(results[name], r) - top1(results[f'separate_{r}'], r):+.2f}" if both else ""
+
+    def wins(name: str) -> int:
+        return sum(top1(results[name], r) >= top1(results[f"separate_{r}"], r)
+                   for r in RESOLUTIONS if f"separate_{r}" in results)
 
     lines = [
         "# RS-Net vs separately trained models (Fashion-MNIST, ResNet-20)",
         "",
-        f"Setting: {args.subset} training images, {args.epochs} epochs, batch 128, lr {args.lr:g} cosine with "
-        f"0.2 epochs of warm-up, SGD, weight decay 5e-4, seed {args.seed}, full 10k test set; each run one process "
+        f"Setting: {args.subset or 'all 60000'} training images, {args.epochs} epochs, batch 128, lr {args.lr:g} "
+        f"cosine with 0.2 epochs of warm-up, SGD, weight decay 5e-4, seed {args.seed}, full 10k test set; each run one process "
         f"({args.threads} thread(s), {args.jobs} at a time; threads change speed only). Last column: the RS-Net "
         f"with lr {scaled_lr:g} = lr / {len(RESOLUTIONS)}, because its summed loss gives the shared weights about "
         f"{len(RESOLUTIONS)}x the gradient.",
-        "Command: `python tools/bench_rsnet.py" + (" --quick" if args.quick else "") + "`"
-        + (f"; kept from an earlier invocation with the same settings (`--reuse`): {', '.join(sorted(reused))}"
-           if reused else ""),
+        "Command: `" + " ".join(["python tools/bench_rsnet.py", *sys.argv[1:]]) + "`"
+        + (f"; tabulated from finished runs already in --work: {', '.join(sorted(reused))}" if reused else ""),
         "",
         "| resolution | separate models | RS-Net, no distillation | RS-Net, full MRED | MRED - separate "
         f"| RS-Net, full MRED, lr {scaled_lr:g} | - separate |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    wins, wins_scaled = 0, 0
     for r in RESOLUTIONS:
-        sep, none, full, scaled = (top1(results[name], r) for name in (f"separate_{r}", "rsnet_none", "rsnet_full",
-                                                                       "rsnet_full_lr_scaled"))
-        wins += full >= sep
-        wins_scaled += scaled >= sep
-        lines.append(f"| {r} | {sep:.2f} | {none:.2f} | {full:.2f} | {full - sep:+.2f} | {scaled:.2f} | "
-                     f"{scaled - sep:+.2f} |")
-    ens, ens_scaled = (results[name]["ensemble"]["top1"] for name in ("rsnet_full", "rsnet_full_lr_scaled"))
+        lines.append(f"| {r} | {cell(f'separate_{r}', r)} | {cell('rsnet_none', r)} | {cell('rsnet_full', r)} | "
+                     f"{gap('rsnet_full', r)} | {cell('rsnet_full_lr_scaled', r)} | {gap('rsnet_full_lr_scaled', r)} |")
+    lines.append("")
+    for name, lr in (("rsnet_full", args.lr), ("rsnet_full_lr_scaled", scaled_lr)):
+        if name in results:
+            lines.append(f"RS-Net (full MRED, lr {lr:g}): ensemble top-1 {results[name]['ensemble']['top1']:.2f}; "
+                         f"matches or beats the separate model at {wins(name)} of {len(RESOLUTIONS)} resolutions.")
     lines += [
-        "",
-        f"RS-Net (full MRED) ensemble top-1: {ens:.2f} (lr {args.lr:g}), {ens_scaled:.2f} (lr {scaled_lr:g}). "
-        f"The RS-Net matches or beats the separate model at {wins} of {len(RESOLUTIONS)} resolutions at the same lr, "
-        f"at {wins_scaled} of {len(RESOLUTIONS)} with lr / {len(RESOLUTIONS)}.",
         "Training cost: see bench_step_speed.md (a 5-resolution step costs about the sum of the five single steps).",
     ]
     write_outputs(args.out, lines, {"settings": vars(args), "results": results})
