@@ -1,8 +1,6 @@
 """Checkpoints: a plain dict that carries its config, written atomically, checked on load."""
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -10,58 +8,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .config import TrainConfig, config_from_dict
 from .errors import RsqError
 
 FORMAT = "rsq-checkpoint"
 VERSION = 1
-TMP_SUFFIX = ".tmp"
 # What every reader of a checkpoint (eval, calibrate, --init, --teacher, --resume) relies on.
 REQUIRED_KEYS = ("config", "num_classes", "in_chans", "resolutions", "model")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
+    """``torch.save`` through ``atomic_write``: a crash leaves the old file or the new one.
 
-    A crash at any moment leaves either the old file or the new one, never a torn one. A full
-    disk or a folder that cannot be written is a one-line RsqError; the old file stays.
+    A full disk or a folder that cannot be written is a one-line RsqError; the old file stays.
     """
-    path = Path(path)
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_folder(path.parent)  # make the rename itself survive a power cut
+        atomic_write(path, lambda f: torch.save(obj, f), binary=True)
     except OSError as exc:
         raise RsqError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not possible on every platform / file system; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete ``*.tmp`` files a killed ``atomic_save`` left behind (never the checkpoint itself)."""
-    for leftover in Path(folder).glob(f"*.pt.*{TMP_SUFFIX}"):
-        leftover.unlink(missing_ok=True)
 
 
 def _first_sentence(text: str, limit: int = 160) -> str:

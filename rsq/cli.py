@@ -1,251 +1,182 @@
-"""The ``rsq`` command: train, eval, calibrate, report, compare, fetch-data."""
+"""The ``rsq`` command (click): train, eval, calibrate, report, compare, models, fetch-data.
+
+`rsq train`'s options are made from TrainConfig's schema (rsq/config.py), so a setting, its
+type, help text and choices are written once. Every bad input ends the same way: one line
+``rsq: error: ...`` on stderr and exit code 2 (click's own usage errors included).
+"""
 from __future__ import annotations
 
-import argparse
-import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
-from .config import VALID_BITS
+import click
+
+from . import __version__
+from .config import Range, TrainConfig, schema
 from .errors import RsqError
+from .nn.quantizers import VALID_BITS
+from .quantize import QuantizationWarning
 
-TRAIN_FLAGS = {  # flag -> (config field, type, help)
-    "--model": ("model", str, "model name (see `rsq models`)"),
-    "--data": ("data", str, "fashion_mnist (default, embedded) or imagefolder"),
-    "--data-dir": ("data_dir", str, "data folder (ImageNet layout ROOT/train, ROOT/val for imagefolder)"),
-    "--epochs": ("epochs", int, "training epochs"),
-    "--batch-size": ("batch_size", int, "global batch size"),
-    "--lr": ("lr", float, "peak learning rate (cosine schedule with warm-up)"),
-    "--weight-decay": ("weight_decay", float, "weight decay (never applied to alpha or quantizer steps)"),
-    "--warmup-epochs": ("warmup_epochs", float, "linear warm-up length in epochs"),
-    "--label-smoothing": ("label_smoothing", float, "label smoothing of the cross-entropies"),
-    "--distill": ("distill", str, "MRED variant: full (default), vanilla or none"),
-    "--out": ("out", str, "run folder"),
-    "--seed": ("seed", int, "random seed (a run with the same seed repeats exactly on the CPU)"),
-    "--subset": ("subset", int, "train on N images only (smoke runs)"),
-    "--test-subset": ("test_subset", int, "evaluate on N test images only"),
-    "--quantizer": ("quantizer", str, "lsq (default) or lqnet"),
-    "--first-last": ("first_last", str, "first conv / last FC: 8 (default), fp, same"),
-    "--init": ("init", str, "start from this full-precision checkpoint"),
-    "--teacher": ("teacher", str, "also distil from this full-precision RS-Net checkpoint"),
-    "--device": ("device", str, "auto, cpu or cuda"),
-    "--amp": ("amp", str, "auto (bf16 on CUDA), bf16 or off"),
-    "--workers": ("workers", int, "DataLoader workers (image folders)"),
-    "--checkpoint-every": ("checkpoint_every", int, "also checkpoint every N steps"),
-}
+# ----------------------------------------------------------------------------- value types
+# Each type's message is the value and the rule ("'0' must be at least 1"); the error handler
+# adds which option it was ("argument --epochs: ...").
 
 
-def _resolutions(text: str) -> list[int]:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError("needs at least one resolution, e.g. 224,192,160")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"resolutions must be positive, got {text!r}")
-    return values
+class Number(click.ParamType):
+    """A finite int or float inside a config Range."""
+
+    def __init__(self, kind: type, rule: Optional[Range] = None):
+        self.kind, self.rule = kind, rule or Range()
+        self.name = kind.__name__
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, self.kind) and not isinstance(value, bool):
+            parsed = value
+        else:
+            try:
+                parsed = self.kind(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a valid {self.kind.__name__}", param, ctx)
+        problem = self.rule.problem(parsed)
+        if problem:
+            self.fail(f"{value!r} {problem}", param, ctx)
+        return parsed
 
 
-def _bits(text: str) -> int:
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError("needs a bit width (2-8, or 32 for full precision)")
-    if len(parts) > 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: one bit width per run (switching bit widths is planned)")
-    try:
-        value = int(parts[0])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer bit width (2-8, or 32)") from None
-    if value not in VALID_BITS:
-        raise argparse.ArgumentTypeError(f"{value} bits is not supported; use 2-8, or 32 for full precision")
-    return value
+class IntList(click.ParamType):
+    """Comma-separated positive integers: resolutions."""
 
+    name = "list"
 
-MAX_SEED = 2**63 - 1  # what torch.manual_seed and the data generators accept
-
-
-def _number(kind, minimum=0, exclusive: bool = False, maximum=None):
-    """An argparse type: a finite int/float >= minimum (> minimum when exclusive), <= maximum."""
-    def parse(text: str):
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        parts = [p.strip() for p in str(value).split(",") if p.strip()]
+        if not parts:
+            self.fail("needs at least one resolution, e.g. 224,192,160", param, ctx)
         try:
-            value = kind(text)
+            values = [int(p) for p in parts]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number")
-        if value < minimum or (exclusive and value == minimum):
-            rule = f"be greater than {minimum}" if exclusive else ("not be negative" if minimum == 0
-                                                                   else f"be at least {minimum}")
-            raise argparse.ArgumentTypeError(f"{text!r} must {rule}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"{text!r} must be at most {maximum}")
-        return value
-    return parse
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        if any(v <= 0 for v in values):
+            self.fail(f"resolutions must be positive, got {value!r}", param, ctx)
+        return values
 
 
-def _non_negative(kind):
-    return _number(kind, 0)
+class Bits(click.ParamType):
+    """One bit width: 2-8, or 32 for full precision."""
+
+    name = "bits"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        parts = [p.strip() for p in str(value).split(",") if p.strip()]
+        if not parts:
+            self.fail("needs a bit width (2-8, or 32 for full precision)", param, ctx)
+        if len(parts) > 1:
+            self.fail(f"{value!r}: one bit width per run (switching bit widths is planned)", param, ctx)
+        try:
+            bits = int(parts[0])
+        except ValueError:
+            self.fail(f"{value!r} is not an integer bit width (2-8, or 32)", param, ctx)
+        if bits not in VALID_BITS:
+            self.fail(f"{bits} bits is not supported; use 2-8, or 32 for full precision", param, ctx)
+        return bits
 
 
-# Flags whose values have a tighter rule than "not negative".
-FLAG_TYPES = {
-    "--epochs": _number(int, 1),
-    "--batch-size": _number(int, 1),
-    "--lr": _number(float, 0, exclusive=True),
-    "--seed": _number(int, 0, maximum=MAX_SEED),
-    "--label-smoothing": _number(float, 0, maximum=0.999),
-}
+def config_options(command):
+    """Add one option per TrainConfig field, from its schema; every default is None (= not given)."""
+    defaults = TrainConfig()
+    for f in reversed(schema()):
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        shown = getattr(defaults, f.name)
+        shown = ",".join(map(str, shown)) if isinstance(shown, list) else shown
+        text = meta["help"] + (f" [default: {shown}]" if shown not in ("", False) else "")
+        if meta["cli"] == "flag":
+            option = click.option(flag, f.name, is_flag=True, flag_value=True, default=None, help=text)
+        elif meta["cli"] == "switch":
+            option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=text)
+        elif meta["choices"]:
+            # Checked by TrainConfig, whose message names the setting ("unknown distill mode 'x'").
+            option = click.option(flag, f.name, default=None, help=text, metavar=f"[{'|'.join(meta['choices'])}]")
+        else:
+            kind = (Bits() if meta["bits"] else IntList() if f.type == "list[int]"
+                    else Number(int if f.type == "int" else float, meta["range"]) if f.type in ("int", "float")
+                    else click.STRING)
+            option = click.option(flag, f.name, type=kind, default=None, help=text)
+        command = option(command)
+    return command
 
 
-def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train an RS-Net (full precision or quantized) with MRED")
-    p.add_argument("recipe", nargs="?", default=None,
-                   help="recipe name in recipes/ or a .toml path (default: fashion_mnist)")
-    for flag, (field, kind, text) in TRAIN_FLAGS.items():
-        parse = FLAG_TYPES.get(flag) or (_non_negative(kind) if kind in (int, float) else kind)
-        p.add_argument(flag, dest=field, type=parse, default=None, help=text)
-    p.add_argument("--resolutions", type=_resolutions, default=None, help="comma list, e.g. 224,192,160,128,96")
-    p.add_argument("--bits", type=_bits, default=None, help="weight and activation bits: 2-8, or 32 (FP)")
-    p.add_argument("--weight-bits", dest="weight_bits", type=_bits, default=None, help="weight bits only")
-    p.add_argument("--act-bits", dest="act_bits", type=_bits, default=None, help="activation bits only")
-    p.add_argument("--act-per-resolution", dest="act_per_resolution", action="store_const", const=True,
-                   default=None, help="one activation quantizer per resolution (default: shared)")
-    p.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile, one static graph per resolution")
-    p.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.set_defaults(func=cmd_train)
+# ----------------------------------------------------------------------------- the group
 
 
-def _overrides(args) -> dict:
-    values = {field: getattr(args, field) for field, _, _ in TRAIN_FLAGS.values()}
-    for field in ("resolutions", "weight_bits", "act_bits", "act_per_resolution", "compile", "channels_last"):
-        values[field] = getattr(args, field)
-    if args.bits is not None:
-        values["weight_bits"] = values["weight_bits"] or args.bits
-        values["act_bits"] = values["act_bits"] or args.bits
-    return values
+class RsqGroup(click.Group):
+    """click.Group whose every failure is one ``rsq: error:`` line and an exit code."""
+
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else None
+        if name is not None and not name.startswith("-") and self.get_command(ctx, name) is None:
+            raise click.UsageError(f"unknown command {name!r}; choose from: {', '.join(self.list_commands(ctx))}",
+                                   ctx)
+        return super().resolve_command(ctx, args)
+
+    def list_commands(self, ctx):
+        return list(self.commands)  # the order they are declared in, which is the order of use
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        warnings.showwarning = _show_warning
+        try:
+            result = super().main(args, prog_name or "rsq", complete_var, standalone_mode=False, **extra)
+            code = result if isinstance(result, int) else 0
+        except click.UsageError as exc:
+            print(f"rsq: error: {_usage_line(exc)}", file=sys.stderr)
+            code = 2
+        except click.Abort:
+            print("rsq: interrupted", file=sys.stderr)
+            code = 130
+        except RsqError as exc:
+            # An error every DDP rank agreed on is printed once, by rank 0.
+            if not (getattr(exc, "all_ranks", False) and os.environ.get("RANK", "0") != "0"):
+                print(f"rsq: error: {_one_line(exc)}", file=sys.stderr)
+            code = 2
+        except Exception as exc:
+            # A DataLoader worker that failed on a user's file re-raises here under its own type.
+            if "RsqError" not in str(exc):
+                raise
+            print(f"rsq: error: {_one_line(exc)}", file=sys.stderr)
+            code = 2
+        if standalone_mode:
+            sys.exit(code)
+        return code
 
 
-def cmd_train(args) -> int:
-    from .checkpoint import checkpoint_config, load_checkpoint
-    from .config import build_config
-    from .train import train
+_python_showwarning = warnings.showwarning
 
-    overrides = _overrides(args)
-    if args.resume:
-        run_dir = Path(args.resume)
-        if args.overwrite:
-            raise RsqError("--resume continues a run and --overwrite replaces it; pass one of them")
-        if run_dir.is_file():
-            raise RsqError(f"--resume takes the run folder, not a file: pass --resume {run_dir.parent}")
-        if not (run_dir / "checkpoint.pt").is_file():
-            raise RsqError(f"--resume {run_dir}: no checkpoint.pt there to resume from")
-        if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
-            raise RsqError(f"--resume continues {run_dir} in place; drop --out {args.out}")
-        config = checkpoint_config(load_checkpoint(run_dir / "checkpoint.pt"))
-        saved = config.to_dict()
-        if saved.get("resolutions") is not None:
-            saved["resolutions"] = sorted(saved["resolutions"], reverse=True)
-        if overrides.get("resolutions") is not None:
-            overrides["resolutions"] = sorted(overrides["resolutions"], reverse=True)
-        conflicts = [f"{k}={v!r} (run has {saved[k]!r})" for k, v in overrides.items()
-                     if v is not None and k != "out" and saved.get(k) != v]
-        if conflicts or args.recipe:
-            raise RsqError("--resume continues the saved config; drop "
-                           + (", ".join(conflicts) if conflicts else f"the recipe {args.recipe!r}"))
-        config.out = args.resume
+
+def _show_warning(message, category, *args, **kwargs):
+    """rsq's own warnings as one line, like its errors; everybody else's as Python shows them."""
+    if issubclass(category, QuantizationWarning):
+        print(f"rsq: warning: {message}", file=sys.stderr)
     else:
-        config = build_config(args.recipe or "fashion_mnist", overrides)
-    train(config, resume=bool(args.resume), overwrite=args.overwrite)
-    return 0
+        _python_showwarning(message, category, *args, **kwargs)
 
 
-def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="re-evaluate a checkpoint and print the per-resolution table")
-    p.add_argument("checkpoint", help="checkpoint file or run folder")
-    p.add_argument("--data", default=None)
-    p.add_argument("--data-dir", dest="data_dir", default=None)
-    p.add_argument("--resolutions", type=_resolutions, default=None, help="default: all the checkpoint knows")
-    p.add_argument("--test-subset", dest="test_subset", type=_non_negative(int), default=None)
-    p.add_argument("--batch-size", dest="batch_size", type=_number(int, 1), default=None)
-    p.add_argument("--out", default=None, help="also write the results JSON here")
-    p.set_defaults(func=cmd_eval)
-
-
-def cmd_eval(args) -> int:
-    from .runs import evaluate_checkpoint
-
-    evaluate_checkpoint(args.checkpoint, data=args.data, data_dir=args.data_dir, resolutions=args.resolutions,
-                        test_subset=args.test_subset, batch_size=args.batch_size, out=args.out)
-    return 0
-
-
-def add_calibrate_parser(sub) -> None:
-    p = sub.add_parser("calibrate", help="add a BN set for a resolution that was not trained")
-    p.add_argument("checkpoint", help="checkpoint file or run folder (updated in place, atomically)")
-    p.add_argument("--resolution", type=_resolutions, required=True, help="new resolution(s), e.g. 26 or 26,14")
-    p.add_argument("--images", type=_number(int, 1), default=512, help="training images for the statistics")
-    p.add_argument("--like", type=_number(int, 1), default=None,
-                   help="start from this resolution's BN (default: nearest)")
-    p.add_argument("--out", default=None, help="write the calibrated checkpoint here instead of in place")
-    p.add_argument("--test-subset", dest="test_subset", type=_non_negative(int), default=None)
-    p.set_defaults(func=cmd_calibrate)
-
-
-def cmd_calibrate(args) -> int:
-    from .runs import calibrate_checkpoint
-
-    calibrate_checkpoint(args.checkpoint, args.resolution, images=args.images, like=args.like, out=args.out,
-                         test_subset=args.test_subset)
-    return 0
-
-
-def cmd_fetch_data(args) -> int:
-    from .data.fashion_mnist import fetch
-
-    print(f"Fashion-MNIST is in {fetch()}")
-    return 0
-
-
-def cmd_models(args) -> int:
-    from .models import list_models
-
-    print("\n".join(list_models()))
-    return 0
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line, like every other rsq error, and exits 2.
-
-    Sub-command parsers are made with the parent's class, so this covers all of them.
-    """
-
-    def error(self, message: str):
-        self.exit(2, f"rsq: error: {message} (see `{self.prog} --help`)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="rsq", description="Quantization-aware training of resolution-switchable networks.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_train_parser(sub)
-    add_eval_parser(sub)
-    add_calibrate_parser(sub)
-    try:
-        from .report import add_report_commands
-    except ImportError:  # report module not installed in this build
-        add_report_commands = None
-    if add_report_commands is not None:
-        add_report_commands(sub)
-    sub.add_parser("fetch-data", help="fetch Fashion-MNIST from Debian's package into the cache").set_defaults(
-        func=cmd_fetch_data)
-    sub.add_parser("models", help="list the model names").set_defaults(func=cmd_models)
-    return parser
+def _usage_line(exc: click.UsageError) -> str:
+    if isinstance(exc, click.NoSuchOption):
+        hint = f" (did you mean {', '.join(sorted(exc.possibilities))}?)" if exc.possibilities else ""
+        text = f"unrecognized arguments: {exc.option_name}{hint}"
+    elif isinstance(exc, click.BadParameter) and exc.param is not None and not isinstance(exc, click.MissingParameter):
+        name = exc.param.opts[0] if exc.param.param_type_name == "option" else exc.param.human_readable_name
+        text = f"argument {name}: {exc.message}"
+    else:
+        text = exc.format_message().rstrip(".")
+    where = exc.ctx.command_path if exc.ctx is not None else "rsq"
+    return f"{' '.join(text.split())} (see `{where} --help`)"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -255,24 +186,208 @@ def _one_line(exc: BaseException) -> str:
     return last.split("RsqError: ", 1)[-1]
 
 
+@click.group(cls=RsqGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="rsq", message="%(prog)s %(version)s")
+def cli():
+    """Quantization-aware training of resolution-switchable networks (RS-Nets).
+
+    \b
+    Examples:
+      rsq train                                    # the embedded default: Fashion-MNIST, 5 resolutions
+      rsq train fashion_mnist_w4a4 --init runs/fashion_mnist
+      rsq eval runs/fashion_mnist
+      rsq compare runs/fashion_mnist runs/fashion_mnist_w4a4 --plot cmp.png
+    """
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@cli.command()
+@click.argument("recipe", required=False)
+@config_options
+@click.option("--bits", type=Bits(), default=None, help="weight and activation bits together: 2-8, or 32 (FP)")
+@click.option("--resume", metavar="RUN_DIR", default=None, help="continue the stopped run in RUN_DIR")
+@click.option("--overwrite", is_flag=True, help="replace a run already in --out")
+def train(recipe, bits, resume, overwrite, **settings):
+    """Train an RS-Net (full precision or quantized) with MRED.
+
+    RECIPE is a shipped recipe's name (see the README; default: fashion_mnist) or a .toml path;
+    options override it. The defaults shown are the fashion_mnist recipe's. The resolved config
+    is saved in the run folder as config.toml.
+
+    \b
+    Examples:
+      rsq train --out runs/fashion_mnist
+      rsq train fashion_mnist_w4a4 --init runs/fashion_mnist/checkpoint.pt
+      rsq train imagenet_resnet18 --data-dir /data/imagenet --epochs 90
+      rsq train --subset 2000 --test-subset 1000 --epochs 1 --out runs/smoke
+      rsq train --resume runs/fashion_mnist
+    """
+    from .runs import resume_config
+    from .config import build_config
+    from .train import train as run_training
+
+    if bits is not None:
+        settings["weight_bits"] = settings["weight_bits"] or bits
+        settings["act_bits"] = settings["act_bits"] or bits
+    if resume:
+        config = resume_config(resume, settings, recipe, overwrite)
+    else:
+        config = build_config(recipe or "fashion_mnist", settings)
+    run_training(config, resume=bool(resume), overwrite=overwrite)
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval / calibrate
+
+device_option = click.option("--device", default=None, help="auto, cpu or cuda [default: the run's]")
+
+
+@cli.command(name="eval")
+@click.argument("checkpoint")
+@click.option("--data", default=None, help="data set [default: the run's]")
+@click.option("--data-dir", default=None, help="data folder [default: the run's]")
+@click.option("--resolutions", type=IntList(), default=None, help="comma list [default: all the checkpoint knows]")
+@click.option("--test-subset", type=Number(int), default=None, help="evaluate on the first N test images")
+@click.option("--batch-size", type=Number(int, Range(1)),
+              default=None, help="evaluation batch size")
+@device_option
+@click.option("--out", default=None, help="also write the results JSON here")
+def eval_(checkpoint, **options):
+    """Re-evaluate a checkpoint (file or run folder) and print the per-resolution table.
+
+    \b
+    Examples:
+      rsq eval runs/fashion_mnist
+      rsq eval runs/fashion_mnist --resolutions 28,20 --out eval.json
+    """
+    from .runs import evaluate_checkpoint
+
+    evaluate_checkpoint(checkpoint, **options)
+    return 0
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--resolution", type=IntList(), required=True, help="new resolution(s), e.g. 26 or 26,14")
+@click.option("--images", type=Number(int, Range(1)),
+              default=512, show_default=True, help="training images for the BN statistics")
+@click.option("--like", type=Number(int, Range(1)),
+              default=None, help="start from this resolution's BN [default: the nearest]")
+@click.option("--out", default=None, help="write the calibrated checkpoint here instead of in place")
+@click.option("--test-subset", type=Number(int), default=None, help="evaluate on the first N test images")
+@device_option
+def calibrate(checkpoint, resolution, **options):
+    """Add a BN set for a resolution that was never trained (the checkpoint is updated atomically).
+
+    \b
+    Examples:
+      rsq calibrate runs/fashion_mnist --resolution 26
+      rsq calibrate runs/fashion_mnist --resolution 26,14 --out calibrated.pt
+    """
+    from .runs import calibrate_checkpoint
+
+    calibrate_checkpoint(checkpoint, resolution, **options)
+    return 0
+
+
+# ----------------------------------------------------------------------------- report / compare
+
+table_options = [
+    click.option("--format", "fmt", default="md", show_default=True, metavar="md|csv|json",
+                 help="table format (csv and json keep raw numbers)"),
+    click.option("--plot", metavar="FILE.png", default=None, help="also write an accuracy-vs-cost figure"),
+    click.option("--out", metavar="FILE", default=None, help="write the table here instead of stdout"),
+]
+
+
+def with_table_options(command):
+    for option in reversed(table_options):
+        command = option(command)
+    return command
+
+
+@cli.command()
+@click.argument("run_dir")
+@with_table_options
+@click.option("--latency", is_flag=True, help="measure CPU latency per resolution from checkpoint.pt (batch 1)")
+@click.option("--repeats", type=Number(int, Range(1)),
+              default=30, show_default=True, help="timed forward passes per resolution for --latency")
+@click.option("--threads", type=Number(int, Range(1)),
+              default=1, show_default=True, help="CPU threads for --latency (1 is stable on shared machines)")
+def report(run_dir, fmt, plot, out, latency, repeats, threads):
+    """Tabulate a finished run's results.json.
+
+    \b
+    Examples:
+      rsq report runs/fashion_mnist
+      rsq report runs/fashion_mnist --format csv --out table.csv --latency
+    """
+    _require_pandas("rsq report")
+    from .report import report_run
+
+    report_run(run_dir, fmt, plot, out, latency, repeats, threads)
+    return 0
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True)
+@with_table_options
+def compare(run_dirs, fmt, plot, out):
+    """Compare finished runs side by side; deltas are against the first.
+
+    \b
+    Examples:
+      rsq compare runs/fashion_mnist runs/fashion_mnist_w4a4 --plot compare.png
+    """
+    _require_pandas("rsq compare")
+    from .report import compare_runs
+
+    compare_runs(list(run_dirs), fmt, plot, out)
+    return 0
+
+
+def _require_pandas(command: str) -> None:
+    from .deps import require
+
+    require("pandas", command)
+
+
+# ----------------------------------------------------------------------------- small commands
+
+
+@cli.command()
+def models():
+    """List the model names `rsq train --model` takes.
+
+    \b
+    Example:
+      rsq models
+    """
+    from .models import list_models
+
+    click.echo("\n".join(list_models()))
+    return 0
+
+
+@cli.command(name="fetch-data")
+def fetch_data():
+    """Copy Fashion-MNIST from Debian's package into the user cache (no download at run time).
+
+    \b
+    Example:
+      rsq fetch-data
+    """
+    from .data.fashion_mnist import fetch
+
+    click.echo(f"Fashion-MNIST is in {fetch()}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except RsqError as exc:
-        # An error every DDP rank agreed on is printed once, by rank 0.
-        if not (getattr(exc, "all_ranks", False) and os.environ.get("RANK", "0") != "0"):
-            print(f"rsq: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("rsq: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        # A worker that failed on a user's file re-raises here under its own type.
-        if "RsqError" in str(exc):
-            print(f"rsq: error: {_one_line(exc)}", file=sys.stderr)
-            return 2
-        raise
+    """The console script: the exit code of ``rsq ARGV`` (never a traceback for bad input)."""
+    return cli.main([str(a) for a in argv] if argv is not None else None, "rsq", standalone_mode=False)
 
 
 if __name__ == "__main__":

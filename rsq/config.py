@@ -1,95 +1,131 @@
-"""The training configuration: one flat dataclass, filled from a TOML recipe and CLI flags."""
+"""The training configuration: one flat dataclass, the single schema of every setting.
+
+Each field's metadata (made by ``setting``) carries its help text, its choices or numeric range,
+and how it appears on the command line. `rsq train`'s options, the recipe check, the saved
+``config.toml`` and ``TrainConfig.validate`` all read it, so a setting is described once.
+``TrainConfig()``'s defaults are the embedded default recipe (``recipes/fashion_mnist.toml``).
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import tomli_w
 
+from .distill import DISTILL_MODES
 from .errors import RsqError, choices_error
+from .nn.quantizers import VALID_BITS
+from .quantize import FIRST_LAST_POLICIES, QUANTIZERS
 
-DISTILL_CHOICES = ("full", "vanilla", "none")
-DATA_CHOICES = ("fashion_mnist", "imagefolder")
-AMP_CHOICES = ("auto", "bf16", "off")
-QUANTIZER_CHOICES = ("lsq", "lqnet")
-FIRST_LAST_CHOICES = ("8", "fp", "same")
-VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
-RECIPE_DIRS = (Path("recipes"), Path(__file__).resolve().parent.parent / "recipes")
+DATA_SETS = ("fashion_mnist", "imagefolder")
+DEVICES = ("auto", "cpu", "cuda")
+AMP_SETTINGS = ("auto", "bf16", "off")
+MAX_SEED = 2**63 - 1  # what torch.manual_seed and the data generators accept
+RECIPE_PACKAGE = "rsq.recipes"
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting accepts: finite, at least ``low`` (above it when ``open``), at most ``high``."""
+
+    low: float = 0
+    open: bool = False
+    high: Optional[float] = None
+
+    def problem(self, value) -> Optional[str]:
+        """Why ``value`` is refused ("must be at least 1"), or None."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        if value < self.low or (self.open and value == self.low):
+            if self.open:
+                return f"must be greater than {self.low}"
+            return "must not be negative" if self.low == 0 else f"must be at least {self.low}"
+        if self.high is not None and value > self.high:
+            return f"must be at most {self.high}"
+        return None
+
+
+def setting(default, help: str, *, choices: tuple = (), range: Optional[Range] = None, what: str = "",
+            cli: str = "option", bits: bool = False):
+    """A TrainConfig field and its schema.
+
+    choices: the allowed values (``what`` names them in the error: "unknown distill mode 'x'").
+    range: for numbers; every int/float setting has one (default: not negative).
+    cli: "option" (``--name VALUE``), "flag" (``--name`` sets True), "switch" (``--name/--no-name``).
+    bits: a bit width, parsed on the command line with its own messages.
+    """
+    meta = {"help": help, "choices": tuple(choices), "range": range, "what": what, "cli": cli, "bits": bits}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
     # model and data
-    model: str = "resnet20"
-    data: str = "fashion_mnist"
-    data_dir: str = ""
-    resolutions: list[int] = field(default_factory=lambda: [28, 24, 20, 16, 12])
-    subset: int = 0          # train on the first N images of a fixed shuffle (0 = all)
-    test_subset: int = 0     # evaluate on the first N test images (0 = all)
+    model: str = setting("resnet20", "model name (see `rsq models`)")
+    data: str = setting("fashion_mnist", "data set: the embedded Fashion-MNIST, or an image folder",
+                        choices=DATA_SETS, what="data set")
+    data_dir: str = setting("", "data folder (for imagefolder: ROOT with ROOT/train/CLASS and ROOT/val/CLASS)")
+    resolutions: list[int] = setting([28, 24, 20, 16, 12], "resolutions, comma-separated, e.g. 224,192,160,128,96")
+    subset: int = setting(0, "train on the first N images of a fixed shuffle (0 = all)")
+    test_subset: int = setting(0, "evaluate on the first N test images (0 = all)")
     # optimisation
-    epochs: int = 5
-    batch_size: int = 128    # global batch, split over DDP ranks
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 0.2
-    label_smoothing: float = 0.0
-    distill: str = "full"
-    seed: int = 0
+    epochs: int = setting(2, "training epochs", range=Range(1))
+    batch_size: int = setting(128, "global batch size (split over DDP ranks)", range=Range(1))
+    lr: float = setting(0.1, "peak learning rate (cosine schedule after a linear warm-up)", range=Range(0, open=True))
+    momentum: float = setting(0.9, "SGD momentum", range=Range(0, high=0.999))
+    weight_decay: float = setting(5e-4, "weight decay (never applied to alpha or quantizer steps)")
+    warmup_epochs: float = setting(0.2, "linear warm-up length in epochs")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropies", range=Range(0, high=0.999))
+    distill: str = setting("full", "MRED: full (the ensemble and every higher resolution teach every lower one), "
+                           "vanilla (the ensemble teaches all) or none", choices=DISTILL_MODES, what="distill mode")
+    seed: int = setting(0, "random seed (a run repeats exactly on the CPU)", range=Range(0, high=MAX_SEED))
     # quantization (32/32 = full precision)
-    weight_bits: int = 32
-    act_bits: int = 32
-    quantizer: str = "lsq"
-    first_last: str = "8"
-    act_per_resolution: bool = False
-    init: str = ""           # start from this (full-precision) checkpoint
-    teacher: str = ""        # extra KD from this full-precision RS-Net at each resolution
+    weight_bits: int = setting(32, "weight bits: 2-8, or 32 for full precision", bits=True)
+    act_bits: int = setting(32, "activation bits: 2-8, or 32 for full precision", bits=True)
+    quantizer: str = setting("lsq", "lsq (learned step size) or lqnet (LQ-Nets, the paper's)",
+                             choices=tuple(QUANTIZERS), what="quantizer")
+    first_last: str = setting("8", "bits of the first conv and last FC: 8, fp, or the same as the rest",
+                              choices=FIRST_LAST_POLICIES, what="first/last layer policy")
+    act_per_resolution: bool = setting(False, "one activation quantizer per resolution (default: shared)",
+                                       cli="flag")
+    init: str = setting("", "start from this full-precision checkpoint")
+    teacher: str = setting("", "also distil from this full-precision RS-Net checkpoint at each resolution")
     # running
-    out: str = "runs/default"
-    device: str = "auto"
-    amp: str = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    workers: int = 4
-    checkpoint_every: int = 0  # also checkpoint every N steps (0 = at the end of each epoch only)
+    out: str = setting("runs/fashion_mnist", "run folder")
+    device: str = setting("auto", "auto picks CUDA when there is a GPU", choices=DEVICES, what="device")
+    amp: str = setting("auto", "bf16 autocast: auto (on CUDA only), bf16 or off", choices=AMP_SETTINGS, what="amp setting")
+    channels_last: bool = setting(True, "channels_last memory layout (faster on CPUs and GPUs)", cli="switch")
+    compile: bool = setting(False, "torch.compile, one static graph per resolution (pays off on long runs)",
+                            cli="switch")
+    workers: int = setting(4, "DataLoader workers (image folders)")
+    checkpoint_every: int = setting(0, "also checkpoint every N steps (0 = at the end of each epoch only)")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        if self.distill not in DISTILL_CHOICES:
-            raise choices_error("distill mode", self.distill, DISTILL_CHOICES)
-        if self.data not in DATA_CHOICES:
-            raise choices_error("data set", self.data, DATA_CHOICES)
-        if self.amp not in AMP_CHOICES:
-            raise choices_error("amp setting", self.amp, AMP_CHOICES)
-        if self.quantizer not in QUANTIZER_CHOICES:
-            raise choices_error("quantizer", self.quantizer, QUANTIZER_CHOICES)
-        if self.first_last not in FIRST_LAST_CHOICES:
-            raise choices_error("first/last layer policy", self.first_last, FIRST_LAST_CHOICES)
-        for name in ("weight_bits", "act_bits"):
-            if getattr(self, name) not in VALID_BITS:
-                raise RsqError(f"{name} {getattr(self, name)!r} is not supported; use 2-8 or 32 (full precision)")
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if meta["choices"] and value not in meta["choices"]:
+                raise choices_error(meta["what"], value, meta["choices"])
+            if meta["bits"] and value not in VALID_BITS:
+                raise RsqError(f"{f.name} {value!r} is not supported; use 2-8 or 32 (full precision)")
+            if f.type in ("int", "float"):
+                problem = (meta["range"] or Range()).problem(value)
+                if problem:
+                    raise RsqError(f"{f.name} {problem}, got {value}")
         if not self.resolutions:
             raise RsqError("resolutions must name at least one resolution")
         if any(r <= 0 for r in self.resolutions) or len(set(self.resolutions)) != len(self.resolutions):
             raise RsqError(f"resolutions {self.resolutions} must be distinct positive integers")
         self.resolutions = sorted(self.resolutions, reverse=True)
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise RsqError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("subset", "test_subset", "workers", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise RsqError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise RsqError(f"lr must be positive, got {self.lr}")
-        if not 0 <= self.label_smoothing < 1:
-            raise RsqError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.weight_decay < 0 or self.warmup_epochs < 0 or not 0 <= self.momentum < 1:
-            raise RsqError("weight_decay and warmup_epochs must be >= 0 and momentum in [0, 1)")
 
     @property
     def quantized(self) -> bool:
@@ -98,12 +134,21 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def replace(self, **changes) -> "TrainConfig":
+        """A validated copy with ``changes``; the original is never modified."""
+        return dataclasses.replace(self, **changes)
 
-def _field_types() -> dict[str, Any]:
+
+def schema() -> list[dataclasses.Field]:
+    """Every setting, in declaration order, with its metadata."""
+    return list(fields(TrainConfig))
+
+
+def _field_types() -> dict[str, str]:
     return {f.name: f.type for f in fields(TrainConfig)}
 
 
-def _check_type(key: str, value: Any) -> Any:
+def _check_type(key: str, value: Any, kind: str) -> Any:
     expected = _field_types()[key]
     ok = {
         "str": isinstance(value, str),
@@ -113,50 +158,63 @@ def _check_type(key: str, value: Any) -> Any:
         "list[int]": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
     }[expected]
     if not ok:
-        raise RsqError(f"recipe key {key!r} must be of type {expected}, got {value!r}")
+        raise RsqError(f"{kind} key {key!r} must be of type {expected}, got {value!r}")
     return float(value) if expected == "float" else value
 
 
-def find_recipe(name_or_path: str) -> Path:
+def check_keys(values: dict[str, Any], source: str, kind: str = "recipe") -> dict[str, Any]:
+    """``values`` with types checked; an unknown key is an error that names it and ``source``."""
+    allowed = _field_types()
+    for key in values:
+        if key not in allowed:
+            raise choices_error(f"key in {source}:", key, sorted(allowed))
+    return {key: _check_type(key, value, kind) for key, value in values.items()}
+
+
+def recipe_names() -> list[str]:
+    """The recipes shipped inside the installed package."""
+    return sorted(p.name[:-5] for p in resources.files(RECIPE_PACKAGE).iterdir() if p.name.endswith(".toml"))
+
+
+def read_recipe(name_or_path: str) -> tuple[str, str]:
+    """(where, TOML text) of a shipped recipe by name, or of a recipe file by path.
+
+    Names are looked up only in the package, so a ``recipes/`` folder in the working directory
+    never shadows a shipped recipe; a path (``*.toml`` or an existing file) is read as given.
+    """
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise RsqError(f"recipe file {name_or_path} does not exist")
-        return path
-    for folder in RECIPE_DIRS:
-        candidate = folder / f"{name_or_path}.toml"
-        if candidate.is_file():
-            return candidate
-    known = sorted({p.stem for folder in RECIPE_DIRS if folder.is_dir() for p in folder.glob("*.toml")})
-    raise choices_error("recipe", name_or_path, known)
+        return str(path), path.read_text()
+    shipped = resources.files(RECIPE_PACKAGE) / f"{name_or_path}.toml"
+    if not shipped.is_file():
+        raise choices_error("recipe", name_or_path, recipe_names())
+    return name_or_path, shipped.read_text()
 
 
 def load_recipe(name_or_path: str) -> dict[str, Any]:
-    path = find_recipe(name_or_path)
+    where, text = read_recipe(name_or_path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise RsqError(f"recipe {path} is not valid TOML: {exc}") from None
-    allowed = _field_types()
-    for key in raw:
-        if key not in allowed:
-            raise choices_error(f"key in recipe {path}:", key, sorted(allowed))
-    return {key: _check_type(key, value) for key, value in raw.items()}
+        raise RsqError(f"recipe {where} is not valid TOML: {exc}") from None
+    return check_keys(raw, f"recipe {where}")
 
 
-def build_config(recipe: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Recipe values, then CLI overrides (those that are not None), validated once."""
+def build_config(recipe: Optional[str], overrides: dict[str, Any]) -> TrainConfig:
+    """Recipe values, then overrides (those that are not None), validated once."""
     values = load_recipe(recipe) if recipe else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**values)
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(tomli_w.dumps(config.to_dict()))
-    tmp.replace(path)
+    from .results import write_text_atomic
+
+    write_text_atomic(tomli_w.dumps(config.to_dict()), path)
 
 
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    allowed = _field_types()
-    return TrainConfig(**{k: v for k, v in values.items() if k in allowed})
+def config_from_dict(values: dict[str, Any], source: str = "saved config") -> TrainConfig:
+    """A saved config (checkpoint, config.toml); a key this rsq does not know is an error, never dropped."""
+    return TrainConfig(**check_keys(dict(values), source, kind="config"))

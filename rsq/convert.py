@@ -114,7 +114,7 @@ def add_resolution(model: nn.Module, resolution: int, like: Optional[int] = None
     if resolution in state.resolutions:
         raise RsqError(f"resolution {resolution} is already known to this model")
     if like is None:
-        like = min(state.resolutions, key=lambda r: (abs(r - resolution), -r))
+        like = nearest_resolution(state.resolutions, resolution)
     source = state.find(like)
     mode = Mode(resolution, source.bits)
     # Every switchable layer (BN, per-mode quantizers) implements add_mode(mode, like).
@@ -125,10 +125,6 @@ def add_resolution(model: nn.Module, resolution: int, like: Optional[int] = None
     return mode
 
 
-def switchable_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, SwitchableBatchNorm2d)]
-
-
-@torch.no_grad()
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def nearest_resolution(known: Iterable[int], resolution: int) -> int:
+    """The known resolution closest to ``resolution``; on a tie the larger one (more detail)."""
+    return min(known, key=lambda r: (abs(r - resolution), -r))

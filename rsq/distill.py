@@ -14,6 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import choices_error
+
+DISTILL_MODES = ("full", "vanilla", "none")
+
 
 def kd_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(t) || softmax(s)), mean over the batch, teacher detached."""
@@ -73,7 +77,7 @@ def mred_loss(
             kd = kd + sum(kd_loss(logits[k], logits[j]) for j in range(n) for k in range(j))
             kd = kd * (2.0 / (n + 1))
         elif mode != "vanilla":
-            raise ValueError(f"unknown distill mode {mode!r}")
+            raise choices_error("distill mode", mode, DISTILL_MODES)
     if teacher_logits is not None:
         kd = kd + sum(kd_loss(t, z) for t, z in zip(teacher_logits, logits))
     return LossParts(ce + ens + kd, ce.detach(), ens.detach(), kd.detach() if torch.is_tensor(kd) else zero)

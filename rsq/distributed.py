@@ -1,15 +1,16 @@
 """Distributed plumbing for training: the rank layout, the process group, agreed errors.
 
 ``torchrun`` puts RANK / WORLD_SIZE / LOCAL_RANK in the environment; gloo runs on the CPU and
-NCCL on CUDA. ``agree`` makes an error on any rank an error on every rank, so that no rank is
+NCCL on CUDA. ``agreed`` makes an error on any rank an error on every rank, so that no rank is
 left waiting in a collective.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Optional, TypeVar
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -19,9 +20,6 @@ from .errors import RsqError
 
 # How long a rank waits in a collective (and at start-up for the others) before giving up.
 DEFAULT_DIST_TIMEOUT_S = 1800
-
-T = TypeVar("T")
-
 
 @dataclass
 class Dist:
@@ -51,9 +49,16 @@ def wants_cuda(device_flag: str) -> bool:
     return device_flag in ("auto", "cuda") and torch.cuda.is_available()
 
 
+def resolve_device(device_flag: str) -> torch.device:
+    """One process's device for "auto", "cpu" or "cuda"; asking for a missing GPU is an error."""
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        raise RsqError("--device cuda was asked for but no CUDA device is available")
+    return torch.device("cuda") if wants_cuda(device_flag) else torch.device("cpu")
+
+
 def setup_distributed(info: Dist, device_flag: str) -> torch.device:
     """gloo on the CPU, NCCL on CUDA; each rank drives the GPU numbered by its LOCAL_RANK."""
-    cuda = wants_cuda(device_flag)
+    cuda = resolve_device(device_flag).type == "cuda"
     device = torch.device("cuda", info.local_rank if info.world_size > 1 else torch.cuda.current_device()) \
         if cuda else torch.device("cpu")
     if cuda:
@@ -72,17 +77,17 @@ def shutdown_distributed(info: Dist) -> None:
         dist.destroy_process_group()
 
 
-def agree(info: Dist, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on every rank; if it raised an RsqError on any rank, raise one on every rank.
+@contextlib.contextmanager
+def agreed(info: Dist):
+    """``with agreed(info): ...``: an RsqError raised inside on any rank is raised on every rank.
 
     Without this a rank that fails alone (rank 0 refusing the out folder, a missing file on one
     node) would leave the others waiting in their next collective until the timeout. The
     exception carries ``all_ranks = True`` so the CLI prints it once (on rank 0).
     """
     error: Optional[RsqError] = None
-    result = None
     try:
-        result = fn()
+        yield
     except RsqError as exc:
         error = exc
     if info.world_size > 1:
@@ -96,7 +101,6 @@ def agree(info: Dist, fn: Callable[[], T]) -> T:
             error.all_ranks = True
     if error is not None:
         raise error
-    return result
 
 
 def all_finite(model: nn.Module, info: Dist) -> bool:

@@ -104,6 +104,3 @@ def _si(value: float) -> str:
             return f"{value / scale:.2f} {unit}"
     return str(value)
 
-
-def model_resolutions(model: nn.Module) -> list[int]:
-    return mode_state(model).resolutions

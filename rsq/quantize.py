@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -11,7 +12,8 @@ from torch import nn
 from .convert import mode_state
 from .errors import RsqError, choices_error
 from .nn.quant_layers import QuantConv2d, QuantLinear
-from .nn.quantizers import FULL_PRECISION, LQNetQuantizer, LSQQuantizer, SwitchableQuantizer, check_bits
+from .nn.quantizers import (FULL_PRECISION, LQNetQuantizer, LSQQuantizer, QuantizationWarning, SwitchableQuantizer,
+                            check_bits)
 
 QUANTIZERS = {"lsq": LSQQuantizer, "lqnet": LQNetQuantizer}
 FIRST_LAST_POLICIES = ("8", "fp", "same")
@@ -141,13 +143,24 @@ def _replace_children(module: nn.Module, replacements: dict[int, nn.Module]) -> 
             _replace_children(child, replacements)
 
 
-def quantize_(model: nn.Module, config: QuantConfig, example_input: Optional[torch.Tensor] = None) -> nn.Module:
+def full_precision_layers(model: nn.Module) -> list[str]:
+    """Names of the Conv2d / Linear layers (subclasses included) that are not fake-quantized."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, (QuantConv2d, QuantLinear))]
+
+
+def quantize_(model: nn.Module, config: QuantConfig, example_input: Optional[torch.Tensor] = None,
+              filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
     """Fake-quantize every nn.Conv2d / nn.Linear of ``model`` in place and return it.
 
     Weights and biases stay the same Parameter objects; the quantizers' step sizes are new
     Parameters, so build the optimizer after this call. Each layer's input
     quantizer is unsigned when that input is never negative (after ReLU), else signed. The
     first conv and the last linear (in execution order) follow ``config.first_last``.
+
+    ``filter_fn(module, name) -> bool`` (as in torchao's ``quantize_``) picks the layers to
+    quantize; the others stay in full precision. Subclasses of Conv2d / Linear are never
+    swapped (their own forward would be lost): they are named in a QuantizationWarning.
     """
     if not isinstance(config, QuantConfig):
         raise RsqError(f"config must be a rsq.QuantConfig, not {type(config).__name__}")
@@ -156,11 +169,20 @@ def quantize_(model: nn.Module, config: QuantConfig, example_input: Optional[tor
     targets = [m for m in model.modules() if _is_target(m)]
     if not targets:
         raise RsqError("model has no nn.Conv2d or nn.Linear layers to quantize")
+    subclasses = [name for name, m in model.named_modules()
+                  if isinstance(m, (nn.Conv2d, nn.Linear)) and not _is_target(m)]
+    if subclasses:
+        warnings.warn(f"quantize_ left {len(subclasses)} layer(s) in full precision because they subclass "
+                      f"Conv2d/Linear with a forward of their own: {', '.join(subclasses)}",
+                      QuantizationWarning, stacklevel=2)
     example = example_input if example_input is not None else _example_input(model, targets)
     order, non_negative = _trace(model, targets, example)
     first_conv = next((m for m in order if isinstance(m, nn.Conv2d)), None)
     last_linear = next((m for m in reversed(order) if isinstance(m, nn.Linear)), None)
 
+    if filter_fn is not None:
+        chosen = {id(m) for name, m in model.named_modules() if _is_target(m) and filter_fn(m, name)}
+        targets = [m for m in targets if id(m) in chosen]
     replacements: dict[int, nn.Module] = {}
     for layer in targets:
         is_edge = layer is first_conv or layer is last_linear

@@ -249,58 +249,32 @@ def _emit(text: str, out: Optional[str]) -> None:
         raise RsqError(f"cannot write {out!r}: {exc.strerror or exc}") from None
 
 
-def _cmd_report(args) -> int:
+def report_run(run_dir, fmt: str = "md", plot: Optional[str] = None, out: Optional[str] = None,
+               latency: bool = False, repeats: int = 30, threads: int = 1) -> None:
+    """`rsq report`: one run's table (optionally with measured latency) and figure."""
     from .plots import check_plot_path, plot_runs
 
-    check_format(args.format)
-    if args.plot:
-        check_plot_path(args.plot)
-    run = load_run(args.run_dir)
-    latency = run_latency(run, args.repeats, args.threads) if args.latency else None
-    table = run_table(run, latency)
-    if latency is not None:
-        table.attrs["notes"][-1] += f", {args.threads} thread(s), {args.repeats} timed runs"
-    _emit(format_table(table, args.format), args.out)
-    if args.plot:
-        plot_runs([run], args.plot)
-    return 0
+    check_format(fmt)
+    if plot:
+        check_plot_path(plot)
+    run = load_run(run_dir)
+    measured = run_latency(run, repeats, threads) if latency else None
+    table = run_table(run, measured)
+    if measured is not None:
+        table.attrs["notes"][-1] += f", {threads} thread(s), {repeats} timed runs"
+    _emit(format_table(table, fmt), out)
+    if plot:
+        plot_runs([run], plot)
 
 
-def _cmd_compare(args) -> int:
+def compare_runs(run_dirs: list[str], fmt: str = "md", plot: Optional[str] = None, out: Optional[str] = None) -> None:
+    """`rsq compare`: runs side by side, deltas against the first."""
     from .plots import check_plot_path, plot_runs
 
-    check_format(args.format)
-    if args.plot:
-        check_plot_path(args.plot)
-    runs = [load_run(d) for d in args.run_dirs]
-    _emit(format_table(compare_table(runs), args.format), args.out)
-    if args.plot:
-        plot_runs(runs, args.plot)
-    return 0
-
-
-def _common_options(parser) -> None:
-    parser.add_argument("--format", default="md", metavar="|".join(FORMATS),
-                        help="table format (default: md; csv and json keep raw numbers)")
-    parser.add_argument("--plot", metavar="FILE.png", help="also write an accuracy-vs-cost figure")
-    parser.add_argument("--out", metavar="FILE", help="write the table here instead of stdout")
-
-
-def add_report_commands(subparsers) -> None:
-    """Add `report` and `compare` to the rsq command line's subparsers."""
-    report = subparsers.add_parser("report", help="tabulate a finished run's results",
-                                   description="Tabulate a finished run's results.json.")
-    report.add_argument("run_dir", metavar="RUN_DIR")
-    _common_options(report)
-    report.add_argument("--latency", action="store_true",
-                        help="measure CPU latency per resolution from checkpoint.pt (batch 1)")
-    report.add_argument("--repeats", type=int, default=30, metavar="N",
-                        help="timed forward passes per resolution for --latency (default: 30)")
-    report.add_argument("--threads", type=int, default=1, metavar="N",
-                        help="CPU threads for --latency (default: 1, stable on shared machines)")
-    report.set_defaults(func=_cmd_report)
-    compare = subparsers.add_parser("compare", help="compare finished runs side by side",
-                                    description="Compare runs; deltas are against the first.")
-    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    _common_options(compare)
-    compare.set_defaults(func=_cmd_compare)
+    check_format(fmt)
+    if plot:
+        check_plot_path(plot)
+    runs = [load_run(d) for d in run_dirs]
+    _emit(format_table(compare_table(runs), fmt), out)
+    if plot:
+        plot_runs(runs, plot)

@@ -4,21 +4,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
-
-def _write_text_atomic(text: str, path: Path) -> None:
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from .atomic import write_text_atomic
 
 
 def write_json_atomic(obj, path: Path) -> None:
-    _write_text_atomic(json.dumps(obj, indent=2) + "\n", path)
+    write_text_atomic(json.dumps(obj, indent=2) + "\n", path)
 
 
 def write_metrics_csv(history: list[dict], path: Path) -> None:
@@ -29,4 +21,4 @@ def write_metrics_csv(history: list[dict], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(history)
-    _write_text_atomic(buffer.getvalue(), path)
+    write_text_atomic(buffer.getvalue(), path)

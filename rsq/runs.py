@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_save, build_model, checkpoint_config, load_checkpoint
-from .convert import add_resolution, mode_state, using_mode
+from .config import TrainConfig
+from .convert import add_resolution, mode_state, nearest_resolution, using_mode
 from .data import build_data, dataset_info
 from .data.multires import resize_batch
+from .distributed import resolve_device
 from .distill import EnsembleWeights
 from .errors import RsqError
 from .evaluate import evaluate, format_table
@@ -46,6 +48,30 @@ def _check_data_flags(config) -> None:
         raise RsqError("--data imagefolder needs --data-dir ROOT (with ROOT/train/CLASS and ROOT/val/CLASS)")
 
 
+def resume_config(run_dir, settings: dict, recipe: Optional[str], overwrite: bool) -> TrainConfig:
+    """`rsq train --resume RUN`: the saved config; any other setting given is a conflict, never applied."""
+    run_dir = Path(run_dir)
+    if overwrite:
+        raise RsqError("--resume continues a run and --overwrite replaces it; pass one of them")
+    if run_dir.is_file():
+        raise RsqError(f"--resume takes the run folder, not a file: pass --resume {run_dir.parent}")
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise RsqError(f"--resume {run_dir}: no checkpoint.pt there to resume from")
+    out = settings.get("out")
+    if out is not None and Path(out).resolve() != run_dir.resolve():
+        raise RsqError(f"--resume continues {run_dir} in place; drop --out {out}")
+    config = checkpoint_config(load_checkpoint(run_dir / "checkpoint.pt"))
+    given = {k: v for k, v in settings.items() if v is not None and k != "out"}
+    if "resolutions" in given:
+        given["resolutions"] = sorted(given["resolutions"], reverse=True)
+    saved = config.to_dict()
+    conflicts = [f"{k}={v!r} (run has {saved[k]!r})" for k, v in given.items() if saved.get(k) != v]
+    if conflicts or recipe:
+        raise RsqError("--resume continues the saved config; drop "
+                       + (", ".join(conflicts) if conflicts else f"the recipe {recipe!r}"))
+    return config.replace(out=str(run_dir))
+
+
 def _ensemble_of(ckpt: dict) -> EnsembleWeights:
     ensemble = EnsembleWeights(len(ckpt["resolutions"]))
     ensemble.load_state_dict(ckpt["ensemble"])
@@ -53,15 +79,22 @@ def _ensemble_of(ckpt: dict) -> EnsembleWeights:
 
 
 def evaluate_checkpoint(path, data=None, data_dir=None, resolutions=None, test_subset=None, batch_size=None,
-                        out=None) -> dict:
+                        device=None, out=None) -> dict:
+    """`rsq eval`: the per-resolution table of a checkpoint on its test set (or the one given)."""
     target = _check_results_target(out) if out else None  # before any work, so a bad --out costs nothing
     ckpt = load_checkpoint(path)
-    model = build_model(ckpt)
-    config = checkpoint_config(ckpt)
-    for key, value in (("data", data), ("data_dir", data_dir), ("test_subset", test_subset),
-                       ("batch_size", batch_size)):
-        if value is not None:
-            setattr(config, key, value)
+    return evaluate_model(build_model(ckpt), ckpt, _checkpoint_path(path).parent.name, data=data,
+                          data_dir=data_dir, resolutions=resolutions, test_subset=test_subset,
+                          batch_size=batch_size, device=device, target=target)
+
+
+def evaluate_model(model: nn.Module, ckpt: dict, run_name: str, data=None, data_dir=None, resolutions=None,
+                   test_subset=None, batch_size=None, device=None, target: Optional[Path] = None) -> dict:
+    """Evaluate a model built from ``ckpt`` (its device, amp and layout settings) and print the table."""
+    saved = checkpoint_config(ckpt)
+    given = {"data": data, "data_dir": data_dir, "test_subset": test_subset, "batch_size": batch_size,
+             "device": device}
+    config = saved.replace(**{k: v for k, v in given.items() if v is not None})  # a copy: the saved one stays
     known = mode_state(model).resolutions
     # Trained resolutions first: the ensemble weights pair with them (calibrated ones come after).
     order = list(ckpt["resolutions"]) + [r for r in known if r not in ckpt["resolutions"]]
@@ -71,20 +104,23 @@ def evaluate_checkpoint(path, data=None, data_dir=None, resolutions=None, test_s
             raise RsqError(f"resolution(s) {unknown} unknown to this checkpoint (known: {known}); "
                            f"add them with `rsq calibrate`")
         order = [r for r in order if r in resolutions]
-    config.validate()
     _check_data_flags(config)
     num_classes, in_chans = dataset_info(config)
     if (num_classes, in_chans) != (ckpt["num_classes"], ckpt["in_chans"]):
         raise RsqError(f"data set {config.data} has {num_classes} classes / {in_chans} channels; the checkpoint "
                        f"expects {ckpt['num_classes']} / {ckpt['in_chans']}")
-    config.resolutions = order
-    test = build_data(config, train=False).test
+    device_ = resolve_device(config.device)
+    test = build_data(config.replace(resolutions=order), train=False, device=device_).test
     with_ensemble = order[:len(ckpt["resolutions"])] == list(ckpt["resolutions"])
     ensemble = _ensemble_of(ckpt) if with_ensemble else None
-    metrics = evaluate(model, test, order, ensemble.weights().detach() if ensemble else None)
+    model.to(device_)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    metrics = evaluate(model, test, order, ensemble.weights().detach() if ensemble else None, device_,
+                       config.amp, config.channels_last)
     calibrated = {int(r) for r in ckpt.get("calibrated", {})}
-    results = build_results(config, model, metrics, ensemble, in_chans, num_classes,
-                            _checkpoint_path(path).parent.name, ckpt.get("train_time_s", 0.0), calibrated)
+    results = build_results(config, model, metrics, ensemble, in_chans, num_classes, run_name,
+                            ckpt.get("train_time_s", 0.0), ckpt["resolutions"], calibrated)
     print(format_table(results["rows"], results["ensemble"]))
     if target is not None:
         try:
@@ -114,7 +150,8 @@ def recalibrate_bn(model: nn.Module, resolution: int, images: torch.Tensor) -> N
 
 
 def calibrate_checkpoint(path, resolutions: list[int], images: int = 512, like: Optional[int] = None,
-                         out=None, test_subset=None) -> dict:
+                         out=None, test_subset=None, device=None) -> dict:
+    """`rsq calibrate`: add BN sets for new resolutions, save atomically, evaluate the calibrated model."""
     source = _checkpoint_path(path)
     target = source
     if out:
@@ -129,31 +166,35 @@ def calibrate_checkpoint(path, resolutions: list[int], images: int = 512, like: 
     config = checkpoint_config(ckpt)
     if images < 1:
         raise RsqError("--images must be at least 1")
+    if device is not None:
+        config = config.replace(device=device)
     _check_data_flags(config)
     model = build_model(ckpt)
     known = mode_state(model).resolutions
     if like is not None and like not in known:
         raise RsqError(f"--like {like} is not a resolution of this checkpoint (known: {known})")
-    pool = training_pool(config, images, test_subset)
+    device_ = resolve_device(config.device)
+    model.to(device_)
+    pool = training_pool(config, images, test_subset).to(device_)
     calibrated = dict(ckpt.get("calibrated", {}))
     for r in resolutions:
         # The source BN is only the starting point (its affine part); the statistics are new.
         # Sources come from the resolutions known before this call, and are recorded as used.
-        source_resolution = like if like is not None else min(known, key=lambda k: (abs(k - r), -k))
+        source_resolution = like if like is not None else nearest_resolution(known, r)
         add_resolution(model, r, like=source_resolution)
         recalibrate_bn(model, r, pool)
         calibrated[str(r)] = source_resolution
     ckpt["model"], ckpt["calibrated"] = model.state_dict(), calibrated
     atomic_save(ckpt, target)
     print(f"added resolution(s) {resolutions} to {target} (statistics from {len(pool)} training images)")
-    return evaluate_checkpoint(target, test_subset=test_subset)
+    return evaluate_model(model, ckpt, target.parent.name, test_subset=test_subset, device=config.device)
 
 
 def training_pool(config, images: int, test_subset: Optional[int] = None) -> torch.Tensor:
     """``images`` training images at the largest trained resolution, with the training augmentation:
     what `rsq calibrate` re-estimates BN statistics from (also used by tools/bench_calibrate.py)."""
-    calib = build_data(config.__class__(**{**config.to_dict(), "subset": images, "batch_size": min(images, 128),
-                                           "test_subset": test_subset or config.test_subset}))
+    calib = build_data(config.replace(subset=images, batch_size=min(images, 128),
+                                      test_subset=test_subset or config.test_subset))
     return torch.cat([x for x, _ in _take(calib.train, images)])[:images]
 
 

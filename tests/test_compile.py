@@ -8,36 +8,38 @@ import copy
 
 import torch
 
-import rsq
 from rsq.config import TrainConfig
-from rsq.distill import EnsembleWeights, mred_loss
-from rsq.quantize import QuantConfig, quantize_
-from rsq.train import AllResolutions, train
+from rsq.train import TrainJob, train, train_step
+from rsq.train_setup import build_training_model
 
 RES = [28, 14]
+LR = 0.05
 
 
-def _step(runner, model, ensemble, x, y):
-    parts = mred_loss(runner(x), y, ensemble, "full")
-    model.zero_grad(set_to_none=True)
-    parts.total.backward()
-    return parts.total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+def _step(job, x, y):
+    """`rsq train`'s step; the loss, and the gradients it left on the parameters (after the SGD step)."""
+    stats = train_step(job, x, y, LR)
+    return stats[0], {n: p.grad.clone() for n, p in job.model.named_parameters() if p.grad is not None}
 
 
-def test_compiled_w4a4_step_equals_eager_step(one_thread):
+def test_compiled_w4a4_step_equals_eager_step(one_thread, monkeypatch):
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, **{**kw, "backend": "aot_eager"}))
+    # TrainJob raises Dynamo's cache limit for the per-resolution graphs; put it back afterwards.
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", torch._dynamo.config.cache_size_limit)
+    config = TrainConfig(model="resnet20", resolutions=RES, batch_size=16, lr=LR, weight_bits=4, act_bits=4,
+                         channels_last=True, amp="off", device="cpu", distill="full")
     torch.manual_seed(0)
-    model = rsq.create_model("resnet20", 10, 1, resolutions=RES)
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
-    quantize_(model, QuantConfig(weight_bits=4, act_bits=4))
-    AllResolutions(model, RES)(x)  # LSQ step sizes initialise from data, eagerly, as in training
+    # LSQ step sizes initialise from data, eagerly, before any compile, as in training.
+    model = build_training_model(config, 10, 1, x, torch.device("cpu"))
     twin = copy.deepcopy(model)
-    ensemble = EnsembleWeights(len(RES))
 
-    eager_loss, eager_grads = _step(AllResolutions(model, RES, channels_last=True), model, ensemble, x, y)
-    runner = AllResolutions(twin, RES, channels_last=True)
-    runner.compiled = torch.compile(twin, backend="aot_eager", dynamic=False)
+    eager_loss, eager_grads = _step(TrainJob.create(config, model), x, y)
     torch._dynamo.reset()
-    compiled_loss, compiled_grads = _step(runner, twin, ensemble, x, y)
+    compiled_job = TrainJob.create(config.replace(compile=True), twin)
+    assert compiled_job.runner.compiled is not None
+    compiled_loss, compiled_grads = _step(compiled_job, x, y)
 
     assert torch.allclose(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
     assert compiled_grads.keys() == eager_grads.keys()

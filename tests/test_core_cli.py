@@ -298,3 +298,34 @@ def test_existing_run_is_refused_unless_overwrite(tiny_run, tmp_path, capsys):
     results = json.loads((run_copy / "results.json").read_text())
     assert [row["resolution"] for row in results["rows"]] == [16]
     assert load_checkpoint(run_copy)["resolutions"] == [16]
+
+
+# ----------------------------------------------------------------------------- calibrate/eval, like training
+def test_calibrate_pairs_alpha_with_the_trained_resolutions_and_evaluates_in_memory(tiny_run, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import rsq.runs
+
+    reads = []
+    real_load = rsq.runs.load_checkpoint
+    monkeypatch.setattr(rsq.runs, "load_checkpoint", lambda path: reads.append(path) or real_load(path))
+    target = tmp_path / "cal.pt"
+    results = rsq.runs.calibrate_checkpoint(tiny_run, [24], images=64, out=target, test_subset=64, device="cpu")
+    assert len(reads) == 1, "calibrate evaluates the model it has, not the file it wrote"
+    alpha = torch.softmax(load_checkpoint(tiny_run)["ensemble"]["alpha"], 0).tolist()
+    assert list(results["alpha_weights"]) == ["28", "20"]  # not 24: it has no alpha
+    assert list(results["alpha_weights"].values()) == pytest.approx(alpha, abs=1e-4)
+    assert [row["resolution"] for row in results["rows"]] == [28, 20, 24]
+
+
+def test_eval_takes_a_device_and_leaves_the_saved_config_alone(tiny_run, capsys, monkeypatch):
+    import rsq.runs
+
+    configs = []
+    real = rsq.runs.checkpoint_config
+    monkeypatch.setattr(rsq.runs, "checkpoint_config", lambda ckpt: configs.append(real(ckpt)) or configs[-1])
+    code, out, err = run(["eval", tiny_run, "--test-subset", "32", "--batch-size", "16", "--device", "cpu"], capsys)
+    assert code == 0, err
+    saved = load_checkpoint(tiny_run)["config"]
+    assert configs and all(c.to_dict() == saved for c in configs)
+    code, _, err = run(["eval", tiny_run, "--device", "tpu"], capsys)
+    assert "unknown device 'tpu'; choose from: auto, cpu, cuda" in assert_one_error_line(code, err)

@@ -1,4 +1,4 @@
-"""MRED (REFERENCE.md section 1) against a plain-math oracle written here, not via rsq.distill."""
+"""MRED (docs/methods.md §1) against a plain-math oracle written here, not via rsq.distill."""
 import math
 
 import pytest

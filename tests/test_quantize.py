@@ -77,7 +77,7 @@ def test_first_conv_and_last_linear_follow_the_policy(policy, edge):
 def test_bitops_of_resnet18_w4a4_match_the_reference():
     model = quantize_(create_model("resnet18", 1000, 3, [224]), QuantConfig(weight_bits=4, act_bits=4))
     bitops = summarize(model, 224, 3)["bitops"]
-    assert bitops == pytest.approx(34.7e9, rel=0.02)  # REFERENCE.md section 5
+    assert bitops == pytest.approx(34.7e9, rel=0.02)  # docs/methods.md §4
     fp = summarize(create_model("resnet18", 1000, 3, [224]), 224, 3)["bitops"]
     assert fp == pytest.approx(1.82e9 * 32 * 32, rel=0.02)
 

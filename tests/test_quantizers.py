@@ -1,4 +1,4 @@
-"""LSQ and LQ-Nets quantizers against the formulas of REFERENCE.md sections 2 and 3."""
+"""LSQ and LQ-Nets quantizers against the formulas of docs/methods.md §2 and §3."""
 import copy
 import math
 from itertools import product
@@ -40,7 +40,7 @@ def test_lsq_output_is_on_the_integer_grid(bits, signed):
 
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_lsq_grid_ends_are_the_published_ones(bits):
-    # Signed: -2^(b-1) .. 2^(b-1)-1; unsigned: 0 .. 2^b-1 (REFERENCE.md section 2).
+    # Signed: -2^(b-1) .. 2^(b-1)-1; unsigned: 0 .. 2^b-1 (docs/methods.md §2).
     x = torch.tensor([[-1e4, -0.3, 0.0, 0.3, 1e4]])
     for signed, low, high in [(True, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1), (False, 0, 2**bits - 1)]:
         grid = lsq_with_step(bits, signed, [0.25])(x) / 0.25
@@ -48,7 +48,7 @@ def test_lsq_grid_ends_are_the_published_ones(bits):
 
 
 def hand_lsq_grads(x, step, qn, qp, upstream, n):
-    """REFERENCE.md section 2, element by element in plain Python."""
+    """docs/methods.md §2, element by element in plain Python."""
     g = 1 / math.sqrt(n * qp)
     grad_x, grad_s = [], 0.0
     for xi, ui in zip(x, upstream):

@@ -68,7 +68,8 @@ TABLE = [
     ("device-unknown", T("--device", "gpu"), "unknown device 'gpu'; choose from: auto, cpu, cuda"),
     ("amp-unknown", T("--amp", "fp8"), "unknown amp setting 'fp8'; choose from: auto, bf16, off"),
     ("flag-unknown", T("--learning-rate", "0.1"), "unrecognized arguments: --learning-rate"),
-    ("command-unknown", ["trian"], "argument command: invalid choice: 'trian'"),
+    ("command-unknown", ["trian"], "unknown command 'trian'; choose from: train, eval, calibrate"),
+    ("option-missing", ["calibrate", "run"], "Missing option '--resolution'"),
     # --- train: data paths
     ("fashion-dir-missing", T("--data-dir", "nowhere"), "data folder nowhere does not hold the four Fashion-MNIST"),
     ("imagefolder-no-dir", T("--data", "imagefolder"), "--data imagefolder needs --data-dir ROOT"),

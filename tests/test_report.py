@@ -1,5 +1,4 @@
 """rsq.report / rsq.plots on fabricated run folders."""
-import argparse
 import io
 import json
 import sys
@@ -8,12 +7,13 @@ import types
 import pandas as pd
 import pytest
 import torch
+from click.testing import CliRunner
 
 from rsq.errors import RsqError
 from rsq.plots import plot_runs
 from rsq.latency import measure_latency
-from rsq.report import (add_report_commands, compare_table, format_table, load_run,
-                        run_table)
+from rsq.cli import cli
+from rsq.report import compare_table, format_table, load_run, run_table
 
 FP = {"label": "FP", "weight_bits": 32, "act_bits": 32, "quantizer": None, "first_last": None}
 W4 = {"label": "W4A4", "weight_bits": 4, "act_bits": 4, "quantizer": "lsq", "first_last": "8"}
@@ -219,10 +219,11 @@ def test_measure_latency_per_resolution():
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser(prog="rsq")
-    add_report_commands(parser.add_subparsers(required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    result = CliRunner().invoke(cli, argv)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    print(result.stdout, end="")
+    return result.exit_code
 
 
 def test_cli_report_with_latency_out_and_plot(tmp_path, w4_run, monkeypatch):
@@ -248,6 +249,17 @@ def test_cli_compare_prints_markdown(capsys, fp_run, w4_run):
 
 
 def test_cli_checks_format_before_work(tmp_path, w4_run):
-    with pytest.raises(RsqError, match="unknown format 'tex'"):
-        _cli(["report", str(w4_run), "--format", "tex", "--plot", str(tmp_path / "x.png")])
+    result = CliRunner().invoke(cli, ["report", str(w4_run), "--format", "tex", "--plot", str(tmp_path / "x.png")])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == ["rsq: error: unknown format 'tex'; choose from: md, csv, json"]
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_report_without_pandas_says_what_to_install(command, w4_run, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas", None)  # what a failed import looks like
+    result = CliRunner().invoke(cli, [command, str(w4_run)])
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"rsq: error: rsq {command} needs the Python package 'pandas'")
+    assert line.endswith("pip install pandas")

@@ -18,7 +18,7 @@ import torch
 
 from benchlib import write_outputs
 from rsq.checkpoint import build_model, checkpoint_config, load_checkpoint
-from rsq.convert import add_resolution
+from rsq.convert import add_resolution, nearest_resolution
 from rsq.data import build_data
 from rsq.evaluate import evaluate
 from rsq.runs import recalibrate_bn, training_pool
@@ -43,7 +43,7 @@ def main() -> None:
     test = build_data(config, train=False).test
     nearest, calibrated = copy.deepcopy(base), copy.deepcopy(base)
     for r in new:
-        like = min(trained, key=lambda k: (abs(k - r), -k))
+        like = nearest_resolution(trained, r)
         add_resolution(nearest, r, like=like)
         add_resolution(calibrated, r, like=like)
         recalibrate_bn(calibrated, r, pool)
@@ -64,7 +64,7 @@ def main() -> None:
         if r in trained:
             lines.append(f"| {r} | trained | | {acc_cal[r]['top1']:.2f} |")
         else:
-            like = min(trained, key=lambda k: (abs(k - r), -k))
+            like = nearest_resolution(trained, r)
             lines.append(f"| {r} | new (BN from {like}) | {acc_nearest[r]['top1']:.2f} | {acc_cal[r]['top1']:.2f} |")
     inner = [r for r in new if min(trained) < r < max(trained)]
     if inner:

@@ -1,9 +1,10 @@
 """Training throughput of the ResNet-18 RS-Net on one CUDA GPU: FP vs W4A4, and the quantizers' share.
 
 Synthetic ImageNet-shaped data (no data set is read): a batch of B random images at 224 px and
-random labels, already on the GPU. Each step is `rsq train`'s CUDA step: the batch downsampled
-on the GPU to all five resolutions (224, 192, 160, 128, 96), bf16 autocast, channels_last, full
-MRED loss, one backward, one SGD step; optionally torch.compile (one static graph per resolution).
+random labels, already on the GPU. Each step is `rsq train`'s step itself (`rsq.train.train_step`
+on a `TrainJob`): the batch downsampled on the GPU to all five resolutions (224, 192, 160, 128, 96),
+bf16 autocast, channels_last, full MRED loss, the non-finite-loss check (one device sync), one
+backward, one SGD step; optionally torch.compile (one static graph per resolution).
 The input pipeline (DataLoader workers, pinned memory) is not part of the measurement.
 
 Variants:
@@ -37,26 +38,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import rsq  # noqa: E402
-from rsq.distill import EnsembleWeights, mred_loss  # noqa: E402
-from rsq.evaluate import autocast_for  # noqa: E402
-from rsq.train import AllResolutions, initialize_quantizers, param_groups  # noqa: E402
+from rsq.config import TrainConfig
+from rsq.train import TrainJob, train_step
+from rsq.train_setup import build_training_model
 
 MODEL = "resnet18"
 RESOLUTIONS = [224, 192, 160, 128, 96]
 NUM_CLASSES = 1000
 VARIANTS = ("fp", "w4a4", "w4a4-noq")
-
-
-def quantizer_api():
-    """(quantize_, QuantConfig), or the reason they cannot be imported."""
-    try:
-        from rsq.quantize import QuantConfig, quantize_
-    except Exception as exc:  # noqa: BLE001 - report whatever stops the import
-        return None, f"cannot import rsq.quantize: {exc.__class__.__name__}: {exc}"
-    return (quantize_, QuantConfig), None
+LR = 0.01
 
 
 def _identity(self, x):
@@ -65,41 +55,40 @@ def _identity(self, x):
 
 def disable_quantizers(model: nn.Module) -> int:
     """Replace every quantizer's forward with the identity; returns how many were replaced."""
-    try:
-        from rsq.nn.quantizers import LQNetQuantizer, LSQQuantizer, SwitchableQuantizer
-        kinds = (LSQQuantizer, LQNetQuantizer, SwitchableQuantizer)
-    except ImportError:
-        kinds = ()
+    from rsq.nn.quantizers import LQNetQuantizer, LSQQuantizer, SwitchableQuantizer
+
+    kinds = (LSQQuantizer, LQNetQuantizer, SwitchableQuantizer)
     count = 0
     for module in model.modules():
-        if isinstance(module, kinds) or (not kinds and type(module).__name__.endswith("Quantizer")):
+        if isinstance(module, kinds):
             module.forward = types.MethodType(_identity, module)
             count += 1
     return count
 
 
-def build(variant: str, x: torch.Tensor, resolutions: list[int], args) -> tuple[nn.Module, str]:
+def config_for(variant: str, device: torch.device, resolutions: list[int], args) -> TrainConfig:
+    """The `rsq train` settings of one variant: LSQ W4A4 (first conv / last FC 8-bit) or full precision."""
+    bits = 32 if variant == "fp" else 4
+    return TrainConfig(model=MODEL, resolutions=resolutions, batch_size=args.batch, lr=LR, momentum=0.9,
+                       weight_decay=1e-4, distill="full", weight_bits=bits, act_bits=bits, quantizer="lsq",
+                       first_last="8", channels_last=not args.no_channels_last, compile=args.compile, amp=args.amp,
+                       device=device.type)
+
+
+def build(variant: str, x: torch.Tensor, resolutions: list[int], args) -> tuple[TrainJob, str]:
+    """The variant's model as `rsq train` builds it (quantizer steps set from the first batch,
+    eagerly, before any compile) and its TrainJob (compiled per resolution under --compile)."""
+    config = config_for(variant, x.device, resolutions, args)
     torch.manual_seed(0)
-    model = rsq.create_model(MODEL, NUM_CLASSES, 3, resolutions=resolutions).to(x.device)
+    model = build_training_model(config, NUM_CLASSES, 3, x, x.device)
     note = ""
-    if variant != "fp":
-        api, error = quantizer_api()
-        if api is None:
-            raise RuntimeError(error)
-        quantize_, QuantConfig = api
-        quantize_(model, QuantConfig(weight_bits=4, act_bits=4))
-        model.to(x.device)
-        # As `rsq train` does: quantizer steps from the first batch, eagerly, before compile.
-        initialize_quantizers(model, x, resolutions)
-        if variant == "w4a4-noq":
-            note = f"{disable_quantizers(model)} quantizers replaced by the identity"
-    if not args.no_channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model, note
+    if variant == "w4a4-noq":
+        note = f"{disable_quantizers(model)} quantizers replaced by the identity"
+    return TrainJob.create(config, model, device=x.device), note
 
 
 class Timer:
-    """Seconds of one step: CUDA events on the GPU (no host sync inside the step), else the wall clock."""
+    """Seconds of one step: CUDA events on the GPU (the timer adds no host sync), else the wall clock."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -125,24 +114,12 @@ def measure(variant: str, device: torch.device, resolutions: list[int], args) ->
     cuda = device.type == "cuda"
     x = torch.randn(args.batch, 3, resolutions[0], resolutions[0], device=device)
     y = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
-    model, note = build(variant, x, resolutions, args)
-    runner = AllResolutions(model, resolutions, channels_last=not args.no_channels_last)
     if args.compile:
-        import torch._dynamo as dynamo
-
-        dynamo.reset()
-        dynamo.config.cache_size_limit = 64  # one graph per resolution (the default 8 falls back to eager)
-        runner.compiled = torch.compile(model, dynamic=False)
-    ensemble = EnsembleWeights(len(resolutions)).to(device)
-    optimizer = torch.optim.SGD(param_groups([model, ensemble], 1e-4), lr=0.01, momentum=0.9)
+        torch._dynamo.reset()  # drop the previous variant's graphs
+    job, note = build(variant, x, resolutions, args)
 
     def step():
-        with autocast_for(device, args.amp):
-            logits = runner(x)
-        parts = mred_loss(logits, y, ensemble, "full")
-        optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
-        optimizer.step()
+        train_step(job, x, y, LR)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -164,7 +141,7 @@ def measure(variant: str, device: torch.device, resolutions: list[int], args) ->
     }
     if profile:
         result["profile"] = profile
-    return result  # the model and optimizer go with this frame; main() then empties the cache
+    return result  # the job (model, optimizer) goes with this frame; main() then empties the cache
 
 
 def profile_step(step, cuda: bool) -> str:
@@ -222,10 +199,6 @@ def main() -> int:
             results.append(measure(variant, device, resolutions, args))
         except torch.cuda.OutOfMemoryError:
             skipped[variant] = f"out of GPU memory at batch {args.batch}; try a smaller --batch"
-        except RuntimeError as exc:
-            if "rsq.quantize" not in str(exc):
-                raise
-            skipped[variant] = str(exc)
         gc.collect()  # free this variant's model before the next one is built
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,7 +1,9 @@
 """Training-step speed on CPU: FP eager vs rsq W4A4 LSQ (eager, channels_last, compiled) vs brevitas.
 
-One step = forward + backward of a ResNet-20 RS-Net (1 channel, 10 classes) at 32/28/24/20/16 px
-with the summed cross-entropy, then one SGD step. The variants run round-robin, one step each
+One step = the batch resized to 32/28/24/20/16 px, forward + backward of a ResNet-20 RS-Net
+(1 channel, 10 classes) at each with the summed cross-entropy, then one SGD step. Every rsq variant
+is `rsq train`'s own step (`rsq.train.train_step` on a `TrainJob`, distill "none"); brevitas, the
+baseline, runs the same work in a loop of its own. The variants run round-robin, one step each
 per round, so load from other processes on a shared machine hits all of them alike.
 
     python tools/bench_quant_speed.py            # full run, writes tools/results/bench_quant_speed.{md,json}
@@ -14,7 +16,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,14 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rsq.convert import convert  # noqa: E402
-from rsq.models import create_model  # noqa: E402
-from rsq.quantize import QuantConfig, quantize_  # noqa: E402
+from rsq.config import TrainConfig
+from rsq.convert import convert
+from rsq.data.multires import resize_batch
+from rsq.train import TrainJob, train_step
+from rsq.train_setup import build_training_model
 
 RESOLUTIONS = [32, 28, 24, 20, 16]
 NUM_CLASSES = 10
+LR = 0.01
 VARIANTS = {
     "a": "FP32 eager (NCHW)",
     "b": "rsq W4A4 LSQ eager",
@@ -93,63 +95,69 @@ def brevitas_resnet20() -> nn.Module:
     return convert(Net(), RESOLUTIONS)
 
 
-class Runner:
-    """One variant: its model, optimizer and inputs, and a method that runs one timed step."""
+# The rsq variants' settings: (weight and activation bits, channels_last, torch.compile).
+RSQ_SETTINGS = {"a": (32, False, False), "b": (4, False, False), "c": (4, True, False), "d": (4, False, True),
+                "f": (4, True, True)}
 
-    def __init__(self, model: nn.Module, inputs: dict, labels: torch.Tensor, call=None):
-        self.model, self.inputs, self.labels = model, inputs, labels
-        self.call = call or model
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+class Runner:
+    """One variant: a closure that runs one training step, and its step times."""
+
+    def __init__(self, run_step):
+        self.run_step = run_step
         self.times: list[float] = []
 
     def step(self) -> float:
         start = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = sum(F.cross_entropy(self.call(self.inputs[r]), self.labels) for r in RESOLUTIONS)
-        loss.backward()
-        self.optimizer.step()
+        self.run_step()
         return time.perf_counter() - start
 
 
-def rsq_w4a4() -> nn.Module:
+def rsq_runner(variant: str, images: torch.Tensor, labels: torch.Tensor) -> Runner:
+    """`rsq train`'s step for the variant's settings: LSQ W4A4 (first conv / last FC 8-bit) or FP32.
+
+    The quantizer steps are set from the batch, eagerly, when the model is built (outside any graph).
+    """
+    bits, channels_last, compile = RSQ_SETTINGS[variant]
+    config = TrainConfig(model="resnet20", resolutions=RESOLUTIONS, batch_size=len(images), lr=LR, momentum=0.9,
+                         distill="none", weight_bits=bits, act_bits=bits, quantizer="lsq", first_last="8",
+                         channels_last=channels_last, compile=compile, amp="off", device="cpu")
     torch.manual_seed(0)
-    model = create_model("resnet20", NUM_CLASSES, 1, RESOLUTIONS)
-    return quantize_(model, QuantConfig(weight_bits=4, act_bits=4, quantizer="lsq"))
+    model = build_training_model(config, NUM_CLASSES, 1, images, torch.device("cpu"))
+    job = TrainJob.create(config, model)
+    return Runner(lambda: train_step(job, images, labels, LR))
 
 
-def build(variant: str, inputs: dict, labels: torch.Tensor, notes: dict) -> Runner:
-    if variant == "a":
-        torch.manual_seed(0)
-        return Runner(create_model("resnet20", NUM_CLASSES, 1, RESOLUTIONS), inputs, labels)
-    if variant == "b":
-        return Runner(rsq_w4a4(), inputs, labels)
-    if variant == "c":
-        model = rsq_w4a4().to(memory_format=torch.channels_last)
-        last = {r: x.contiguous(memory_format=torch.channels_last) for r, x in inputs.items()}
-        return Runner(model, last, labels)
-    if variant in ("d", "f"):
-        from torch import _dynamo
-        # One graph per resolution (x forward and backward); the default limit of 8 silently
-        # falls back to eager. Static shapes: automatic-dynamic failed in LSQ's backward.
-        _dynamo.config.cache_size_limit = 64
-        _dynamo.config.accumulated_cache_size_limit = 512
-        # A fresh Inductor cache, so the compile time below is a cold compile.
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="rsq_bench_inductor_")
-        model = rsq_w4a4()
-        if variant == "f":
-            model = model.to(memory_format=torch.channels_last)
-            inputs = {r: x.contiguous(memory_format=torch.channels_last) for r, x in inputs.items()}
-        runner = Runner(model, inputs, labels)
-        runner.step()  # eager: LSQ steps initialise from this first batch, outside the graphs
-        runner.call = torch.compile(runner.model, dynamic=False)
-        start = time.perf_counter()
-        runner.step()  # compiles the forward and backward graph of every resolution
-        notes[variant] = f"compile (first compiled step) {time.perf_counter() - start:.1f} s"
-        return runner
+def brevitas_runner(images: torch.Tensor, labels: torch.Tensor) -> Runner:
+    """The baseline's own step: the same resizing, summed cross-entropy and SGD, no rsq step."""
+    torch.manual_seed(0)
+    model = brevitas_resnet20()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = sum(F.cross_entropy(model(resize_batch(images, r)), labels) for r in RESOLUTIONS)
+        loss.backward()
+        optimizer.step()
+
+    return Runner(step)
+
+
+def build(variant: str, images: torch.Tensor, labels: torch.Tensor, notes: dict) -> Runner:
     if variant == "e":
-        torch.manual_seed(0)
-        return Runner(brevitas_resnet20(), inputs, labels)
-    raise ValueError(variant)
+        return brevitas_runner(images, labels)
+    if variant not in RSQ_SETTINGS:
+        raise ValueError(variant)
+    if not RSQ_SETTINGS[variant][2]:
+        return rsq_runner(variant, images, labels)
+    # A fresh Inductor cache, so the compile time below is a cold compile. TrainJob compiles one
+    # static graph per resolution (and raises Dynamo's cache limit to hold them all).
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="rsq_bench_inductor_")
+    runner = rsq_runner(variant, images, labels)
+    start = time.perf_counter()
+    runner.step()  # compiles the forward and backward graph of every resolution
+    notes[variant] = f"compile (first compiled step) {time.perf_counter() - start:.1f} s"
+    return runner
 
 
 def main() -> None:
@@ -172,7 +180,6 @@ def main() -> None:
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 1, RESOLUTIONS[0], RESOLUTIONS[0], generator=generator)
-    inputs = {r: F.interpolate(images, size=r, mode="bilinear", antialias=True) for r in RESOLUTIONS}
     labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
 
     notes: dict[str, str] = {}
@@ -180,7 +187,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     for v in variants:
         try:
-            runners[v] = build(v, inputs, labels, notes)
+            runners[v] = build(v, images, labels, notes)
             for _ in range(warmup):
                 runners[v].step()
         except Exception as error:  # report a failed variant (e.g. compile) instead of dying
@@ -225,7 +232,8 @@ def report(variants, runners, notes, batch, rounds, warmup, load, out) -> None:
             goals.append(f">= 2x faster than brevitas, {VARIANTS[v]}: {1 / r:.2f}x -> "
                          f"{'met' if r <= 0.5 else 'NOT met'}")
     setup = (f"ResNet-20 RS-Net, in_chans 1, 10 classes, resolutions {RESOLUTIONS}, batch {batch}; "
-             f"step = fwd+bwd at all 5 resolutions (summed CE) + SGD; torch {torch.__version__}, "
+             f"step = resize + fwd+bwd at all 5 resolutions (summed CE) + SGD, rsq variants via "
+             f"rsq.train.train_step; torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({platform.machine()}); "
              f"{rounds} round-robin rounds after {warmup} warm-up steps; ms = median step time, "
              f"ratios = median of per-round ratios; 1-min load average {load[0]:.1f} at start, "

@@ -3,11 +3,13 @@
 Compares, for the same model (ResNet-20 RS-Net, 1 channel) and the same batch:
 - the five single-resolution steps (their sum is the reference for the 5-resolution step);
 - a plain eager PyTorch loop over the resolutions (NCHW, no compile): the baseline;
-- rsq's step as `rsq train` runs it: eager NCHW, channels_last (the default), and torch.compile
-  with one static graph per resolution (+ channels_last, as `rsq train --compile`).
-The loss is CE + full MRED everywhere. Timing is round-robin in one process: every round runs one
-step of every variant, and ratios are taken within a round, because this machine's speed drifts
-over minutes, which made ratios of separate processes run one after another unreliable.
+- rsq's step as `rsq train` runs it (`rsq.train.train_step` on a `TrainJob`, the single-resolution
+  ones too): eager NCHW, channels_last (the default), and torch.compile with one static graph per
+  resolution (+ channels_last, as `rsq train --compile`).
+The loss is CE + full MRED everywhere (CE alone for a single resolution). Timing is round-robin in
+one process: every round runs one step of every variant, and ratios are taken within a round,
+because this machine's speed drifts over minutes, which made ratios of separate processes run one
+after another unreliable.
 Peak memory comes from one short process per variant (its peak resident set, VmHWM).
 
     python tools/bench_step_speed.py [--quick]
@@ -27,50 +29,52 @@ from benchlib import write_outputs
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
 VARIANTS = [f"single_{r}" for r in RESOLUTIONS] + ["plain_eager", "rsq_eager", "rsq_channels_last", "rsq_compile"]
+LR = 0.01
 
 
 def make_step(variant: str, x, y):
-    """One variant's training step as a closure, with its own model and optimizer."""
+    """One variant's training step as a closure, with its own model and optimizer.
+
+    Every rsq variant is `rsq.train.train_step` on a `TrainJob` (the step `rsq train` runs);
+    only plain_eager, the baseline, has a loop of its own here.
+    """
     import torch
     import torch.nn.functional as F
 
     import rsq
-    from rsq.distill import EnsembleWeights, mred_loss
-    from rsq.train import AllResolutions
+    from rsq.config import TrainConfig
+    from rsq.train import TrainJob, train_step
+    from rsq.train_setup import build_training_model
 
     torch.manual_seed(0)
-    resolutions = [int(variant.split("_")[1])] if variant.startswith("single_") else RESOLUTIONS
-    model = rsq.create_model("resnet20", 10, 1, resolutions=RESOLUTIONS)
-    ensemble = EnsembleWeights(len(resolutions))
-    opt = torch.optim.SGD(list(model.parameters()) + list(ensemble.parameters()), lr=0.01, momentum=0.9)
-
     if variant == "plain_eager":
-        def forward():
+        from rsq.distill import EnsembleWeights, mred_loss
+
+        model = rsq.create_model("resnet20", 10, 1, resolutions=RESOLUTIONS)
+        ensemble = EnsembleWeights(len(RESOLUTIONS))
+        opt = torch.optim.SGD(list(model.parameters()) + list(ensemble.parameters()), lr=LR, momentum=0.9)
+
+        def step():
             logits = []
-            for r in resolutions:
+            for r in RESOLUTIONS:
                 xr = x if r == x.shape[-1] else F.interpolate(x, size=(r, r), mode="bilinear", antialias=True)
                 rsq.set_mode(model, r)
                 logits.append(model(xr))
-            return logits
-    else:
-        channels_last = variant in ("rsq_channels_last", "rsq_compile")
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        runner = AllResolutions(model, resolutions, channels_last)
-        if variant == "rsq_compile":
-            import torch._dynamo as dynamo
+            parts = mred_loss(logits, y, ensemble, "full")
+            opt.zero_grad(set_to_none=True)
+            parts.total.backward()
+            opt.step()
 
-            dynamo.config.cache_size_limit = 64
-            runner.compiled = torch.compile(model, dynamic=False)
-        forward = lambda: runner(x)  # noqa: E731
+        return step
 
-    def step():
-        parts = mred_loss(forward(), y, ensemble, "full" if len(resolutions) > 1 else "none")
-        opt.zero_grad(set_to_none=True)
-        parts.total.backward()
-        opt.step()
-
-    return step
+    single = variant.startswith("single_")
+    config = TrainConfig(
+        model="resnet20", resolutions=[int(variant.split("_")[1])] if single else RESOLUTIONS,
+        batch_size=len(x), lr=LR, momentum=0.9, distill="none" if single else "full", device="cpu", amp="off",
+        channels_last=variant in ("rsq_channels_last", "rsq_compile"), compile=variant == "rsq_compile")
+    model = build_training_model(config, 10, 1, x, torch.device("cpu"))
+    job = TrainJob.create(config, model)
+    return lambda: train_step(job, x, y, LR)
 
 
 def batch(size: int):

@@ -6,13 +6,19 @@ from typing import Callable, Iterable, Optional
 from torch import nn
 
 from ..convert import convert
-from ..errors import choices_error
+from ..errors import RsqError, choices_error
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    _FACTORIES[factory.__name__] = factory
+    """Register ``factory`` under its function name; a name already taken is an error, never replaced."""
+    name = factory.__name__
+    if name in _FACTORIES and _FACTORIES[name] is not factory:
+        existing = _FACTORIES[name]
+        raise RsqError(f"model name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}; "
+                       f"give the factory another name")
+    _FACTORIES[name] = factory
     return factory
 
 

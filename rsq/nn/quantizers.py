@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -23,6 +24,11 @@ from ..errors import choices_error
 from .mode import Mode, ModeState
 
 FULL_PRECISION = 32
+
+
+class QuantizationWarning(UserWarning):
+    """Something quantization did other than asked: a layer left in full precision, a skipped update."""
+
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, FULL_PRECISION)
 
 
@@ -144,7 +150,7 @@ def lsq_reference(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, grad_sc
 
 
 class LSQQuantizer(nn.Module):
-    """Learned step size quantization (Esser et al. 2020); REFERENCE.md section 2."""
+    """Learned step size quantization (Esser et al. 2020); docs/methods.md §2."""
 
     def __init__(self, bits: int, signed: bool, per_channel: bool, channels: int = 1, ndim: int = 4):
         super().__init__()
@@ -229,7 +235,7 @@ def _all_codes(bits: int, signed: bool) -> torch.Tensor:
 
 
 class LQNetQuantizer(nn.Module):
-    """LQ-Nets (Zhang et al. 2018): levels v.e for a basis v trained by QEM; REFERENCE.md section 3.
+    """LQ-Nets (Zhang et al. 2018): levels v.e for a basis v trained by QEM; docs/methods.md §3.
 
     Signed quantizers (all weights; activations that can be negative) use E = {-1, +1},
     unsigned activations E = {0, 1}. Weights get an identity straight-through gradient,
@@ -249,6 +255,7 @@ class LQNetQuantizer(nn.Module):
         self.register_buffer("codes", _all_codes(self.bits, self.signed), persistent=False)
         self.register_buffer("basis", torch.zeros(rows, self.bits))
         self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("skipped_solves", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def initialize_(self, x: torch.Tensor) -> bool:
@@ -317,9 +324,19 @@ class LQNetQuantizer(nn.Module):
         fitted = torch.linalg.solve(lhs, rhs)
         if torch.isfinite(fitted).all():
             self.basis.mul_(self.momentum).add_((1 - self.momentum) * fitted)
+            return
+        # The basis is kept as it was; the count goes into the checkpoint, and the first skip is said.
+        self.skipped_solves += 1
+        if int(self.skipped_solves) == 1:
+            warnings.warn(f"LQ-Nets QEM solve was not finite and was skipped (basis kept); "
+                          f"{self.extra_repr()}; later skips are counted in its 'skipped_solves' buffer",
+                          QuantizationWarning, stacklevel=2)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the counter existed start it at 0.
+        if self.bits != FULL_PRECISION:
+            state_dict.setdefault(prefix + "skipped_solves", torch.zeros((), dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._ready = False
 
     def extra_repr(self) -> str:
