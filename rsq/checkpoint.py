@@ -72,7 +72,8 @@ def build_model(ckpt: dict) -> nn.Module:
     from .models import create_model
 
     config = checkpoint_config(ckpt)
-    model = create_model(config.model, ckpt["num_classes"], ckpt["in_chans"], resolutions=ckpt["resolutions"])
+    model = create_model(config.model, ckpt["num_classes"], ckpt["in_chans"], resolutions=ckpt["resolutions"],
+                         bits=config.bit_widths or None)
     for resolution, like in ckpt.get("calibrated", {}).items():
         add_resolution(model, int(resolution), like=int(like))
     if config.quantized:

@@ -67,25 +67,32 @@ class IntList(click.ParamType):
 
 
 class Bits(click.ParamType):
-    """One bit width: 2-8, or 32 for full precision."""
+    """A bit width (2-8, or 32 for full precision), or with ``many`` a comma list of distinct ones."""
 
     name = "bits"
 
+    def __init__(self, many: bool = False):
+        self.many = many
+
     def convert(self, value, param, ctx):
-        if isinstance(value, int):
+        if isinstance(value, (int, list)):
             return value
-        parts = [p.strip() for p in str(value).split(",") if p.strip()]
-        if not parts:
+        parts = [p.strip() for p in str(value).split(",")]
+        if not any(parts):
             self.fail("needs a bit width (2-8, or 32 for full precision)", param, ctx)
-        if len(parts) > 1:
-            self.fail(f"{value!r}: one bit width per run (switching bit widths is planned)", param, ctx)
+        if len(parts) > 1 and not self.many:
+            self.fail(f"{value!r}: one bit width here (`--bits` takes a list)", param, ctx)
         try:
-            bits = int(parts[0])
+            values = [int(p) for p in parts]
         except ValueError:
-            self.fail(f"{value!r} is not an integer bit width (2-8, or 32)", param, ctx)
-        if bits not in VALID_BITS:
-            self.fail(f"{bits} bits is not supported; use 2-8, or 32 for full precision", param, ctx)
-        return bits
+            self.fail(f"{value!r} is not an integer bit width (2-8, or 32)"
+                      + (" or a comma list of them" if self.many else ""), param, ctx)
+        for bits in values:
+            if bits not in VALID_BITS:
+                self.fail(f"{bits} bits is not supported; use 2-8, or 32 for full precision", param, ctx)
+        if len(set(values)) != len(values):
+            self.fail(f"{value!r} names a bit width twice", param, ctx)
+        return values if len(values) > 1 else values[0]
 
 
 def config_options(command):
@@ -96,6 +103,8 @@ def config_options(command):
         shown = getattr(defaults, f.name)
         shown = ",".join(map(str, shown)) if isinstance(shown, list) else shown
         text = meta["help"] + (f" [default: {shown}]" if shown not in ("", False) else "")
+        if meta["cli"] == "bits":
+            continue  # set by --bits (one bit width, or a list: a model that switches between them)
         if meta["cli"] == "flag":
             option = click.option(flag, f.name, is_flag=True, flag_value=True, default=None, help=text)
         elif meta["cli"] == "switch":
@@ -206,7 +215,9 @@ def cli():
 @cli.command()
 @click.argument("recipe", required=False)
 @config_options
-@click.option("--bits", type=Bits(), default=None, help="weight and activation bits together: 2-8, or 32 (FP)")
+@click.option("--bits", type=Bits(many=True), default=None,
+              help="weight and activation bits: one of 2-8 or 32 (FP), or a list such as 2,4,8,32 for one model "
+                   "that switches between them")
 @click.option("--resume", metavar="RUN_DIR", default=None, help="continue the stopped run in RUN_DIR")
 @click.option("--overwrite", is_flag=True, help="replace a run already in --out")
 def train(recipe, bits, resume, overwrite, **settings):
@@ -228,7 +239,9 @@ def train(recipe, bits, resume, overwrite, **settings):
     from .config import build_config
     from .train import train as run_training
 
-    if bits is not None:
+    if isinstance(bits, list):
+        settings["bit_widths"] = bits
+    elif bits is not None:
         settings["weight_bits"] = settings["weight_bits"] or bits
         settings["act_bits"] = settings["act_bits"] or bits
     if resume:

@@ -56,7 +56,8 @@ def setting(default, help: str, *, choices: tuple = (), range: Optional[Range] =
 
     choices: the allowed values (``what`` names them in the error: "unknown distill mode 'x'").
     range: for numbers; every int/float setting has one (default: not negative).
-    cli: "option" (``--name VALUE``), "flag" (``--name`` sets True), "switch" (``--name/--no-name``).
+    cli: "option" (``--name VALUE``), "flag" (``--name`` sets True), "switch" (``--name/--no-name``),
+         "bits" (set through `rsq train --bits`, which takes one bit width or a list).
     bits: a bit width, parsed on the command line with its own messages.
     """
     meta = {"help": help, "choices": tuple(choices), "range": range, "what": what, "cli": cli, "bits": bits}
@@ -89,6 +90,10 @@ class TrainConfig:
     # quantization (32/32 = full precision)
     weight_bits: int = setting(32, "weight bits: 2-8, or 32 for full precision", bits=True)
     act_bits: int = setting(32, "activation bits: 2-8, or 32 for full precision", bits=True)
+    bit_widths: list[int] = setting([], "bit widths one model switches between, e.g. 2,4,8,32 (a mode per "
+                                    "resolution and bit width; weights shared)", cli="bits")
+    bit_distill: bool = setting(True, "with --bits LIST: KD from the widest bit width to every narrower one at "
+                                "each resolution", cli="switch")
     quantizer: str = setting("lsq", "lsq (learned step size) or lqnet (LQ-Nets, the paper's)",
                              choices=tuple(QUANTIZERS), what="quantizer")
     first_last: str = setting("8", "bits of the first conv and last FC: 8, fp, or the same as the rest",
@@ -121,6 +126,13 @@ class TrainConfig:
                 problem = (meta["range"] or Range()).problem(value)
                 if problem:
                     raise RsqError(f"{f.name} {problem}, got {value}")
+        if self.bit_widths:
+            from .convert import check_bit_widths
+
+            self.bit_widths = check_bit_widths(self.bit_widths)
+            if (self.weight_bits, self.act_bits) != (32, 32):
+                raise RsqError(f"bit widths {self.bit_widths} give every mode its own weight and activation bits; "
+                               f"drop weight_bits/act_bits ({self.weight_bits}/{self.act_bits})")
         if not self.resolutions:
             raise RsqError("resolutions must name at least one resolution")
         if any(r <= 0 for r in self.resolutions) or len(set(self.resolutions)) != len(self.resolutions):
@@ -129,7 +141,12 @@ class TrainConfig:
 
     @property
     def quantized(self) -> bool:
-        return self.weight_bits != 32 or self.act_bits != 32
+        return self.weight_bits != 32 or self.act_bits != 32 or bool(self.bit_widths)
+
+    @property
+    def joint(self) -> bool:
+        """One model that switches bit widths as well as resolutions."""
+        return bool(self.bit_widths)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

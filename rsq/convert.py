@@ -53,7 +53,7 @@ def _follow_input_size(model: nn.Module, args) -> None:
         state.current = state.find(int(height))
 
 
-def convert(model: nn.Module, resolutions: Iterable[int]) -> nn.Module:
+def convert(model: nn.Module, resolutions: Iterable[int], bits: Optional[Iterable[int]] = None) -> nn.Module:
     """Make ``model`` resolution-switchable in place and return it.
 
     Every ``BatchNorm2d`` becomes a :class:`SwitchableBatchNorm2d` with one BN per resolution
@@ -61,7 +61,11 @@ def convert(model: nn.Module, resolutions: Iterable[int]) -> nn.Module:
     """
     if hasattr(model, _STATE_ATTR):
         raise RsqError("model is already resolution-switchable")
-    state = ModeState([Mode(r) for r in _check_resolutions(resolutions)])
+    resolutions = _check_resolutions(resolutions)
+    if bits is None:
+        state = ModeState([Mode(r) for r in resolutions])
+    else:
+        state = ModeState([Mode(r, b) for r in resolutions for b in check_bit_widths(bits)])
     if _swap_batchnorms(model, state) == 0:
         raise RsqError("model has no BatchNorm2d layers to make switchable")
     setattr(model, _STATE_ATTR, state)
@@ -81,13 +85,24 @@ def resolutions_of(model: nn.Module) -> list[int]:
     return mode_state(model).resolutions
 
 
-def set_mode(model: nn.Module, resolution: Union[int, Mode, None]) -> None:
-    """Pin the model to one resolution, or pass None to follow the input's size again."""
+def check_bit_widths(bits: Iterable[int]) -> list[int]:
+    """The bit widths of a joint model: at least two, distinct, each 2-8 or 32; widest first."""
+    from .nn.quantizers import check_bits
+
+    values = [check_bits(b, "bit width") for b in bits]
+    if len(values) < 2 or len(set(values)) != len(values):
+        raise RsqError(f"a model that switches bit widths needs at least two distinct ones, got {values}")
+    return sorted(values, reverse=True)
+
+
+def set_mode(model: nn.Module, resolution: Union[int, Mode, None], bits: Optional[int] = None) -> None:
+    """Pin the model to one resolution (and, in a joint model, bit width), or pass None to follow
+    the input's size again; ``bits=None`` keeps the current bit width."""
     state = mode_state(model)
     if resolution is None:
         state.pinned = None
         return
-    mode = resolution if isinstance(resolution, Mode) else state.find(int(resolution))
+    mode = resolution if isinstance(resolution, Mode) else state.find(int(resolution), bits)
     if mode not in state.modes:
         state.find(mode.resolution)  # raises with the known resolutions
         known = ", ".join(str(m) for m in state.modes)
@@ -97,32 +112,36 @@ def set_mode(model: nn.Module, resolution: Union[int, Mode, None]) -> None:
 
 
 @contextlib.contextmanager
-def using_mode(model: nn.Module, resolution: Union[int, Mode]):
-    """Run a block with the model pinned to ``resolution``, restoring the previous pin after."""
+def using_mode(model: nn.Module, resolution: Union[int, Mode], bits: Optional[int] = None):
+    """Run a block with the model pinned to ``resolution`` (and ``bits``), restoring the previous mode after."""
     state = mode_state(model)
-    previous = state.pinned
-    set_mode(model, resolution)
+    previous = state.pinned, state.current
+    set_mode(model, resolution, bits)
     try:
         yield
     finally:
-        state.pinned = previous
+        state.pinned, state.current = previous
 
 
-def add_resolution(model: nn.Module, resolution: int, like: Optional[int] = None) -> Mode:
-    """Add a BN set for a new resolution, copied from ``like`` (default: the nearest known)."""
+def add_resolution(model: nn.Module, resolution: int, like: Optional[int] = None) -> list[Mode]:
+    """Add a BN set for a new resolution (one per bit width in a joint model), each copied from
+    resolution ``like`` at the same bit width (default: the nearest known resolution)."""
     state = mode_state(model)
     if resolution in state.resolutions:
         raise RsqError(f"resolution {resolution} is already known to this model")
     if like is None:
         like = nearest_resolution(state.resolutions, resolution)
-    source = state.find(like)
-    mode = Mode(resolution, source.bits)
-    # Every switchable layer (BN, per-mode quantizers) implements add_mode(mode, like).
-    for module in model.modules():
-        if module is not model and callable(getattr(module, "add_mode", None)):
-            module.add_mode(mode, source)
-    state.add(mode)
-    return mode
+    added = []
+    for bits in state.bit_widths or [None]:
+        source = state.find(like, bits)
+        mode = Mode(resolution, source.bits)
+        # Every switchable layer (BN, per-mode quantizers) implements add_mode(mode, like).
+        for module in model.modules():
+            if module is not model and callable(getattr(module, "add_mode", None)):
+                module.add_mode(mode, source)
+        state.add(mode)
+        added.append(mode)
+    return added
 
 
 def nearest_resolution(known: Iterable[int], resolution: int) -> int:

@@ -81,3 +81,41 @@ def mred_loss(
     if teacher_logits is not None:
         kd = kd + sum(kd_loss(t, z) for t, z in zip(teacher_logits, logits))
     return LossParts(ce + ens + kd, ce.detach(), ens.detach(), kd.detach() if torch.is_tensor(kd) else zero)
+
+
+class BitWidthEnsembles(nn.Module):
+    """One MRED ensemble (its own alpha) per bit width of a model that switches bit widths."""
+
+    def __init__(self, num_resolutions: int, bit_widths: list[int]):
+        super().__init__()
+        self.bit_widths = list(bit_widths)
+        self.by_bits = nn.ModuleDict({f"b{b}": EnsembleWeights(num_resolutions) for b in self.bit_widths})
+
+    def __getitem__(self, bits: int) -> EnsembleWeights:
+        return self.by_bits[f"b{bits}"]
+
+
+def joint_loss(
+    logits_by_bits: dict[int, list[torch.Tensor]],
+    target: torch.Tensor,
+    ensembles: BitWidthEnsembles,
+    mode: str = "full",
+    label_smoothing: float = 0.0,
+    teacher_logits: list[torch.Tensor] | None = None,
+    bit_distill: bool = True,
+) -> LossParts:
+    """The loss of a model that switches resolution and bit width (docs/methods.md §5).
+
+    MRED within every bit width (each with its own ensemble), plus (``bit_distill``) KD from the
+    widest bit width to every narrower one at the same resolution (the teacher detached, as in MRED).
+    """
+    widest = max(logits_by_bits)
+    parts = [mred_loss(logits, target, ensembles[bits], mode, label_smoothing, teacher_logits)
+             for bits, logits in logits_by_bits.items()]
+    bit_kd = 0.0
+    if bit_distill:
+        bit_kd = sum(kd_loss(t, z) for bits, logits in logits_by_bits.items() if bits != widest
+                     for t, z in zip(logits_by_bits[widest], logits))
+    total = sum(p.total for p in parts) + bit_kd
+    ce, ens, kd = (sum(getattr(p, name) for p in parts) for name in ("ce", "ens", "kd"))
+    return LossParts(total, ce, ens, kd + (bit_kd.detach() if torch.is_tensor(bit_kd) else 0.0))

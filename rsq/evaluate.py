@@ -67,8 +67,55 @@ def evaluate(model: nn.Module, test_data, resolutions: list[int], ensemble_weigh
     }
 
 
+def evaluate_modes(model: nn.Module, test_data, resolutions: list[int], ensemble: Optional[nn.Module] = None,
+                   device=torch.device("cpu"), amp: str = "off", channels_last: bool = False) -> dict:
+    """``evaluate`` at every bit width of a joint model, {bits: metrics}; {None: metrics} for a model
+    that switches resolution only. ``ensemble``: EnsembleWeights, or BitWidthEnsembles, or None."""
+    bit_widths = mode_state(model).bit_widths
+    if not bit_widths:
+        weights = ensemble.weights().detach() if ensemble is not None else None
+        return {None: evaluate(model, test_data, resolutions, weights, device, amp, channels_last)}
+    grid = {}
+    for bits in bit_widths:
+        weights = ensemble[bits].weights().detach() if ensemble is not None else None
+        with using_mode(model, resolutions[0], bits):  # the resolution loop inside keeps this bit width
+            grid[bits] = evaluate(model, test_data, resolutions, weights, device, amp, channels_last)
+    return grid
+
+
+def grid_rows(model: nn.Module, grid: dict, in_chans: int, weight_bits: int, act_bits: int,
+              calibrated: set[int] = frozenset()) -> list[dict]:
+    """The result rows of ``evaluate_modes``'s grid: one per (resolution, bit width)."""
+    rows = []
+    for bits, metrics in grid.items():
+        if bits is None:
+            rows += result_rows(model, metrics, in_chans, weight_bits, act_bits, calibrated)
+            continue
+        with using_mode(model, next(iter(metrics["per_resolution"])), bits):
+            rows += result_rows(model, metrics, in_chans, bits, bits, calibrated)
+    return rows
+
+
+def grid_summary(grid: dict) -> str:
+    """One line per bit width: "28: 91.20 / 24: 90.85 ..., ensemble 91.30"."""
+    parts = []
+    for bits, metrics in grid.items():
+        text = " / ".join(f"{r}: {m['top1']:.2f}" for r, m in metrics["per_resolution"].items())
+        if metrics["ensemble"] is not None:
+            text += f", ensemble {metrics['ensemble']['top1']:.2f}"
+        parts.append(text if bits is None else f"{bits_label(bits, bits)} {text}")
+    return "; ".join(parts)
+
+
 def bits_label(weight_bits: int, act_bits: int) -> str:
     return "FP" if weight_bits == 32 and act_bits == 32 else f"W{weight_bits}A{act_bits}"
+
+
+def config_bits_label(config) -> str:
+    """"W4A4", "FP", or for a model that switches bit widths "FP+W8A8+W4A4+W2A2"."""
+    if config.bit_widths:
+        return "+".join(bits_label(b, b) for b in config.bit_widths)
+    return bits_label(config.weight_bits, config.act_bits)
 
 
 def result_rows(model: nn.Module, metrics: dict, in_chans: int, weight_bits: int, act_bits: int,
@@ -83,8 +130,9 @@ def result_rows(model: nn.Module, metrics: dict, in_chans: int, weight_bits: int
     return rows
 
 
-def format_table(rows: list[dict], ensemble: Optional[dict] = None) -> str:
-    """The per-resolution table printed at the end of train and eval."""
+def format_table(rows: list[dict], ensemble: Optional[dict] = None, ensembles: Optional[dict] = None) -> str:
+    """The per-resolution table printed at the end of train and eval; ``ensembles`` ({bits label:
+    metrics}) gives a joint model one ensemble row per bit width."""
     lines = ["| resolution | bits | top-1 | top-5 | MACs | BitOPs | weight size |",
              "|---:|:---|---:|---:|---:|---:|---:|"]
     for row in rows:
@@ -93,7 +141,10 @@ def format_table(rows: list[dict], ensemble: Optional[dict] = None) -> str:
             f"| {row['resolution']}{tag} | {row['bits']} | {row['top1']:.2f} | {row['top5']:.2f} | "
             f"{_si(row['macs'])} | {_si(row['bitops'])} | {row['weight_size_bits'] / 8 / 1024:.1f} KiB |"
         )
-    if ensemble is not None:
+    if ensembles:
+        for label, metrics in ensembles.items():
+            lines.append(f"| ensemble | {label} | {metrics['top1']:.2f} | {metrics['top5']:.2f} | | | |")
+    elif ensemble is not None:
         lines.append(f"| ensemble | | {ensemble['top1']:.2f} | {ensemble['top5']:.2f} | | | |")
     return "\n".join(lines)
 

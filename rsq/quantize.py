@@ -1,7 +1,7 @@
 """``quantize_(model, QuantConfig(...))``: swap every Conv2d / Linear for a fake-quantized one, in place."""
 from __future__ import annotations
 
-import functools
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -115,23 +115,51 @@ def _trace(model: nn.Module, targets: list[nn.Module], example: torch.Tensor) ->
     return order, non_negative
 
 
-def _act_quantizer(model: nn.Module, config: QuantConfig, bits: int, signed: bool) -> nn.Module:
-    make = functools.partial(QUANTIZERS[config.quantizer], bits, signed=signed, per_channel=False)
-    if not config.act_per_mode or bits == FULL_PRECISION:
+def _joint_bit_widths(model: nn.Module) -> list[int]:
+    """The bit widths of a model converted with ``bits=[...]`` (one mode per resolution and bits); else []."""
+    try:
+        return mode_state(model).bit_widths
+    except RsqError:
+        return []
+
+
+def _act_quantizer(model: nn.Module, config: QuantConfig, layer_bits, signed: bool) -> nn.Module:
+    """``layer_bits(mode_bits)``: this layer's (weight, act) bits in a mode of that bit width."""
+    def make(mode_bits=None):
+        return QUANTIZERS[config.quantizer](layer_bits(mode_bits)[1], signed=signed, per_channel=False)
+
+    joint = bool(_joint_bit_widths(model))
+    if not config.act_per_mode and not joint:
         return make()
     try:
         state = mode_state(model)
     except RsqError as error:
         raise RsqError("act_per_mode=True needs a resolution-switchable model; "
                        "call rsq.convert(model, resolutions) before quantize_") from error
-    return SwitchableQuantizer(state, make)
+    return SwitchableQuantizer(state, make, per_bits=not config.act_per_mode)
 
 
-def _weight_quantizer(config: QuantConfig, bits: int, layer: nn.Module) -> nn.Module:
-    cls = QUANTIZERS[config.quantizer]
-    if cls is LSQQuantizer:
-        return cls(bits, signed=True, per_channel=True, channels=layer.weight.shape[0], ndim=layer.weight.dim())
-    return cls(bits, signed=True, per_channel=True, channels=layer.weight.shape[0])
+def _weight_quantizer(model: nn.Module, config: QuantConfig, layer_bits, layer: nn.Module) -> nn.Module:
+    def make(mode_bits=None):
+        bits, cls = layer_bits(mode_bits)[0], QUANTIZERS[config.quantizer]
+        if cls is LSQQuantizer:
+            return cls(bits, signed=True, per_channel=True, channels=layer.weight.shape[0], ndim=layer.weight.dim())
+        return cls(bits, signed=True, per_channel=True, channels=layer.weight.shape[0])
+
+    if not _joint_bit_widths(model):
+        return make()
+    # Weights are shared by every mode; their quantizer (the step sizes) is per bit width.
+    return SwitchableQuantizer(mode_state(model), make, per_bits=True)
+
+
+def _layer_bits(config: QuantConfig, is_edge: bool):
+    """(weight, act) bits of a layer in a mode of ``mode_bits`` (None: the config's single bit width)."""
+    def bits(mode_bits=None):
+        if mode_bits is None:
+            return config.edge_bits() if is_edge else (config.weight_bits, config.act_bits)
+        same = dataclasses.replace(config, weight_bits=mode_bits, act_bits=mode_bits)
+        return same.edge_bits() if is_edge else (mode_bits, mode_bits)
+    return bits
 
 
 def _replace_children(module: nn.Module, replacements: dict[int, nn.Module]) -> None:
@@ -157,6 +185,11 @@ def quantize_(model: nn.Module, config: QuantConfig, example_input: Optional[tor
     Parameters, so build the optimizer after this call. Each layer's input
     quantizer is unsigned when that input is never negative (after ReLU), else signed. The
     first conv and the last linear (in execution order) follow ``config.first_last``.
+
+    In a model converted with ``bits=[...]`` (``rsq.convert(model, resolutions, bits=[2, 4, 8, 32])``),
+    every mode runs weights and activations at its own bit width (first/last layers by
+    ``config.first_last``): each layer gets one quantizer per bit width, shared by the
+    resolutions (per mode with ``act_per_mode``), and ``weight_bits``/``act_bits`` are not used.
 
     ``filter_fn(module, name) -> bool`` (as in torchao's ``quantize_``) picks the layers to
     quantize; the others stay in full precision. Subclasses of Conv2d / Linear are never
@@ -185,10 +218,9 @@ def quantize_(model: nn.Module, config: QuantConfig, example_input: Optional[tor
         targets = [m for m in targets if id(m) in chosen]
     replacements: dict[int, nn.Module] = {}
     for layer in targets:
-        is_edge = layer is first_conv or layer is last_linear
-        weight_bits, act_bits = config.edge_bits() if is_edge else (config.weight_bits, config.act_bits)
-        weight_q = _weight_quantizer(config, weight_bits, layer)
-        act_q = _act_quantizer(model, config, act_bits, signed=id(layer) not in non_negative)
+        layer_bits = _layer_bits(config, is_edge=layer is first_conv or layer is last_linear)
+        weight_q = _weight_quantizer(model, config, layer_bits, layer)
+        act_q = _act_quantizer(model, config, layer_bits, signed=id(layer) not in non_negative)
         device = layer.weight.device
         weight_q, act_q = weight_q.to(device), act_q.to(device)
         if isinstance(layer, nn.Conv2d):

@@ -14,9 +14,9 @@ from .convert import add_resolution, mode_state, nearest_resolution, using_mode
 from .data import build_data, dataset_info
 from .data.multires import resize_batch
 from .distributed import resolve_device
-from .distill import EnsembleWeights
+from .distill import BitWidthEnsembles, EnsembleWeights
 from .errors import RsqError
-from .evaluate import evaluate, format_table
+from .evaluate import evaluate_modes, format_table
 from .results import write_json_atomic
 from .train import build_results
 
@@ -72,8 +72,11 @@ def resume_config(run_dir, settings: dict, recipe: Optional[str], overwrite: boo
     return config.replace(out=str(run_dir))
 
 
-def _ensemble_of(ckpt: dict) -> EnsembleWeights:
-    ensemble = EnsembleWeights(len(ckpt["resolutions"]))
+def _ensemble_of(ckpt: dict) -> nn.Module:
+    """The trained ensemble weights: one set, or one per bit width of a joint model."""
+    bit_widths = checkpoint_config(ckpt).bit_widths
+    n = len(ckpt["resolutions"])
+    ensemble = BitWidthEnsembles(n, bit_widths) if bit_widths else EnsembleWeights(n)
     ensemble.load_state_dict(ckpt["ensemble"])
     return ensemble
 
@@ -116,12 +119,11 @@ def evaluate_model(model: nn.Module, ckpt: dict, run_name: str, data=None, data_
     model.to(device_)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    metrics = evaluate(model, test, order, ensemble.weights().detach() if ensemble else None, device_,
-                       config.amp, config.channels_last)
+    grid = evaluate_modes(model, test, order, ensemble, device_, config.amp, config.channels_last)
     calibrated = {int(r) for r in ckpt.get("calibrated", {})}
-    results = build_results(config, model, metrics, ensemble, in_chans, num_classes, run_name,
+    results = build_results(config, model, grid, ensemble, in_chans, num_classes, run_name,
                             ckpt.get("train_time_s", 0.0), ckpt["resolutions"], calibrated)
-    print(format_table(results["rows"], results["ensemble"]))
+    print(format_table(results["rows"], results["ensemble"], results.get("ensembles")))
     if target is not None:
         try:
             write_json_atomic(results, target)
@@ -132,8 +134,14 @@ def evaluate_model(model: nn.Module, ckpt: dict, run_name: str, data=None, data_
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, resolution: int, images: torch.Tensor) -> None:
-    """Re-estimate one resolution's BN statistics (cumulative average, no weight change)."""
-    key = mode_state(model).find(resolution).key
+    """Re-estimate one resolution's BN statistics (cumulative average, no weight change), at
+    every bit width of a joint model."""
+    for bits in mode_state(model).bit_widths or [None]:
+        _recalibrate_mode(model, resolution, bits, images)
+
+
+def _recalibrate_mode(model: nn.Module, resolution: int, bits, images: torch.Tensor) -> None:
+    key = mode_state(model).find(resolution, bits).key
     model.eval()
     bns = [m.bns[key] for m in model.modules() if hasattr(m, "bns")]
     momenta = [bn.momentum for bn in bns]
@@ -141,7 +149,7 @@ def recalibrate_bn(model: nn.Module, resolution: int, images: torch.Tensor) -> N
         bn.reset_running_stats()
         bn.momentum = None  # an exact average over all calibration batches
         bn.train()
-    with using_mode(model, resolution):
+    with using_mode(model, resolution, bits):
         for start in range(0, len(images), 128):
             model(resize_batch(images[start:start + 128], resolution))
     for bn, momentum in zip(bns, momenta):

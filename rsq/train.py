@@ -29,11 +29,12 @@ from .config import TrainConfig
 from .convert import using_mode
 from .data import build_data
 from .data.multires import resize_batch
-from .distill import EnsembleWeights, mred_loss
+from .distill import BitWidthEnsembles, EnsembleWeights, joint_loss, mred_loss
 from .distributed import Dist, agreed, all_finite, setup_distributed, shutdown_distributed, sync_buffers, \
     world_from_env
 from .errors import RsqError
-from .evaluate import autocast_for, bits_label, evaluate, format_table, result_rows
+from .evaluate import (autocast_for, bits_label, config_bits_label, evaluate_modes, format_table, grid_rows,
+                       grid_summary)
 from .quantize import full_precision_layers
 from .results import write_json_atomic, write_metrics_csv
 from .train_setup import (build_teacher, build_training_model, check_before_start, check_run_dir,
@@ -59,15 +60,19 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> flo
 
 
 class AllResolutions(nn.Module):
-    """One forward = the same batch at every resolution, each with its own BN set.
+    """One forward = the same batch at every resolution (and every bit width of a joint model),
+    each mode with its own BN set.
 
-    Wrapping the per-resolution passes in a single forward lets DDP see one forward and one
-    backward per step; the downsampling runs on the batch's device.
+    Wrapping the per-mode passes in a single forward lets DDP see one forward and one backward
+    per step; the downsampling runs on the batch's device, once per resolution. The logits come
+    back per bit width (widest first), each bit width's in resolution order.
     """
 
-    def __init__(self, model: nn.Module, resolutions: list[int], channels_last: bool = False):
+    def __init__(self, model: nn.Module, resolutions: list[int], channels_last: bool = False,
+                 bit_widths: Optional[list[int]] = None):
         super().__init__()
         self.model, self.resolutions, self.channels_last = model, resolutions, channels_last
+        self.bit_widths = list(bit_widths or [None])
         self.compiled = None
 
     def compile_per_resolution(self) -> "AllResolutions":
@@ -80,15 +85,22 @@ class AllResolutions(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        logits = []
         net = self.model if self.compiled is None else self.compiled
+        inputs = []
         for r in self.resolutions:
             xr = resize_batch(x, r)
-            if self.channels_last:
-                xr = xr.contiguous(memory_format=torch.channels_last)
-            with using_mode(self.model, r):
-                logits.append(net(xr))
+            inputs.append(xr.contiguous(memory_format=torch.channels_last) if self.channels_last else xr)
+        logits = []
+        for bits in self.bit_widths:
+            for r, xr in zip(self.resolutions, inputs):
+                with using_mode(self.model, r, bits):
+                    logits.append(net(xr))
         return logits
+
+    def by_bits(self, logits: list[torch.Tensor]) -> dict[int, list[torch.Tensor]]:
+        """forward's flat list as {bits: [logits per resolution]} (joint models)."""
+        n = len(self.resolutions)
+        return {bits: logits[i * n:(i + 1) * n] for i, bits in enumerate(self.bit_widths)}
 
 
 @dataclass
@@ -104,12 +116,18 @@ class TrainJob:
     info: Dist = field(default_factory=Dist)
     device: torch.device = torch.device("cpu")
 
+    @property
+    def all_modes(self) -> AllResolutions:
+        """The AllResolutions module, also when DDP wraps it."""
+        return getattr(self.runner, "module", self.runner)
+
     @classmethod
     def create(cls, config: TrainConfig, model: nn.Module, teacher: Optional[nn.Module] = None,
                info: Dist = Dist(), device: torch.device = torch.device("cpu")) -> "TrainJob":
         """The ensemble weights, the runner (compiled if asked) and SGD over the model and alpha."""
-        ensemble = EnsembleWeights(len(config.resolutions)).to(device)
-        runner = AllResolutions(model, config.resolutions, config.channels_last)
+        n = len(config.resolutions)
+        ensemble = (BitWidthEnsembles(n, config.bit_widths) if config.joint else EnsembleWeights(n)).to(device)
+        runner = AllResolutions(model, config.resolutions, config.channels_last, config.bit_widths)
         if config.compile:
             runner.compile_per_resolution()
         optimizer = torch.optim.SGD(param_groups([model, ensemble], config.weight_decay), lr=config.lr,
@@ -144,7 +162,11 @@ def train_step(job: TrainJob, x: torch.Tensor, y: torch.Tensor, lr: float) -> to
                 for r in config.resolutions:
                     with using_mode(job.teacher, r):
                         teacher_logits.append(job.teacher(resize_batch(x, r)))
-    parts = mred_loss(logits, y, job.ensemble, config.distill, config.label_smoothing, teacher_logits)
+    if config.joint:
+        parts = joint_loss(job.all_modes.by_bits(logits), y, job.ensemble, config.distill, config.label_smoothing,
+                           teacher_logits, config.bit_distill)
+    else:
+        parts = mred_loss(logits, y, job.ensemble, config.distill, config.label_smoothing, teacher_logits)
     # The mean over ranks: what one process would log, and a NaN on any rank stops all of them
     # at the same step. Checking it costs one device sync per step.
     stats = torch.stack([parts.total.detach(), parts.ce, parts.ens, parts.kd]).float()
@@ -155,10 +177,12 @@ def train_step(job: TrainJob, x: torch.Tensor, y: torch.Tensor, lr: float) -> to
         raise Divergence(f"loss became {stats[0].item()}")
     job.optimizer.zero_grad(set_to_none=True)
     parts.total.backward()
-    if info.world_size > 1 and job.ensemble.alpha.grad is not None:
+    if info.world_size > 1:
         # alpha lives outside the DDP module, so its gradient is averaged here.
-        dist.all_reduce(job.ensemble.alpha.grad)
-        job.ensemble.alpha.grad /= info.world_size
+        for alpha in job.ensemble.parameters():
+            if alpha.grad is not None:
+                dist.all_reduce(alpha.grad)
+                alpha.grad /= info.world_size
     job.optimizer.step()
     return stats
 
@@ -324,7 +348,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, info: Dist, devic
         if info.main:
             start_run_dir(out, overwrite, config)
 
-    metrics = None
+    grid = None
     while progress.epoch < config.epochs:
         epoch, first_step = progress.epoch, progress.step
         progress.start_epoch(device)
@@ -337,24 +361,23 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, info: Dist, devic
             raise error from None
         epoch_time = checkpointer.end_epoch()
         sync_buffers(model, info)
-        metrics = evaluate(model, data.test, config.resolutions, job.ensemble.weights().detach(), device,
-                           config.amp, config.channels_last)
+        grid = evaluate_modes(model, data.test, config.resolutions, job.ensemble, device, config.amp,
+                              config.channels_last)
         images = (progress.step - first_step) * config.batch_size
-        progress.history.append(epoch_row(config, epoch, losses, metrics, images / max(1e-9, epoch_time),
+        progress.history.append(epoch_row(config, epoch, losses, grid, images / max(1e-9, epoch_time),
                                           len(data.train)))
         if info.main:
-            print(f"epoch {epoch + 1}/{config.epochs}: loss {losses['loss']:.4f}, top-1 "
-                  + " / ".join(f"{r}: {m['top1']:.2f}" for r, m in metrics["per_resolution"].items())
-                  + f", ensemble {metrics['ensemble']['top1']:.2f}", flush=True)
+            print(f"epoch {epoch + 1}/{config.epochs}: loss {losses['loss']:.4f}, top-1 {grid_summary(grid)}",
+                  flush=True)
         write_run_file(write_metrics_csv, progress.history, out / "metrics.csv", info)
         progress.epoch, progress.step = epoch + 1, 0
         checkpointer.save(progress, complete=epoch + 1 == config.epochs)
 
-    results = build_results(config, model, metrics, job.ensemble, data.in_chans, data.num_classes, out.name,
+    results = build_results(config, model, grid, job.ensemble, data.in_chans, data.num_classes, out.name,
                             checkpointer.trained_time, config.resolutions)
     write_run_file(write_json_atomic, results, out / "results.json", info)
     if info.main:
-        print(format_table(results["rows"], results["ensemble"]))
+        print(format_table(results["rows"], results["ensemble"], results.get("ensembles")))
     return results
 
 
@@ -384,15 +407,17 @@ def restore(job: TrainJob, resumed: dict, checkpointer: Checkpointer) -> Progres
     return progress
 
 
-def epoch_row(config: TrainConfig, epoch: int, losses: dict, metrics: dict, images_per_s: float,
+def epoch_row(config: TrainConfig, epoch: int, losses: dict, grid: dict, images_per_s: float,
               steps: int) -> dict:
-    """One line of metrics.csv."""
+    """One line of metrics.csv (a joint model's accuracy columns carry the bit width: top1_28_W4A4)."""
     total_steps, warmup_steps = steps * config.epochs, int(config.warmup_epochs * steps)
     row = {"epoch": epoch + 1, **{k: round(v, 5) for k, v in losses.items()},
            "lr": lr_at((epoch + 1) * steps - 1, total_steps, warmup_steps, config.lr),
            "images_per_s": round(images_per_s, 1)}
-    row.update({f"top1_{r}": round(m["top1"], 3) for r, m in metrics["per_resolution"].items()})
-    row["top1_ensemble"] = round(metrics["ensemble"]["top1"], 3)
+    for bits, metrics in grid.items():
+        tag = "" if bits is None else f"_{bits_label(bits, bits)}"
+        row.update({f"top1_{r}{tag}": round(m["top1"], 3) for r, m in metrics["per_resolution"].items()})
+        row[f"top1_ensemble{tag}"] = round(metrics["ensemble"]["top1"], 3)
     return row
 
 
@@ -406,22 +431,34 @@ def write_run_file(write, obj, path: Path, info: Dist) -> None:
                 raise RsqError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def build_results(config, model, metrics, ensemble: Optional[EnsembleWeights], in_chans, num_classes, run_name,
+def build_results(config, model, grid, ensemble: Optional[nn.Module], in_chans, num_classes, run_name,
                   train_time_s, trained_resolutions, calibrated=frozenset()) -> dict:
-    """results.json. ``trained_resolutions`` pair with the ensemble's alpha (calibrated ones have none)."""
+    """results.json from ``evaluate_modes``'s grid. ``trained_resolutions`` pair with the ensemble's
+    alpha (calibrated ones have none). A joint model's ensembles and alphas are keyed by bit width."""
     raw_model = model.module if hasattr(model, "module") else model
-    weights = ensemble.weights().tolist() if ensemble is not None else None
+
+    def alpha(weights: Optional[EnsembleWeights]):
+        if weights is None:
+            return None
+        return {str(r): round(w, 4) for r, w in zip(trained_resolutions, weights.weights().tolist())}
+
+    joint = None not in grid
+    widest = max(grid) if joint else None
+    main_ensemble = ensemble[widest] if joint and ensemble is not None else ensemble
     return {
         "kind": "rsq-results", "format_version": 1, "run": run_name,
         "model": config.model, "data": config.data, "num_classes": num_classes, "in_chans": in_chans,
         "epochs": config.epochs, "distill": config.distill, "seed": config.seed,
-        "quant": {"label": bits_label(config.weight_bits, config.act_bits), "weight_bits": config.weight_bits,
+        "quant": {"label": config_bits_label(config), "weight_bits": config.weight_bits,
+                  "bit_widths": list(config.bit_widths),
                   "act_bits": config.act_bits, "quantizer": config.quantizer if config.quantized else None,
                   "first_last": config.first_last if config.quantized else None,
                   "left_full_precision": full_precision_layers(raw_model) if config.quantized else []},
-        "rows": result_rows(raw_model, metrics, in_chans, config.weight_bits, config.act_bits, set(calibrated)),
-        "ensemble": metrics["ensemble"],
-        "alpha_weights": ({str(r): round(w, 4) for r, w in zip(trained_resolutions, weights)}
-                          if weights else None),
+        "rows": grid_rows(raw_model, grid, in_chans, config.weight_bits, config.act_bits, set(calibrated)),
+        "ensemble": grid[widest]["ensemble"],
+        "alpha_weights": alpha(main_ensemble),
+        **({"ensembles": {bits_label(b, b): m["ensemble"] for b, m in grid.items() if m["ensemble"] is not None},
+            "alpha_weights_by_bits": ({bits_label(b, b): alpha(ensemble[b]) for b in grid} if ensemble is not None
+                                      else None)} if joint else {}),
         "train_time_s": round(train_time_s, 1),
     }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import random
 from pathlib import Path
 from typing import Optional
@@ -17,11 +18,11 @@ from torch import nn
 from .checkpoint import build_model, checkpoint_config, load_checkpoint, quant_config
 from .atomic import remove_stale_temporaries
 from .config import TrainConfig, save_config
-from .convert import using_mode
+from .convert import mode_state, using_mode
 from .data.multires import resize_batch
 from .distributed import Dist, resolve_device, wants_cuda
 from .errors import RsqError
-from .evaluate import bits_label
+from .evaluate import config_bits_label
 from .models import create_model
 
 # The files a run owns: --overwrite replaces these (and only these); their temporaries are cleaned.
@@ -114,7 +115,7 @@ def load_source(flag: str, path: str, config: TrainConfig, num_classes: int, in_
     if flag == "--init" and source.model != config.model:
         raise RsqError(f"--init {path} is a {source.model} checkpoint; this run trains {config.model}")
     if source.quantized:
-        raise RsqError(f"{flag} {path} is a {bits_label(source.weight_bits, source.act_bits)} checkpoint; {flag} "
+        raise RsqError(f"{flag} {path} is a {config_bits_label(source)} checkpoint; {flag} "
                        f"takes a full-precision one" + (" (continue a quantized run with --resume)"
                                                        if flag == "--init" else ""))
     missing = [r for r in config.resolutions if r not in ckpt["resolutions"]]
@@ -127,9 +128,17 @@ def load_source(flag: str, path: str, config: TrainConfig, num_classes: int, in_
 
 
 def apply_init(model: nn.Module, init: dict, path: str) -> None:
-    """Copy the shared weights and the BN sets of this run's resolutions from --init."""
-    wanted = model.state_dict()
-    state = {k: v for k, v in build_model(init).state_dict().items() if k in wanted}
+    """Copy the shared weights and the BN sets of this run's resolutions from --init.
+
+    In a model that switches bit widths, every bit width's BN of a resolution starts from the
+    --init model's BN of that resolution (``bns.r28_b4`` from ``bns.r28``).
+    """
+    source = build_model(init).state_dict()
+    state = {}
+    for key in model.state_dict():
+        origin = re.sub(r"\.bns\.r(\d+)_b\d+\.", r".bns.r\1.", key)
+        if origin in source:
+            state[key] = source[origin]
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
@@ -137,7 +146,7 @@ def apply_init(model: nn.Module, init: dict, path: str) -> None:
 
 
 @torch.no_grad()
-def initialize_quantizers(model: nn.Module, sample: torch.Tensor, resolutions: list[int]) -> None:
+def initialize_quantizers(model: nn.Module, sample: torch.Tensor) -> None:
     """Let every quantizer set its steps from the first batch, now, as one training forward would.
 
     Done before DDP wraps the model and before torch.compile traces it, so the data-dependent
@@ -149,9 +158,9 @@ def initialize_quantizers(model: nn.Module, sample: torch.Tensor, resolutions: l
     saved = [copy.deepcopy(bn.state_dict()) for bn in bns]
     was_training = model.training
     model.train()
-    for r in resolutions:
-        with using_mode(model, r):
-            model(resize_batch(sample, r))
+    for mode in mode_state(model).modes:  # every resolution, and every bit width of a joint model
+        with using_mode(model, mode):
+            model(resize_batch(sample, mode.resolution))
     for bn, state in zip(bns, saved):
         bn.load_state_dict(state)
     model.train(was_training)
@@ -159,7 +168,8 @@ def initialize_quantizers(model: nn.Module, sample: torch.Tensor, resolutions: l
 
 def build_training_model(config: TrainConfig, num_classes: int, in_chans: int, sample: torch.Tensor,
                          device: torch.device, init: Optional[dict] = None) -> nn.Module:
-    model = create_model(config.model, num_classes, in_chans, resolutions=config.resolutions)
+    model = create_model(config.model, num_classes, in_chans, resolutions=config.resolutions,
+                         bits=config.bit_widths or None)
     if init is not None:
         apply_init(model, init, config.init)
     model.to(device)
@@ -168,7 +178,7 @@ def build_training_model(config: TrainConfig, num_classes: int, in_chans: int, s
 
         quantize_(model, quant_config(config))
         model.to(device)
-        initialize_quantizers(model, sample.to(device), config.resolutions)
+        initialize_quantizers(model, sample.to(device))
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     return model

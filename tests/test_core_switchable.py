@@ -261,8 +261,8 @@ def test_bn_chosen_by_key_not_list_position():
 def test_add_resolution_copies_nearest_and_is_independent():
     model = _converted([28, 20, 12]).eval()
     _randomize_bns(model)
-    mode = add_resolution(model, 26)
-    assert mode.resolution == 26
+    (mode,) = add_resolution(model, 26)  # one new mode: this model switches resolution only
+    assert mode.resolution == 26 and mode.bits is None
     assert resolutions_of(model) == [28, 26, 20, 12]
     for sw in _switchables(model):
         assert torch.equal(sw.bns["r26"].running_mean, sw.bns["r28"].running_mean)

@@ -195,7 +195,7 @@ def test_lqnet_straight_through_gradients():
 
 def test_switchable_quantizer_has_one_quantizer_per_mode():
     state = ModeState([Mode(32), Mode(16)])
-    sq = SwitchableQuantizer(state, lambda: LSQQuantizer(4, False, False)).train()
+    sq = SwitchableQuantizer(state, lambda bits: LSQQuantizer(4, False, False)).train()
     assert set(sq.quantizers) == {"r32", "r16"} and sq.bits == 4
     state.current = state.find(16)
     sq(torch.rand(2, 3, 16, 16))

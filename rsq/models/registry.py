@@ -31,11 +31,13 @@ def create_model(
     num_classes: int = 1000,
     in_chans: int = 3,
     resolutions: Optional[Iterable[int]] = None,
+    bits: Optional[Iterable[int]] = None,
 ) -> nn.Module:
-    """Build a model by name; with ``resolutions`` it comes back as an RS-Net."""
+    """Build a model by name; with ``resolutions`` it comes back as an RS-Net (with ``bits``, one
+    that also switches bit widths: call ``rsq.quantize_`` next)."""
     if name not in _FACTORIES:
         raise choices_error("model", name, list_models())
     model = _FACTORIES[name](num_classes=num_classes, in_chans=in_chans)
     if resolutions is not None:
-        convert(model, resolutions)
+        convert(model, resolutions, bits)
     return model

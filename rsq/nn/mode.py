@@ -1,7 +1,7 @@
 """The "mode" a switchable network runs in, and the state its switchable layers share.
 
-A mode is what a switchable layer is keyed by. Today it is an input resolution; a bit width
-can join it later without changing any layer: layers only ever look up ``mode.key``.
+A mode is what a switchable layer is keyed by: an input resolution, and in a model that also
+switches bit widths, a (resolution, bits) pair. Layers only ever look up ``mode.key``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ..errors import RsqError
 
 @dataclass(frozen=True, order=True)
 class Mode:
-    """One way of running the shared network: an input resolution (and later a bit width)."""
+    """One way of running the shared network: an input resolution, and (in a joint model) a bit width."""
 
     resolution: int
     bits: Optional[int] = None
@@ -43,18 +43,38 @@ class ModeState:
     def resolutions(self) -> list[int]:
         return sorted({m.resolution for m in self.modes}, reverse=True)
 
+    @property
+    def bit_widths(self) -> list[int]:
+        """The bit widths a joint model switches between, widest first; [] when it switches resolution only."""
+        return sorted({m.bits for m in self.modes if m.bits is not None}, reverse=True)
+
+    def grid_text(self) -> str:
+        if not self.bit_widths:
+            return ", ".join(str(r) for r in self.resolutions)
+        return (f"resolutions {', '.join(str(r) for r in self.resolutions)} x bits "
+                f"{', '.join(str(b) for b in self.bit_widths)}")
+
     def add(self, mode: Mode) -> None:
         if mode not in self.modes:
             self.modes = sorted(self.modes + [mode], reverse=True)
 
-    def find(self, resolution: int) -> Mode:
-        """The mode for an input resolution, or a clear error naming the known ones."""
-        bits = self.current.bits if self.current is not None else None
+    def find(self, resolution: int, bits: Optional[int] = None) -> Mode:
+        """The mode for a resolution (at ``bits``, default: the current bit width), or a clear error."""
+        if bits is None and self.current is not None:
+            bits = self.current.bits
+        if bits is not None and bits not in self.bit_widths:
+            raise RsqError(f"bit width {bits} is not one this model switches to (trained grid: {self.grid_text()})")
         for mode in self.modes:
             if mode.resolution == resolution and mode.bits == bits:
                 return mode
+        if self.bit_widths:
+            raise RsqError(f"mode ({resolution} px, {bits} bits) is not in this model (trained grid: "
+                           f"{self.grid_text()}); train it or add the resolution with `rsq calibrate`")
         known = ", ".join(str(r) for r in self.resolutions)
         raise RsqError(
             f"input resolution {resolution} has no BatchNorm set in this model "
             f"(known resolutions: {known}); train it or add it with `rsq calibrate`"
         )
+
+    def for_key(self, key: str) -> Mode:
+        return next(m for m in self.modes if m.key == key)

@@ -344,31 +344,45 @@ class LQNetQuantizer(nn.Module):
 
 
 class SwitchableQuantizer(nn.Module):
-    """One quantizer per mode, chosen by the shared :class:`ModeState` (like the BNs)."""
+    """One quantizer per mode, or per bit width, chosen by the shared :class:`ModeState` (like the BNs).
 
-    def __init__(self, state: ModeState, make: Callable[[], nn.Module]):
+    ``per_bits=True`` (a model that switches bit widths): one quantizer per bit width, shared by
+    every resolution, as rsq shares quantizers across resolutions. ``per_bits=False``: one per
+    mode, i.e. per resolution (and bit width). ``make(bits)`` builds one for a mode's bit width
+    (None in a model that switches resolution only).
+    """
+
+    def __init__(self, state: ModeState, make: Callable[[Optional[int]], nn.Module], per_bits: bool = False):
         super().__init__()
-        self.state = state
-        self.quantizers = nn.ModuleDict({m.key: make() for m in state.modes})
+        self.state, self.per_bits = state, per_bits
+        wanted = {self._key(m): m.bits for m in state.modes}
+        self.quantizers = nn.ModuleDict({key: make(bits) for key, bits in wanted.items()})
+
+    def _key(self, mode: Mode) -> str:
+        return f"b{mode.bits}" if self.per_bits else mode.key
+
+    def active(self) -> nn.Module:
+        return self.quantizers[self._key(self.state.current)]
 
     @property
     def bits(self) -> int:
-        return next(iter(self.quantizers.values())).bits
+        return self.active().bits
 
     @property
     def signed(self) -> bool:
-        return next(iter(self.quantizers.values())).signed
+        return self.active().signed
 
     def add_mode(self, mode: Mode, like: Mode) -> None:
-        """Give ``mode`` its own quantizer, initialised from the quantizer of mode ``like``."""
-        self.quantizers[mode.key] = copy.deepcopy(self.quantizers[like.key])
+        """Give ``mode`` its quantizer: per bit width it has one already; per mode, a copy of ``like``'s."""
+        if not self.per_bits:
+            self.quantizers[mode.key] = copy.deepcopy(self.quantizers[like.key])
 
     def for_mode(self, key: str) -> nn.Module:
         """The quantizer that mode ``key`` runs (every switchable layer has this method)."""
-        return self.quantizers[key]
+        return self.quantizers[self._key(self.state.for_key(key))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quantizers[self.state.current.key](x)
+        return self.active()(x)
 
     def extra_repr(self) -> str:
-        return f"modes={list(self.quantizers.keys())}"
+        return f"{'bits' if self.per_bits else 'modes'}={list(self.quantizers.keys())}"

@@ -1,0 +1,1 @@
+"""Bridges to other quantization toolkits: a trained RS-Net as a brevitas model (for QONNX/FINN)."""
