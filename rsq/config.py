@@ -25,6 +25,8 @@ from .quantize import FIRST_LAST_POLICIES, QUANTIZERS
 DATA_SETS = ("fashion_mnist", "imagefolder")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_SETTINGS = ("auto", "bf16", "off")
+AUGMENT_POLICIES = ("auto", "small", "imagenet")
+NORMALIZE_CHOICES = ("auto", "estimate", "imagenet")
 MAX_SEED = 2**63 - 1  # what torch.manual_seed and the data generators accept
 RECIPE_PACKAGE = "rsq.recipes"
 
@@ -75,6 +77,18 @@ class TrainConfig:
     data_dir: str = setting("", "data folder (for imagefolder: ROOT with ROOT/train/CLASS and ROOT/val/CLASS)")
     resolutions: list[int] = setting([28, 24, 20, 16, 12], "resolutions, comma-separated, e.g. 224,192,160,128,96")
     subset: int = setting(0, "train on the first N images of a fixed shuffle (0 = all)")
+    # augmentation and input handling (image folders; crop_pad and flip apply to Fashion-MNIST too)
+    augment: str = setting("auto", "image-folder augmentation: small (pad and crop, test: resize whole), imagenet "
+                           "(random resized crop, test: resize + centre crop), auto (small for images of at most "
+                           "64 px)", choices=AUGMENT_POLICIES, what="augmentation")
+    crop_pad: int = setting(2, "pixels of zero padding before the random crop (small-image augmentation)")
+    crop_scale: float = setting(0.08, "smallest crop area of the random resized crop (imagenet augmentation)",
+                                range=Range(0, open=True, high=1))
+    flip: bool = setting(True, "random horizontal flip", cli="switch")
+    in_chans: int = setting(0, "image-folder channels: 1 (grayscale), 3, or 0 as the images are",
+                            range=Range(0, high=3))
+    normalize: str = setting("auto", "image-folder normalisation: estimate (mean/std of 512 training images), "
+                             "imagenet, or auto (imagenet for large RGB images, else estimate)", choices=NORMALIZE_CHOICES, what="normalisation")
     test_subset: int = setting(0, "evaluate on the first N test images (0 = all)")
     # optimisation
     epochs: int = setting(2, "training epochs", range=Range(1))
@@ -133,6 +147,8 @@ class TrainConfig:
             if (self.weight_bits, self.act_bits) != (32, 32):
                 raise RsqError(f"bit widths {self.bit_widths} give every mode its own weight and activation bits; "
                                f"drop weight_bits/act_bits ({self.weight_bits}/{self.act_bits})")
+        if self.in_chans not in (0, 1, 3):
+            raise RsqError(f"in_chans must be 0 (as the images are), 1 or 3, got {self.in_chans}")
         if not self.resolutions:
             raise RsqError("resolutions must name at least one resolution")
         if any(r <= 0 for r in self.resolutions) or len(set(self.resolutions)) != len(self.resolutions):

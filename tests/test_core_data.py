@@ -11,7 +11,8 @@ from torch import nn
 
 import rsq
 from rsq.config import TrainConfig
-from rsq.data import build_data, fashion_mnist
+from rsq.data import build_data, fashion_mnist, folder_policy
+from rsq.data.policy import IMAGENET_MEAN, FolderPolicy
 from rsq.data.folder import FolderEvalData, open_split
 from rsq.data.memory import TensorTrainData
 from rsq.data.multires import multi_resolution
@@ -329,11 +330,15 @@ def test_image_folder_needs_two_classes(tmp_path):
         open_split(str(_folder_dataset(tmp_path / "no_val", splits=("train",))), "val")
 
 
+def _policy(mean, std, augment="imagenet"):
+    return FolderPolicy(augment, len(mean), tuple(mean), tuple(std), 2, 0.08, True, (48, 32), "imagenet")
+
+
 def test_corrupt_image_is_a_clear_error_naming_the_file(tmp_path):
     root = _folder_dataset(tmp_path / "data")
     bad = root / "val" / "dog" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a whole jpeg")
-    data = FolderEvalData(open_split(str(root), "val"), 8, [16], MEAN * 3, STD * 3, workers=0)
+    data = FolderEvalData(open_split(str(root), "val"), 8, [16], _policy(MEAN * 3, STD * 3), workers=0)
     with pytest.raises(RsqError) as info:
         list(data.batches())
     assert "broken.jpg" in str(info.value)
@@ -344,7 +349,7 @@ def test_folder_test_transform_resizes_then_centre_crops(tmp_path):
     root = _folder_dataset(tmp_path / "data", per_class=1)
     dataset = open_split(str(root), "val")
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    data = FolderEvalData(dataset, 2, [28, 14], mean, std, workers=0)
+    data = FolderEvalData(dataset, 2, [28, 14], _policy(mean, std), workers=0)
     (xs, y), = list(data.batches())
     assert y.tolist() == [0, 1]
     # 48x32 image: s=14 -> short side 16 (24x16), crop at (left 5, top 1); s=28 -> 32 (48x32), crop (10, 2)
@@ -358,6 +363,37 @@ def test_folder_test_transform_resizes_then_centre_crops(tmp_path):
             expected = (torch.from_numpy(crop).permute(2, 0, 1) - torch.tensor(mean)[:, None, None]) \
                 / torch.tensor(std)[:, None, None]
             torch.testing.assert_close(xs[r][i], expected, rtol=0, atol=1e-5)
+
+
+def test_small_grayscale_folders_get_small_image_handling(tmp_path, capsys):
+    """28x28 gray PNGs: one channel, pad-and-crop, whole-image test resize, statistics estimated."""
+    root = tmp_path / "gray"
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(4):
+                pixels = torch.randint(0, 256, (28, 28), generator=generator, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels, mode="L").save(root / split / label / f"{i}.png")
+    config = TrainConfig(data="imagefolder", data_dir=str(root), resolutions=[28, 14], batch_size=4, workers=0)
+    resolved = folder_policy(config)
+    assert (resolved.augment, resolved.in_chans, resolved.normalize) == ("small", 1, "estimate")
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32) / 255.0)
+                          for p, _ in open_split(str(root), "train").samples])
+    assert resolved.mean[0] == pytest.approx(pixels.mean().item(), abs=1e-5)
+    assert resolved.std[0] == pytest.approx(pixels.std().item(), rel=1e-3)
+    bundle = build_data(config)
+    assert "small-image augmentation: pad 2 + crop" in capsys.readouterr().out
+    assert bundle.in_chans == 1
+    x, _ = next(iter(bundle.train.batches(0)))
+    assert x.shape == (4, 1, 28, 28)
+    xs, _ = next(iter(bundle.test.batches()))
+    first = Image.open(open_split(str(root), "val").samples[0][0])
+    expected = (torch.from_numpy(np.asarray(first, dtype=np.float32) / 255.0) - resolved.mean[0]) / resolved.std[0]
+    torch.testing.assert_close(xs[28][0, 0], expected, rtol=0, atol=1e-5)  # whole image, no crop
+    # every choice can be given instead
+    forced = folder_policy(config.replace(augment="imagenet", in_chans=3, normalize="imagenet", flip=False))
+    assert (forced.augment, forced.in_chans, forced.mean, forced.flip) == ("imagenet", 3, IMAGENET_MEAN, False)
 
 
 def test_build_data_for_image_folders(tmp_path):

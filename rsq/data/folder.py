@@ -12,17 +12,61 @@ from torchvision.datasets import ImageFolder
 
 from ..errors import RsqError
 from .multires import resize_batch
+from .policy import IMAGENET_MEAN, IMAGENET_STD, STATS_SAMPLE  # noqa: F401 - the names export reads
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CROP_FRACTION = 0.875  # test: resize the short side to s/0.875, centre crop s
 
 
-def _open_rgb(path: str) -> Image.Image:
+class ImageLoader:
+    """Open an image as RGB or as one gray channel (a class, so DataLoader workers can pickle it)."""
+
+    def __init__(self, mode: str = "RGB"):
+        self.mode = mode
+
+    def __call__(self, path: str) -> Image.Image:
+        try:
+            with open(path, "rb") as f:
+                return Image.open(f).convert(self.mode)
+        except Exception as exc:  # PIL raises many types for broken files
+            raise RsqError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}") from None
+
+
+def first_image(dataset: ImageFolder) -> Image.Image:
+    """The first training image as stored (its size and mode choose the ``auto`` settings)."""
+    path = dataset.samples[0][0]
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except Exception as exc:  # PIL raises many types for broken files
+            image = Image.open(f)
+            image.load()
+            return image
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
         raise RsqError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}") from None
+
+
+def sample_images(dataset: ImageFolder, in_chans: int) -> list[torch.Tensor]:
+    """A fixed sample of training images as [C, H, W] tensors in 0..1 (for the normalisation statistics)."""
+    loader = ImageLoader("L" if in_chans == 1 else "RGB")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(12345))[:STATS_SAMPLE]
+    return [T.functional.to_tensor(loader(dataset.samples[i][0])) for i in order.tolist()]
+
+
+def test_transform(resolution: int, policy) -> T.Compose:
+    """Small images are resized whole (as the in-memory path does); larger ones resized and centre-cropped."""
+    if policy.augment == "small":
+        head = [T.Resize((resolution, resolution))]
+    else:
+        head = [T.Resize(int(resolution / CROP_FRACTION)), T.CenterCrop(resolution)]
+    return T.Compose(head + [T.ToTensor(), T.Normalize(policy.mean, policy.std)])
+
+
+def train_transform(resolution: int, policy) -> T.Compose:
+    if policy.augment == "small":
+        steps = [T.Resize((resolution, resolution)), T.Pad(policy.crop_pad), T.RandomCrop(resolution)]
+    else:
+        steps = [T.RandomResizedCrop(resolution, scale=(policy.crop_scale, 1.0))]
+    if policy.flip:
+        steps.append(T.RandomHorizontalFlip())
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(policy.mean, policy.std)])
 
 
 def open_split(root: str, split: str) -> ImageFolder:
@@ -32,7 +76,7 @@ def open_split(root: str, split: str) -> ImageFolder:
     if not folder.is_dir():
         raise RsqError(f"data folder {root} has no '{split}' sub-folder (expected ROOT/{split}/CLASS/images)")
     try:
-        dataset = ImageFolder(str(folder), loader=_open_rgb)
+        dataset = ImageFolder(str(folder), loader=ImageLoader("RGB"))
     except (FileNotFoundError, OSError) as exc:
         raise RsqError(f"{folder}: {exc}") from None
     if len(dataset.classes) < 2:
@@ -43,12 +87,9 @@ def open_split(root: str, split: str) -> ImageFolder:
 class _PerResolution(torch.utils.data.Dataset):
     """Each test image once, through each resolution's own test transform."""
 
-    def __init__(self, base: ImageFolder, resolutions, mean, std):
+    def __init__(self, base: ImageFolder, resolutions, policy):
         self.base = base
-        self.transforms = {
-            r: T.Compose([T.Resize(int(r / CROP_FRACTION)), T.CenterCrop(r), T.ToTensor(), T.Normalize(mean, std)])
-            for r in resolutions
-        }
+        self.transforms = {r: test_transform(r, policy) for r in resolutions}
 
     def __len__(self):
         return len(self.base)
@@ -77,11 +118,9 @@ class _EpochSampler(torch.utils.data.Sampler):
 
 
 class FolderTrainData:
-    def __init__(self, dataset, batch_size, resolution, mean, std, seed=0, rank=0, world_size=1,
+    def __init__(self, dataset, batch_size, resolution, policy, seed=0, rank=0, world_size=1,
                  workers=4, device="cpu"):
-        dataset.transform = T.Compose([
-            T.RandomResizedCrop(resolution), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)
-        ])
+        dataset.transform = train_transform(resolution, policy)
         self.sampler = _EpochSampler(len(dataset), batch_size, seed, rank, world_size)
         self.steps_per_epoch = self.sampler.per_rank // batch_size
         if self.steps_per_epoch == 0:
@@ -103,10 +142,10 @@ class FolderTrainData:
 
 
 class FolderEvalData:
-    def __init__(self, dataset, batch_size, resolutions, mean, std, rank=0, world_size=1, workers=4, device="cpu"):
+    def __init__(self, dataset, batch_size, resolutions, policy, rank=0, world_size=1, workers=4, device="cpu"):
         per_rank = math.ceil(len(dataset) / world_size)
         indices = list(range(rank * per_rank, min(len(dataset), (rank + 1) * per_rank)))
-        wrapped = torch.utils.data.Subset(_PerResolution(dataset, resolutions, mean, std), indices)
+        wrapped = torch.utils.data.Subset(_PerResolution(dataset, resolutions, policy), indices)
         self.loader = torch.utils.data.DataLoader(
             wrapped, batch_size=batch_size, num_workers=workers, pin_memory=str(device).startswith("cuda")
         )

@@ -55,11 +55,11 @@ class _Normalizer:
 class TensorTrainData:
     """Shuffled, augmented training batches at the largest resolution."""
 
-    def __init__(self, images, labels, batch_size, resolution, mean, std, seed=0, pad=2,
+    def __init__(self, images, labels, batch_size, resolution, mean, std, seed=0, pad=2, flip=True,
                  rank=0, world_size=1, device="cpu"):
         self.images = images.to(device)
         self.labels = labels.to(device)
-        self.batch_size, self.resolution, self.pad, self.seed = batch_size, resolution, pad, seed
+        self.batch_size, self.resolution, self.pad, self.seed, self.flip = batch_size, resolution, pad, seed, flip
         self.rank, self.world_size, self.device = rank, world_size, device
         self.normalize = _Normalizer(mean, std, device)
         global_batch = batch_size * world_size
@@ -77,6 +77,7 @@ class TensorTrainData:
         for step in range(start_step, self.steps_per_epoch):
             idx = order[step * global_batch:(step + 1) * global_batch][mine]
             dy, dx, flip = draw_crop_flip(global_batch, self.pad, _generator(self.seed, epoch, step, 7))
+            flip = flip if self.flip else torch.zeros_like(flip)  # drawn anyway: the crops stay the same
             x = crop_flip(self.normalize(self.images[idx]), self.pad, dy[mine], dx[mine], flip[mine])
             yield resize_batch(x, self.resolution), self.labels[idx]
 
