@@ -12,13 +12,11 @@ goal: the folder path within 1 point of the in-memory path at every resolution.
 from __future__ import annotations
 
 import argparse
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
 
-from bench_joint import cpu_name
-from benchlib import finished_run, run_train, top1, write_outputs
+from benchlib import cpu_name, run_configs, top1, write_outputs
 from rsq.data import fashion_mnist
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
@@ -63,12 +61,7 @@ def main() -> None:
         for flags in configs.values():
             flags += ["--test-subset", "512"]
 
-    def run(name: str) -> dict:
-        done = finished_run(args.work, name) if args.reuse else None
-        return done if done is not None else run_train(name, common + configs[name], args.work, args.threads)
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = dict(zip(configs, pool.map(run, configs)))
+    results = run_configs(configs, common, args.work, args.threads, args.jobs, args.reuse)
     memory, folder = results["in_memory"], results["image_folder"]
     lines = ["# Fashion-MNIST as PNG folders vs the in-memory path (same recipe)", "",
              f"CPU: {cpu_name()}. `rsq train {' '.join(common)}` with `--subset {args.train_images}` (in memory) or "

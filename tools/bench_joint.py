@@ -17,14 +17,11 @@ stored weights: the joint checkpoint's model tensors against the four separate c
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from benchlib import finished_run, run_train, write_outputs
+from benchlib import cpu_name, run_configs, write_outputs
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
 BITS = [32, 8, 4, 2]
@@ -38,17 +35,6 @@ def stored_model_bytes(run_dir: Path) -> int:
     """Bytes of the model tensors a run's checkpoint stores (weights, BNs, quantizer steps)."""
     ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     return sum(t.numel() * t.element_size() for t in ckpt["model"].values())
-
-
-def cpu_name() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return platform.processor()
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    simd = [f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")]
-    return f"{fields.get('Model name', '?').strip()} ({', '.join(simd)})"
 
 
 def main() -> None:
@@ -76,13 +62,8 @@ def main() -> None:
     if args.quick:
         common += ["--test-subset", "512"]
 
-    def run(name: str) -> dict:
-        done = finished_run(args.work, name) if args.reuse else None
-        return done if done is not None else run_train(name, common + configs[name], args.work, args.threads)
-
     # The joint runs first: they are the longest, so the separate ones fill the other slot.
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = dict(zip(configs, pool.map(run, configs)))
+    results = run_configs(configs, common, args.work, args.threads, args.jobs, args.reuse)
 
     def cell(result: dict, r: int, bits: int) -> float:
         return next(row["top1"] for row in result["rows"] if row["resolution"] == r and row["bits"] == label(bits))

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -39,3 +41,26 @@ def write_outputs(out: str, lines: list[str], payload: dict) -> None:
     Path(out + ".md").write_text("\n".join(lines) + "\n")
     Path(out + ".json").write_text(json.dumps(payload, indent=1))
     print("\n".join(lines))
+
+
+def run_configs(configs: dict[str, list[str]], common: list[str], work: str, threads: int, jobs: int,
+                reuse: bool = False) -> dict[str, dict]:
+    """Every config as `rsq train COMMON FLAGS`, ``jobs`` at a time; ``reuse`` keeps runs finished in ``work``."""
+    def run(name: str) -> dict:
+        done = finished_run(work, name) if reuse else None
+        return done if done is not None else run_train(name, common + configs[name], work, threads)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        return dict(zip(configs, pool.map(run, configs)))
+
+
+def cpu_name() -> str:
+    """lscpu's model name and the SIMD flags that decide CPU speed (AVX2, AVX-512, AMX)."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    simd = [f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")]
+    return f"{fields.get('Model name', '?').strip()} ({', '.join(simd)})"
