@@ -367,6 +367,64 @@ def _require_pandas(command: str) -> None:
     require("pandas", command)
 
 
+# ----------------------------------------------------------------------------- export / verify
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--format", "fmt", default="all", show_default=True, metavar="onnx|packed|qonnx|...|all",
+              help="what to write: onnx, packed, qonnx (see the README), or all of them")
+@click.option("--out", required=True, help="export folder (written atomically)")
+@click.option("--resolution", "--resolutions", "resolutions", type=IntList(), default=None,
+              help="resolution(s) to export [default: all the checkpoint knows]")
+@click.option("--bits", type=Bits(), default=None,
+              help="for a checkpoint that switches bit widths: the one to export")
+@click.option("--overwrite", is_flag=True, help="replace an export already in --out")
+def export(checkpoint, fmt, out, resolutions, bits, overwrite):
+    """Export a quantized checkpoint for edge targets: integer-only ONNX, a bit-packed checkpoint
+    with a numpy reference runtime, QONNX for FINN (see the README's export section).
+
+    \b
+    Examples:
+      rsq export runs/fashion_mnist_w4a4 --out exports/w4a4
+      rsq export runs/joint --bits 2 --format packed --out exports/joint_w2
+    """
+    from .export import FORMATS, export_checkpoint
+
+    for name in FORMATS if fmt == "all" else [fmt]:
+        written = export_checkpoint(checkpoint, name, out, resolutions, overwrite=overwrite, bits=bits)
+        overwrite = False  # the next format joins this export
+        click.echo(f"wrote {written}")
+    return 0
+
+
+@cli.command()
+@click.argument("export_dir")
+@click.option("--test-subset", type=Number(int), default=None, help="verify on the first N test images")
+@click.option("--data-dir", default=None, help="data folder [default: the run's]")
+@click.option("--out", default=None, help="also write the table as JSON here")
+def verify(export_dir, test_subset, data_dir, out):
+    """Run every artifact of an export on the run's test set and compare it with the fake-quantized
+    model and with rsq's integer reference runtime: top-1, agreement, latency, integer equality.
+
+    \b
+    Examples:
+      rsq verify exports/w4a4
+      rsq verify exports/w4a4 --test-subset 1000 --out verify.json
+    """
+    from .verify import verify_export
+
+    result = verify_export(export_dir, test_subset=test_subset, data_dir=data_dir)
+    if out:
+        from .results import write_json_atomic
+
+        try:
+            write_json_atomic(result, out)
+        except OSError as exc:
+            raise RsqError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return 0
+
+
 # ----------------------------------------------------------------------------- small commands
 
 

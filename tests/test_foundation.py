@@ -25,7 +25,7 @@ from rsq.quantize import FIRST_LAST_POLICIES, QUANTIZERS, full_precision_layers
 from rsq.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["train", "eval", "calibrate", "report", "compare", "models", "fetch-data"]
+COMMANDS = ["train", "eval", "calibrate", "report", "compare", "export", "verify", "models", "fetch-data"]
 
 
 def invoke(*argv):

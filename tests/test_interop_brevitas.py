@@ -12,7 +12,7 @@ from rsq.errors import RsqError
 
 pytest.importorskip("brevitas")
 pytest.importorskip("qonnx")
-from rsq.interop.brevitas import qonnx_cost, run_qonnx, to_brevitas, write_qonnx  # noqa: E402
+from rsq.interop.brevitas import QonnxRunner, qonnx_cost, to_brevitas, write_qonnx  # noqa: E402
 
 RES = [16, 12]
 
@@ -65,7 +65,7 @@ def test_qonnx_keeps_the_bit_widths_and_runs_like_rsq(w2_qonnx, one_thread):
     x = torch.randn(4, 1, 12, 12)
     with torch.no_grad(), rsq.using_mode(model, 12):
         expected = model(x).numpy()
-    got = np.concatenate([run_qonnx(path, x[i:i + 1].numpy()) for i in range(len(x))])
+    got = QonnxRunner(path)(x.numpy())
     assert np.allclose(got, expected, atol=1e-4), np.abs(got - expected).max()
 
 

@@ -121,6 +121,22 @@ TABLE = [
     ("recipe-wrong-type", ["train", "wrong_type.toml", *SMALL], "recipe key 'resolutions' must be of type list[int]"),
     ("recipe-infinite-lr", ["train", "inf_lr.toml", *SMALL], "lr must be a finite number, got inf"),
     ("recipe-bad-device", ["train", "gpu_device.toml", *SMALL], "unknown device 'gpu'"),
+    # --- export and verify
+    ("export-full-precision", ["export", "run", "--out", "e_fp"], "is a full-precision checkpoint; integer export"),
+    ("export-missing", ["export", "missing.pt", "--out", "e_missing"], "checkpoint missing.pt does not exist"),
+    ("export-truncated", ["export", "truncated.pt", "--out", "e_trunc"], "truncated.pt is not a readable rsq checkpoint"),
+    ("export-foreign", ["export", "foreign.pt", "--out", "e_foreign"], "foreign.pt is not an rsq checkpoint"),
+    ("export-format-unknown", ["export", "qrun", "--format", "tflite", "--out", "e_fmt"],
+     "unknown export format 'tflite'; choose from: onnx, packed, qonnx, pt2e, executorch"),
+    ("export-resolution-unknown", ["export", "qrun", "--format", "packed", "--resolution", "20", "--out", "e_res"],
+     "resolution(s) [20] unknown to this model (known: 16, 12)"),
+    ("export-lq-nets", ["export", "lqrun", "--format", "packed", "--out", "e_lq"], "uses the lqnet quantizer"),
+    ("export-out-holds-an-export", ["export", "qrun", "--format", "packed", "--out", "exp"],
+     "exp already holds a packed export; pass overwrite=True (--overwrite) to replace it"),
+    ("export-out-is-a-file", ["export", "qrun", "--out", "afile"], "export target afile is a file, not a folder"),
+    ("export-bits-of-a-single-run", ["export", "qrun", "--bits", "2", "--out", "e_bits"],
+     "is a one-bit-width checkpoint (W4A4); drop --bits 2"),
+    ("verify-not-an-export", ["verify", "run"], "run is not an rsq export (no export.json)"),
     # --- eval
     ("eval-missing", ["eval", "missing.pt"], "checkpoint missing.pt does not exist"),
     ("eval-empty-file", ["eval", "empty.pt"], "empty.pt is not a readable rsq checkpoint"),
@@ -178,6 +194,9 @@ def world(tmp_path_factory) -> Path:
     try:
         os.chdir(root)
         assert main(T("--out", "run")) == 0
+        assert main(T("--bits", "4", "--out", "qrun")) == 0
+        assert main(T("--bits", "2", "--quantizer", "lqnet", "--out", "lqrun")) == 0
+        assert main(["export", "qrun", "--format", "packed", "--out", "exp"]) == 0
     finally:
         os.chdir(cwd)
         torch.set_num_threads(threads)

@@ -144,11 +144,19 @@ def qonnx_cost(path) -> dict:
     return {"macs": cost["total_cost"]["total_macs"], "bitops": cost["total_cost"]["total_bops"], "layers": layers}
 
 
-def run_qonnx(path, x) -> "numpy.ndarray":  # noqa: F821
-    """Execute a QONNX file with qonnx's reference executor on one numpy batch."""
-    wrapper = require("qonnx.core.modelwrapper", "running QONNX", "qonnx").ModelWrapper
-    execute = require("qonnx.core.onnx_exec", "running QONNX", "qonnx").execute_onnx
-    cleanup = require("qonnx.util.cleanup", "running QONNX", "qonnx").cleanup_model
-    graph = cleanup(wrapper(str(path)))
-    name_in, name_out = graph.graph.input[0].name, graph.graph.output[0].name
-    return execute(graph, {name_in: x})[name_out]
+class QonnxRunner:
+    """A QONNX file run by qonnx's reference executor (node by node, in numpy): loaded and cleaned once."""
+
+    def __init__(self, path):
+        wrapper = require("qonnx.core.modelwrapper", "running QONNX", "qonnx").ModelWrapper
+        cleanup = require("qonnx.util.cleanup", "running QONNX", "qonnx").cleanup_model
+        self.execute = require("qonnx.core.onnx_exec", "running QONNX", "qonnx").execute_onnx
+        self.graph = cleanup(wrapper(str(path)))
+        self.name_in, self.name_out = self.graph.graph.input[0].name, self.graph.graph.output[0].name
+
+    def __call__(self, x: "numpy.ndarray") -> "numpy.ndarray":  # noqa: F821
+        """Logits for an NCHW batch, one image at a time (the graph was exported at batch 1)."""
+        import numpy as np
+
+        return np.concatenate([self.execute(self.graph, {self.name_in: x[i:i + 1]})[self.name_out]
+                               for i in range(len(x))])

@@ -1,0 +1,72 @@
+"""PT2E programs of an RS-Net lowered to ExecuTorch's XNNPACK backend: one .pte, one method per resolution.
+
+Methods are named ``r<resolution>`` (as rsq's mode keys) and take one image (batch 1): the
+on-device case, and dynamic batch breaks in graphs that are only partly delegated.
+
+XNNPACK runs the convs whose output is re-quantized (dq -> conv [-> clamp] -> q) in int8. Convs
+whose output stays float (before a residual add) and the final linear keep float weights (the
+dequantized values) and run as XNNPACK float ops on the dequantized input, so the whole network is
+one XNNPACK delegate: with those layers left as int8-weight portable ops beside int8 delegates,
+executorch 1.5.1 returned logits unrelated to the reference.
+
+Not bit-equal to the fake-quant model: XNNPACK's int8 conv adds its bias as int32 in units of
+input step x weight step, a rounding of a few % of an output step that moves some activations
+by one step.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..deps import require
+from ..errors import RsqError
+from .pt2e import to_pt2e
+
+PURPOSE = "ExecuTorch export"
+
+
+def method_name(resolution: int) -> str:
+    return f"r{int(resolution)}"
+
+
+def to_executorch_bytes(model: nn.Module, resolutions: Iterable[int], in_chans: int) -> bytes:
+    """The serialised .pte: every resolution's PT2E program, XNNPACK-delegated, in one program."""
+    exir = require("executorch.exir", PURPOSE, "executorch")
+    xnnpack = require("executorch.backends.xnnpack.partition.xnnpack_partitioner", PURPOSE, "executorch")
+    # Registers the out variants of the q/dq ops, for any of them XNNPACK does not take.
+    require("executorch.kernels.quantized", PURPOSE, "executorch")
+    resolutions = [int(r) for r in resolutions]
+    if not resolutions:
+        raise RsqError("ExecuTorch export needs at least one resolution")
+    programs = {method_name(r): to_pt2e(model, r, in_chans, batch=1, backend="xnnpack") for r in resolutions}
+    # One partitioner list per method: a partitioner instance keeps state from the program it saw.
+    partitioners = {name: [xnnpack.XnnpackPartitioner()] for name in programs}
+    edge = exir.to_edge_transform_and_lower(programs, partitioner=partitioners)
+    return edge.to_executorch().buffer
+
+
+def write_executorch(model: nn.Module, resolutions: Iterable[int], in_chans: int, path) -> Path:
+    """Write one .pte with a method ``r<resolution>`` per resolution; returns the path."""
+    path = Path(path)
+    path.write_bytes(to_executorch_bytes(model, resolutions, in_chans))
+    return path
+
+
+def _runtime():
+    runtime_mod = require("executorch.runtime", "running a .pte", "executorch")
+    require("executorch.kernels.quantized", "running a .pte", "executorch")  # the dequantize kernels
+    return runtime_mod.Runtime.get()
+
+
+def run_executorch(path, method: str, x_numpy: np.ndarray) -> np.ndarray:
+    """Logits of ``method`` (e.g. "r16") for an NCHW float array, one image at a time in ExecuTorch."""
+    program = _runtime().load_program(Path(path))
+    if method not in program.method_names:
+        raise RsqError(f"{path} has no method {method!r}; it has: {', '.join(sorted(program.method_names))}")
+    runner = program.load_method(method)
+    x = torch.from_numpy(np.ascontiguousarray(x_numpy, dtype=np.float32))
+    return torch.cat([runner.execute([image.unsqueeze(0)])[0].clone() for image in x]).numpy()

@@ -1,0 +1,387 @@
+"""One resolution of an LSQ RS-Net as a torchao PT2E quantized program (q/dq ops around float ops).
+
+The float model keeps rsq's numbers: each conv's weight is its fake-quantized weight with that
+resolution's BN folded in, and a Quantizer of our own puts rsq's learned steps on every conv /
+linear input and weight through fixed-qparams observers, so nothing is re-calibrated.
+
+Grid mapping (8-bit containers; the integers stay rsq's, shifted by the zero point):
+- activations, backend "x86" (oneDNN int8 convs take uint8 inputs only): uint8, zero point Qn,
+  range [0, Qn + Qp]. Backend "xnnpack" (its static int8 ops take int8 only): signed -> zero
+  point 0, range [-Qn, Qp]; unsigned b < 8 -> zero point 0, range [0, Qp]; unsigned 8-bit ->
+  zero point -128, range [-128, 127]. Where the range is narrower than the container a float
+  hardtanh clips first (clamp_to_grids: int8 kernels ignore quant_max).
+- weights: int8 per output channel (ch_axis 0, per_channel_symmetric), scale = step * |BN gain|;
+  a negative BN gain flips a channel's integers to [-Qp, Qn]. Linears declare rsq's range
+  [-Qn, Qp]; convs declare [-128, 127] (see _fold_layer).
+Residual adds, pooling and the logits stay float, exactly as in the fake-quant model.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..convert import mode_state, using_mode
+from ..deps import require
+from ..errors import RsqError
+from ..nn.quant_layers import QuantConv2d, QuantLinear
+from ..nn.quantizers import FULL_PRECISION, LQNetQuantizer, LSQQuantizer, SwitchableQuantizer
+from ..nn.switchable_bn import SwitchableBatchNorm2d
+
+PURPOSE = "PT2E export"
+INT8_MIN, INT8_MAX = -128, 127
+BACKENDS = ("x86", "xnnpack")
+
+
+def _torchao_pt2e():
+    return require("torchao.quantization.pt2e.quantize_pt2e", PURPOSE, "torchao")
+
+
+def _lsq_for_mode(quantizer: nn.Module, mode_key: str, layer: str, role: str) -> Optional[LSQQuantizer]:
+    """The LSQ quantizer a layer runs in one mode; None when that tensor stays full precision."""
+    if isinstance(quantizer, SwitchableQuantizer):
+        quantizer = quantizer.for_mode(mode_key)
+    if isinstance(quantizer, nn.Identity) or getattr(quantizer, "bits", None) == FULL_PRECISION:
+        return None
+    if isinstance(quantizer, LQNetQuantizer):
+        raise RsqError(f"layer {layer} uses LQ-Nets ({role}): non-uniform levels have no PT2E int8 form; "
+                       f"export needs the lsq quantizer")
+    if not isinstance(quantizer, LSQQuantizer):
+        raise RsqError(f"layer {layer}: unsupported {role} quantizer {type(quantizer).__name__}")
+    if not bool(quantizer.initialized):
+        raise RsqError(f"layer {layer}: its {role} quantizer was never initialised (an untrained model)")
+    return quantizer
+
+
+def _conv_feeding_each_bn(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
+    """BN name -> name of the conv whose output it normalises, found by one traced forward.
+
+    Tensor identity is what ties them: a torchvision-style net calls bn(conv(x)) directly.
+    """
+    conv_output: dict[int, str] = {}
+    pairs: dict[str, str] = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(
+                lambda m, i, out: conv_output.__setitem__(id(out), names[id(m)])))
+        elif isinstance(module, nn.BatchNorm2d):
+            handles.append(module.register_forward_pre_hook(
+                lambda m, i: pairs.__setitem__(names[id(m)], conv_output.get(id(i[0])))))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    unpaired = [bn for bn, conv in pairs.items() if conv is None]
+    if unpaired:
+        raise RsqError(f"BatchNorm {unpaired[0]} does not directly follow a conv; PT2E export folds every BN")
+    return pairs
+
+
+class LayerGrid:
+    """rsq's integer grids of one conv / linear in one mode, as PT2E needs them."""
+
+    def __init__(self, act: Optional[LSQQuantizer], weight_int: Optional[torch.Tensor],
+                 weight_scale: Optional[torch.Tensor], weight_range: Optional[tuple[int, int]]):
+        self.act = act
+        self.weight_int = weight_int
+        self.weight_scale = weight_scale  # [out_channels]: rsq step times |BN gain|
+        self.weight_range = weight_range
+
+
+def _outermost_bn(root: nn.Module, bn_name: str) -> str:
+    """The SwitchableBatchNorm2d holding BN ``bn_name`` (a per-mode child), else the BN itself."""
+    parent = bn_name.rsplit(".", 2)[0] if bn_name.count(".") >= 2 else ""
+    if parent and isinstance(root.get_submodule(parent), SwitchableBatchNorm2d):
+        return parent
+    return bn_name
+
+
+def _swap_in(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+@torch.no_grad()
+def float_model_for(model: nn.Module, resolution: int, in_chans: int) -> tuple[nn.Module, dict[str, LayerGrid]]:
+    """A plain float copy of ``model`` at one resolution (BN folded, weights on rsq's grid), and its grids.
+
+    Each conv's weight is int * step * BN gain, so dividing by the exported scale (step * |gain|)
+    gives back rsq's integers up to float rounding, far from any rounding tie.
+    """
+    mode_key = mode_state(model).find(resolution).key
+    float_model = copy.deepcopy(model).eval()
+    example = torch.zeros(1, in_chans, resolution, resolution)
+    with using_mode(float_model, resolution):
+        bn_of_conv = {conv: bn for bn, conv in _conv_feeding_each_bn(float_model, example).items()}
+    grids: dict[str, LayerGrid] = {}
+    for name, layer in list(float_model.named_modules()):
+        if isinstance(layer, (QuantConv2d, QuantLinear)):
+            grids[name] = _fold_layer(float_model, name, layer, bn_of_conv.get(name), mode_key)
+        elif isinstance(layer, (nn.Conv2d, nn.Linear)) and type(layer) not in (nn.Conv2d, nn.Linear):
+            raise RsqError(f"layer {name} ({type(layer).__name__}) is not a plain or rsq quantized layer")
+    for bn in bn_of_conv.values():
+        _swap_in(float_model, _outermost_bn(float_model, bn), nn.Identity())
+    leftover = [n for n, m in float_model.named_modules()
+                if isinstance(m, (nn.modules.batchnorm._BatchNorm, SwitchableBatchNorm2d))]
+    if leftover:
+        raise RsqError(f"BatchNorm {leftover[0]} could not be folded into a conv")
+    return float_model, grids
+
+
+def _fold_layer(root: nn.Module, name: str, layer: nn.Module, bn_name: Optional[str], mode_key: str) -> LayerGrid:
+    act = _lsq_for_mode(layer.act_quantizer, mode_key, name, "activation")
+    weight_q = _lsq_for_mode(layer.weight_quantizer, mode_key, name, "weight")
+    out_channels = layer.weight.shape[0]
+    weight = layer.weight_quantizer(layer.weight).detach().float()  # rsq's own fake-quant weight
+    bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(out_channels)
+    gain = torch.ones(out_channels)
+    if bn_name is not None:
+        bn = root.get_submodule(bn_name)  # the BatchNorm2d that ran in this mode
+        gain = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+        bias = bn.bias.detach() + (bias - bn.running_mean) * gain
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    folded = weight * gain.reshape(shape)
+    weight_int = scale = weight_range = None
+    if weight_q is not None:
+        if not (weight_q.signed and weight_q.per_channel):
+            raise RsqError(f"layer {name}: weights must be signed and per output channel")
+        step = weight_q.step.detach().reshape(-1)
+        if (gain == 0).any():
+            raise RsqError(f"layer {name}: a BN channel has zero gain, so its weight scale would be 0")
+        scale = (step * gain.abs()).float()
+        weight_int = torch.round(folded / scale.reshape(shape)).to(torch.int64)
+        if isinstance(layer, QuantConv2d):
+            # XNNPACK reads a declared [-8, 7] as packed 4-bit weights, which it has for linears
+            # only, so conv weights declare the whole int8 range (their values stay on rsq's grid).
+            weight_range = (INT8_MIN, INT8_MAX)
+        else:
+            weight_range = (-weight_q.qn, weight_q.qp)
+        if weight_int.min() < weight_range[0] or weight_int.max() > weight_range[1]:
+            raise RsqError(f"layer {name}: a weight at the grid edge in a channel with negative BN gain "
+                           f"needs +{weight_q.qn}, which int8 cannot hold")
+    plain = _plain_layer(layer, folded, bias)
+    _swap_in(root, name, plain)
+    return LayerGrid(act, weight_int, scale, weight_range)
+
+
+def _plain_layer(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    if isinstance(layer, QuantConv2d):
+        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                          layer.dilation, layer.groups, True, layer.padding_mode)
+    else:
+        plain = nn.Linear(layer.in_features, layer.out_features, True)
+    plain.weight = nn.Parameter(weight.clone(), requires_grad=False)
+    plain.bias = nn.Parameter(bias.clone().float(), requires_grad=False)
+    return plain.eval()
+
+
+def activation_dtype(backend: str) -> torch.dtype:
+    if backend not in BACKENDS:
+        raise RsqError(f"unknown PT2E backend {backend!r}; choose from: {', '.join(BACKENDS)}")
+    return torch.uint8 if backend == "x86" else torch.int8
+
+
+def container_range(dtype: torch.dtype) -> tuple[int, int]:
+    return (0, 255) if dtype == torch.uint8 else (INT8_MIN, INT8_MAX)
+
+
+def activation_qparams(act: LSQQuantizer, dtype: torch.dtype = torch.uint8) -> tuple[float, int, int, int]:
+    """(scale, zero_point, quant_min, quant_max) of an activation grid in a uint8 or int8 container."""
+    if dtype == torch.uint8:
+        return float(act.step.detach()), act.qn, 0, act.qn + act.qp
+    if act.signed or act.qp <= INT8_MAX:
+        return float(act.step.detach()), 0, -act.qn, act.qp
+    return float(act.step.detach()), INT8_MIN, INT8_MIN, INT8_MIN + act.qp
+
+
+def _step_observers():
+    """Observer classes that report rsq's steps instead of observing anything (built on first use,
+    so that importing this module never needs torchao)."""
+    observer_mod = require("torchao.quantization.pt2e.observer", PURPOSE, "torchao")
+
+    class RsqStepObserver(observer_mod.ObserverBase):
+        """Fixed (scale, zero point) taken from rsq; forward leaves values untouched."""
+
+        def __init__(self, scale, zero_point, dtype=torch.int8, qscheme=torch.per_tensor_affine,
+                     quant_min=INT8_MIN, quant_max=INT8_MAX, is_dynamic=False, ch_axis=0, **kwargs):
+            super().__init__(dtype=dtype, is_dynamic=is_dynamic)
+            self.qscheme, self.quant_min, self.quant_max, self.ch_axis = qscheme, quant_min, quant_max, ch_axis
+            self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).clone())
+            self.register_buffer("zero_point", torch.as_tensor(zero_point, dtype=torch.int32).clone())
+
+        def forward(self, x):
+            return x
+
+        def calculate_qparams(self, **kwargs):
+            return self.scale, self.zero_point
+
+    # torchao passes ch_axis only to observer classes whose name contains "PerChannel".
+    class RsqPerChannelStepObserver(RsqStepObserver):
+        pass
+
+    return RsqStepObserver, RsqPerChannelStepObserver
+
+
+def make_quantizer(grids: dict[str, LayerGrid], backend: str = "x86"):
+    """A torchao Quantizer that annotates each conv / linear of the exported graph with rsq's grids.
+
+    For "xnnpack", int8 weights only on layers whose output is quantized again (XNNPACK's static
+    int8 conv needs dq -> conv [-> act] -> q); a layer feeding a residual add or the logits keeps
+    float weights, equal to the dequantized ones, and runs as a float op.
+    """
+    act_dtype = activation_dtype(backend)
+    requantized_outputs_only = backend == "xnnpack"
+    spec_mod = require("torchao.quantization.pt2e.quantizer", PURPOSE, "torchao")
+    per_tensor, per_channel = _step_observers()
+
+    def act_spec(act: LSQQuantizer):
+        scale, zero_point, low, high = activation_qparams(act, act_dtype)
+        return spec_mod.QuantizationSpec(
+            dtype=act_dtype, quant_min=low, quant_max=high, qscheme=torch.per_tensor_affine,
+            observer_or_fake_quant_ctr=per_tensor.with_args(scale=scale, zero_point=zero_point))
+
+    def weight_spec(grid: LayerGrid):
+        zeros = torch.zeros_like(grid.weight_scale, dtype=torch.int32)
+        return spec_mod.QuantizationSpec(
+            dtype=torch.int8, quant_min=grid.weight_range[0], quant_max=grid.weight_range[1],
+            qscheme=torch.per_channel_symmetric, ch_axis=0,
+            observer_or_fake_quant_ctr=per_channel.with_args(scale=grid.weight_scale, zero_point=zeros))
+
+    class RsqStepQuantizer(spec_mod.Quantizer):
+        """Annotates by layer name (the weight's attribute path), never by op pattern, so a shared
+        ReLU module or any other module reuse cannot confuse it; each input edge gets its own q/dq."""
+
+        def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            return clamp_to_grids(model, grids, act_dtype)
+
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            self.done = set()
+            for node in model.graph.nodes:
+                name = _layer_of(node)
+                if name is None or name not in grids:
+                    continue
+                grid, qspecs = grids[name], {}
+                if grid.act is not None:
+                    qspecs[node.args[0]] = act_spec(grid.act)
+                if grid.weight_scale is not None and (not requantized_outputs_only or _requantized(node, grids)):
+                    qspecs[node.args[1]] = weight_spec(grid)
+                node.meta["quantization_annotation"] = spec_mod.QuantizationAnnotation(
+                    input_qspec_map=qspecs, _annotated=True)
+                self.done.add(name)
+            return model
+
+        def validate(self, model: torch.fx.GraphModule) -> None:
+            missing = sorted(set(grids) - self.done)
+            if missing:
+                raise RsqError(f"PT2E export found no conv/linear op for layer {missing[0]} in the exported graph")
+
+    return RsqStepQuantizer()
+
+
+_GEMMS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+_RELUS = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
+
+
+def _requantized(node: torch.fx.Node, grids: dict[str, LayerGrid]) -> bool:
+    """Whether a gemm's output (through at most one relu / hardtanh) only feeds a quantized layer input."""
+    if len(node.users) != 1:
+        return False
+    user = next(iter(node.users))
+    if user.op == "call_function" and user.target in _RELUS + (torch.ops.aten.hardtanh.default,):
+        if len(user.users) != 1:
+            return False
+        user = next(iter(user.users))
+    name = _layer_of(user)
+    return name in grids and grids[name].act is not None and user.args[0] in (node,) + tuple(node.users)
+
+
+def clamp_to_grids(model: torch.fx.GraphModule, grids: dict[str, LayerGrid],
+                   dtype: torch.dtype = torch.uint8) -> torch.fx.GraphModule:
+    """Put rsq's clip range in front of every activation grid narrower than its 8-bit container, as a
+    float hardtanh.
+
+    XNNPACK (and other int8 kernels) ignore a quantize op's quant_min/quant_max and clip only at
+    the int8 limits, so a 4-bit grid would not clip at 15. The clamp keeps the values exact:
+    clamp-then-round equals round-then-clamp for integer bounds. A ReLU whose only user is the
+    quantized layer becomes the hardtanh itself, which XNNPACK fuses into the producing conv.
+    """
+    for node in list(model.graph.nodes):
+        name = _layer_of(node)
+        if name is None or name not in grids or grids[name].act is None:
+            continue
+        act = grids[name].act
+        _, _, low, high = activation_qparams(act, dtype)
+        if (low, high) == container_range(dtype):
+            continue
+        step = float(act.step.detach())
+        lo, hi = (-act.qn * step, act.qp * step) if act.signed else (0.0, act.qp * step)
+        source = node.args[0]
+        if source.op == "call_function" and source.target in _RELUS and len(source.users) == 1 and not act.signed:
+            source.target, source.args = torch.ops.aten.hardtanh.default, (source.args[0], lo, hi)
+            continue
+        with model.graph.inserting_before(node):
+            clip = model.graph.call_function(torch.ops.aten.hardtanh.default, (source, lo, hi))
+        clip.meta.update({k: v for k, v in source.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")})
+        node.replace_input_with(source, clip)
+    model.graph.lint()
+    model.recompile()
+    return model
+
+
+def _layer_of(node: torch.fx.Node) -> Optional[str]:
+    """The module path of a conv / linear node, read from its weight's get_attr target."""
+    if node.op != "call_function" or node.target not in _GEMMS:
+        return None
+    weight = node.args[1]
+    if weight.op != "get_attr" or not weight.target.endswith("weight"):
+        return None
+    return weight.target.rsplit(".", 1)[0] if "." in weight.target else ""
+
+
+def to_pt2e(model: nn.Module, resolution: int, in_chans: int, batch: Optional[int] = None,
+            backend: str = "x86") -> torch.export.ExportedProgram:
+    """The converted PT2E program (q/dq + float ops) of ``model`` at ``resolution``.
+
+    ``batch=None`` keeps the batch dimension dynamic (the server path); an int fixes it.
+    ``backend``: "x86" (Inductor, uint8 activations) or "xnnpack" (ExecuTorch, int8 activations).
+    """
+    activation_dtype(backend)  # an unknown backend fails before any work
+    pt2e = _torchao_pt2e()
+    float_model, grids = float_model_for(model, resolution, in_chans)
+    # Batch 2 when dynamic: export specialises a size-1 dimension instead of keeping it symbolic.
+    example = (torch.randn(batch or 2, in_chans, resolution, resolution),)
+    dynamic = None if batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)
+    graph = torch.export.export(float_model, example, dynamic_shapes=dynamic).module()
+    prepared = pt2e.prepare_pt2e(graph, make_quantizer(grids, backend))
+    converted = pt2e.convert_pt2e(prepared)
+    return torch.export.export(converted, example, dynamic_shapes=dynamic)
+
+
+def write_pt2e(model: nn.Module, resolution: int, in_chans: int, path) -> Path:
+    """Save the PT2E program of one resolution with torch.export.save; returns the path."""
+    path = Path(path)
+    torch.export.save(to_pt2e(model, resolution, in_chans), str(path))
+    return path
+
+
+def load_pt2e(path, compile: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A callable for a saved PT2E program: Inductor-compiled (the server CPU path) unless compile=False.
+
+    Inductor fuses dq -> conv -> act -> q into oneDNN int8 convs only with freezing on and with
+    torchao's x86 passes registered, which importing its X86 Inductor quantizer module does.
+    """
+    require("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer", "the Inductor PT2E path", "torchao")
+    program = torch.export.load(str(path))
+    module = program.module()
+    if not compile:
+        return module
+    import torch._inductor.config as inductor_config
+    inductor_config.freezing = True
+    return torch.compile(module)

@@ -1,0 +1,195 @@
+"""``verify_export(folder)``: run every artifact of an export on the run's test set and compare.
+
+Per resolution and artifact: top-1, top-1 agreement with the fake-quant PyTorch model, the
+accuracy difference, latency per image, and whether its integer logits equal rsq.runtime's (the
+reference: the checkpoint lowered again in memory). Fake-quant vs runtime disagreement is the
+integer arithmetic's doing; runtime vs an artifact's is the writer's or the engine's.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import checkpoint_config, load_model
+from .convert import using_mode
+from .errors import RsqError
+from .export import CHECKPOINT_COPY, INTEGER_FORMATS, lower_checkpoint_model, read_export_info
+from .runtime import Runtime, load
+
+
+def _onnx_sessions(folder: Path, resolutions) -> dict:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise RsqError("verifying an ONNX export needs onnxruntime: pip install onnxruntime") from None
+    from .export.onnx import graph_file
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    sessions = {}
+    for r in resolutions:
+        path = folder / graph_file(r)
+        if not path.is_file():
+            raise RsqError(f"{path} is missing from the export")
+        sessions[r] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return sessions
+
+
+def _artifacts(export_dir: Path, info: dict, resolutions, gemm: str) -> dict:
+    """{name: callable(x float32 NCHW numpy, r) -> int32 logits} for every format in the folder."""
+    runners = {}
+    formats = info.get("formats", {})
+    if "packed" in formats:
+        packed = Runtime(load(export_dir / "packed"), gemm=gemm)
+        runners["packed"] = packed.run
+    if "onnx" in formats:
+        sessions = _onnx_sessions(export_dir / "onnx", resolutions)
+        # Output 1 is the int32 logits (output 0 is their DequantizeLinear).
+        runners["onnx"] = lambda x, r: sessions[r].run([sessions[r].get_outputs()[1].name], {"input": x})[0]
+    if "qonnx" in formats:
+        runners["qonnx"] = _qonnx_runner(export_dir / "qonnx")
+    if "pt2e" in formats:
+        from .export import pt2e_file
+        from .export.pt2e import load_pt2e
+        compiled = {r: load_pt2e(export_dir / "pt2e" / pt2e_file(r)) for r in resolutions}  # Inductor
+        runners["pt2e"] = lambda x, r: compiled[r](torch.from_numpy(x)).detach().numpy()
+    if "executorch" in formats:
+        from .export import EXECUTORCH_FILE
+        from .export.executorch import method_name, run_executorch
+        pte = export_dir / "executorch" / EXECUTORCH_FILE
+        runners["executorch"] = lambda x, r: run_executorch(pte, method_name(r), x)
+    return runners
+
+
+QONNX_IMAGES = 64  # qonnx's executor runs node by node (about 0.3 s an image): verify a sample per resolution
+
+
+def _qonnx_runner(folder: Path):
+    """Float logits from qonnx's reference executor for the first QONNX_IMAGES test images."""
+    from .export import qonnx_file
+    from .interop.brevitas import QonnxRunner
+    runners: dict[int, QonnxRunner] = {}
+    seen: dict[int, int] = {}
+
+    def run(x, r):
+        take = max(0, min(len(x), QONNX_IMAGES - seen.get(r, 0)))
+        seen[r] = seen.get(r, 0) + take
+        if not take:
+            return None
+        if r not in runners:
+            runners[r] = QonnxRunner(folder / qonnx_file(r))
+        return runners[r](x[:take])
+    return run
+
+
+class _Tally:
+    def __init__(self):
+        self.correct = self.agree = self.images = 0
+        self.seconds = 0.0
+        self.int_differ = self.int_within_one = self.int_total = 0
+        self.compared = False
+
+    def add(self, pred, target, fq_pred, seconds, ints=None, ref_ints=None):
+        self.correct += int((pred == target).sum())
+        self.agree += int((pred == fq_pred).sum())
+        self.images += len(target)
+        self.seconds += seconds
+        if ints is not None:
+            self.compared = True
+            diff = np.abs(ints.astype(np.int64) - ref_ints.astype(np.int64))
+            self.int_differ += int((diff != 0).sum())
+            self.int_within_one += int((diff <= 1).sum())
+            self.int_total += diff.size
+
+    def row(self, resolution, artifact, fq_top1) -> dict:
+        top1 = 100.0 * self.correct / max(self.images, 1)
+        row = {"resolution": resolution, "artifact": artifact, "top1": round(top1, 2),
+               "agreement": round(100.0 * self.agree / max(self.images, 1), 2),
+               "top1_diff": round(top1 - fq_top1, 2),
+               "ms_per_image": round(1000 * self.seconds / max(self.images, 1), 3),
+               "integers_vs_runtime": ""}
+        if self.compared:
+            row["integers_vs_runtime"] = ("identical" if self.int_differ == 0 else
+                                          f"{self.int_differ}/{self.int_total} differ, "
+                                          f"{100.0 * self.int_within_one / self.int_total:.2f}% within one step")
+        return row
+
+
+def verify_export(export_dir, test_subset: Optional[int] = None, data_dir: Optional[str] = None,
+                  quiet: bool = False, gemm: str = "float") -> dict:
+    """{"images", "rows", "lowering_unchanged"}; also prints the table unless ``quiet``.
+
+    gemm: rsq.runtime's matmul ("float": exact float32 BLAS where provably exact, several times
+    faster; "int32": int32 throughout). Both give the same integers (tests/test_export_models.py).
+    """
+    export_dir = Path(export_dir)
+    info = read_export_info(export_dir)
+    model, ckpt = load_model(export_dir / info.get("checkpoint", CHECKPOINT_COPY))
+    resolutions = list(info["resolutions"])
+    bits = info.get("bits")
+    reference = lower_checkpoint_model(model, checkpoint_config(ckpt), resolutions, bits)
+    unchanged = {fmt: entry.get("digest") == reference.digest() for fmt, entry in info.get("formats", {}).items()
+                 if fmt in INTEGER_FORMATS}  # the other formats are not written from the IntegerModel
+    runtime = Runtime(reference, gemm=gemm)
+    artifacts = _artifacts(export_dir, info, resolutions, gemm)
+    test = _test_data(ckpt, resolutions, test_subset, data_dir)
+    names = ["fake-quant", "runtime"] + list(artifacts)
+    tallies = {(r, name): _Tally() for r in resolutions for name in names}
+    with torch.no_grad():
+        for xs, target in test.batches():
+            target = target.numpy()
+            for r in resolutions:
+                start = time.perf_counter()
+                with using_mode(model, r, bits):
+                    fq_pred = model(xs[r]).argmax(1).numpy()
+                tallies[r, "fake-quant"].add(fq_pred, target, fq_pred, time.perf_counter() - start)
+                x = xs[r].numpy().astype(np.float32)
+                start = time.perf_counter()
+                ref_ints = runtime.run(x, r)
+                tallies[r, "runtime"].add(ref_ints.argmax(1), target, fq_pred, time.perf_counter() - start)
+                for name, run in artifacts.items():
+                    start = time.perf_counter()
+                    out = run(x, r)
+                    if out is None:  # a sampled artifact that has seen its share
+                        continue
+                    n = len(out)
+                    seconds = time.perf_counter() - start
+                    if np.issubdtype(out.dtype, np.integer):  # integer logits: compare them with the runtime's
+                        tallies[r, name].add(out.argmax(1), target, fq_pred, seconds, out, ref_ints)
+                    else:
+                        tallies[r, name].add(out.argmax(1), target[:n], fq_pred[:n], seconds)
+    rows = []
+    for r in resolutions:
+        fq = tallies[r, "fake-quant"]
+        fq_top1 = 100.0 * fq.correct / max(fq.images, 1)
+        rows += [tallies[r, name].row(r, name, fq_top1) for name in names]
+    result = {"images": tallies[resolutions[0], "fake-quant"].images, "rows": rows, "lowering_unchanged": unchanged}
+    if not quiet:
+        print(format_verify_table(result))
+    return result
+
+
+def _test_data(ckpt: dict, resolutions, test_subset, data_dir):
+    from .data import build_data
+    config = checkpoint_config(ckpt)
+    given = {"test_subset": test_subset, "data_dir": data_dir}
+    config = config.replace(resolutions=list(resolutions), **{k: v for k, v in given.items() if v is not None})
+    return build_data(config, train=False).test
+
+
+def format_verify_table(result: dict) -> str:
+    lines = [f"{result['images']} test images",
+             "| resolution | artifact | top-1 | agreement with fake-quant | top-1 diff | ms / image "
+             "| integers vs runtime |",
+             "|---:|:---|---:|---:|---:|---:|:---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['resolution']} | {row['artifact']} | {row['top1']:.2f} | {row['agreement']:.2f} | "
+                     f"{row['top1_diff']:+.2f} | {row['ms_per_image']:.3f} | {row['integers_vs_runtime']} |")
+    stale = [fmt for fmt, same in result["lowering_unchanged"].items() if not same]
+    if stale:
+        lines.append(f"note: lowering the checkpoint now gives a different integer model than the {', '.join(stale)} "
+                     f"export (rsq changed since it was written)")
+    return "\n".join(lines)

@@ -1,0 +1,163 @@
+"""Integer export of small trained W4A4 / W2A2 RS-Nets: lower, rsq.runtime, packed, ONNX, verify."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from rsq.checkpoint import load_model
+from rsq.config import TrainConfig
+from rsq.convert import using_mode
+from rsq.data import fashion_mnist
+from rsq.data.multires import resize_batch
+from rsq.export import export_checkpoint
+from rsq.export.lower import lower
+from rsq.runtime import Runtime, dequantize_logits, load
+from rsq.runtime.packed import packed_size
+from rsq.train import train
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+RESOLUTIONS = [16, 12]
+BITS = [4, 2]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{bits: (run folder, export folder)}: 12 SGD steps each, exported to both formats."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    made = {}
+    for bits in BITS:
+        root = tmp_path_factory.mktemp(f"w{bits}")
+        config = TrainConfig(weight_bits=bits, act_bits=bits, subset=768, test_subset=64, epochs=1,
+                             resolutions=RESOLUTIONS, batch_size=64, lr=0.05, out=str(root / "run"), device="cpu")
+        train(config, overwrite=True)
+        export_checkpoint(root / "run", "onnx", root / "export")
+        export_checkpoint(root / "run", "packed", root / "export")
+        made[bits] = (root / "run", root / "export")
+    torch.set_num_threads(threads)
+    return made
+
+
+@pytest.fixture(scope="module")
+def images():
+    x, y = fashion_mnist.load("test", None)
+    x = (x[:128].float() / 255 - fashion_mnist.MEAN[0]) / fashion_mnist.STD[0]
+    return x, y[:128]
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_runtime_agrees_with_fake_quant_model(runs, images, bits):
+    model, _ = load_model(runs[bits][0])
+    integer_model = lower(model)
+    runtime = Runtime(integer_model)
+    for r in RESOLUTIONS:
+        x = resize_batch(images[0], r)
+        with torch.no_grad(), using_mode(model, r):
+            fake = model(x).numpy()
+        logits = runtime.run(x.numpy(), r)
+        agreement = (fake.argmax(1) == logits.argmax(1)).mean()
+        error = np.abs(dequantize_logits(integer_model, logits, r) - fake).mean() / np.abs(fake).mean()
+        assert agreement >= 0.97, (r, agreement)
+        assert error < 0.02, (r, error)
+
+
+def test_lower_is_deterministic_and_packed_round_trips(runs):
+    run, export = runs[4]
+    first = lower(load_model(run)[0])
+    second = lower(load_model(run)[0])
+    assert first.digest() == second.digest()
+    packed = load(export / "packed")
+    assert json.loads((export / "export.json").read_text())["formats"]["packed"]["digest"] == packed.digest()
+
+
+def test_weights_identical_across_resolutions_tables_differ(runs):
+    model, _ = load_model(runs[4][0])
+    at16, at12 = lower(model, [16]), lower(model, [12])
+    assert sorted(at16.weights) == sorted(at12.weights)
+    for name in at16.weights:
+        assert at16.weights[name].values.tobytes() == at12.weights[name].values.tobytes()
+    assert any(not np.array_equal(at16.tables[16][op][key], at12.tables[12][op][key])
+               for op in at16.tables[16] for key in at16.tables[16][op])
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_runtime_on_packed_equals_in_memory_and_float_gemm(runs, images, bits):
+    run, export = runs[bits]
+    in_memory = Runtime(lower(load_model(run)[0]))
+    packed = Runtime(load(export / "packed"))
+    fast = Runtime(load(export / "packed"), gemm="float")
+    for r in RESOLUTIONS:
+        x = resize_batch(images[0][:32], r).numpy()
+        want = in_memory.run(x, r)
+        assert np.array_equal(packed.run(x, r), want)
+        assert np.array_equal(fast.run(x, r), want)
+
+
+def test_packed_weights_take_their_bit_width(runs):
+    manifest = json.loads((runs[2][1] / "packed" / "manifest.json").read_text())
+    widths = {w["bits"] for w in manifest["weights"]}
+    assert widths == {2, 8}  # 8-bit first conv and last linear
+    for w in manifest["weights"]:
+        count = int(np.prod(w["shape"]))
+        assert w["nbytes"] == packed_size(count, w["bits"])
+        if w["bits"] == 2:
+            assert w["nbytes"] * 4 == count  # a quarter of int8
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_onnx_is_valid_integer_only_and_matches_runtime(runs, images, bits):
+    export = runs[bits][1]
+    reference = Runtime(load(export / "packed"))
+    files = sorted((export / "onnx").glob("*.onnx"))
+    assert [f.name for f in files] == ["model_r12.onnx", "model_r16.onnx"]
+    assert sorted(p.name for p in (export / "onnx").iterdir()) == ["model_r12.onnx", "model_r16.onnx", "weights.bin"]
+    for path in files:
+        onnx.checker.check_model(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
+        external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        locations = {e.value for t in external for e in t.external_data if e.key == "location"}
+        assert external and locations == {"weights.bin"}
+        inferred = onnx.shape_inference.infer_shapes(proto)
+        values = [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]
+        float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+        assert {out for node in proto.graph.node for out in node.output} <= {v.name for v in values}  # all typed
+        floats = {v.name for v in values if v.type.tensor_type.elem_type in float_types}
+        assert floats == {"input", "logits"}
+        r = int(path.stem.split("_r")[1])
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        x = resize_batch(images[0][:64], r).numpy()
+        logits, integer_logits = session.run(None, {"input": x})
+        assert np.array_equal(integer_logits, reference.run(x, r))
+        assert np.allclose(logits, dequantize_logits(reference.model, integer_logits, r))
+
+
+def test_packed_export_runs_with_torch_blocked(runs, images, tmp_path):
+    export = runs[2][1]
+    x = resize_batch(images[0][:8], 12).numpy()
+    np.save(tmp_path / "x.npy", x)
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np\nfrom rsq.runtime import Runtime, load\n"
+            f"np.save(sys.argv[2], Runtime(load(sys.argv[1])).run(np.load(sys.argv[3]), 12))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(export / "packed"), str(tmp_path / "out.npy"),
+                           str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.load(tmp_path / "out.npy"), Runtime(load(export / "packed")).run(x, 12))
+
+
+def test_verify_reports_every_artifact(runs, capsys):
+    from rsq.verify import verify_export
+    result = verify_export(runs[4][1], test_subset=32)
+    artifacts = {(row["resolution"], row["artifact"]) for row in result["rows"]}
+    assert artifacts == {(r, a) for r in RESOLUTIONS for a in ("fake-quant", "runtime", "packed", "onnx")}
+    for row in result["rows"]:
+        if row["artifact"] in ("packed", "onnx"):
+            assert row["integers_vs_runtime"] == "identical"
+        assert row["agreement"] >= 90
+    assert all(result["lowering_unchanged"].values())
+    assert "agreement with fake-quant" in capsys.readouterr().out

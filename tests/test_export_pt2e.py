@@ -1,0 +1,177 @@
+"""PT2E (torchao) and ExecuTorch (XNNPACK) export of an LSQ RS-Net: same answers, rsq's own steps."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import rsq
+from rsq.convert import using_mode
+from rsq.errors import RsqError
+from rsq.nn.quantizers import SwitchableQuantizer
+
+pytest.importorskip("torchao.quantization.pt2e.quantize_pt2e")
+
+from rsq.export.pt2e import activation_qparams, float_model_for, to_pt2e  # noqa: E402
+
+RESOLUTIONS = [12, 8]
+QD = torch.ops.quantized_decomposed
+
+
+def _class_images(n: int, resolution: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy copies of ten fixed patterns: a task a few steps of training separates clearly,
+    so the logits have margins and top-1 agreement measures the export, not ties."""
+    patterns = torch.randn(10, 1, 4, 4, generator=torch.Generator().manual_seed(7))
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    images = torch.nn.functional.interpolate(patterns[labels], size=resolution, mode="bilinear")
+    return images + 0.3 * torch.randn(images.shape, generator=generator), labels
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = rsq.create_model("resnet20", 10, 1, resolutions=RESOLUTIONS)
+    rsq.quantize_(net, rsq.QuantConfig(weight_bits=4, act_bits=4))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(1)
+    net.train()
+    for _ in range(12):  # training-mode forwards initialise every quantizer and each BN set
+        for r in RESOLUTIONS:
+            x, y = _class_images(64, r, generator)
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return net.eval()
+
+
+def _reference(model, x, resolution):
+    with torch.no_grad(), using_mode(model, resolution):
+        return model(x)
+
+
+@pytest.mark.parametrize("resolution", RESOLUTIONS)
+def test_pt2e_program_matches_fake_quant(model, resolution):
+    x, _ = _class_images(256, resolution, torch.Generator().manual_seed(2))
+    reference = _reference(model, x, resolution)
+    program = to_pt2e(model, resolution, in_chans=1)
+    with torch.no_grad():
+        out = program.module()(x)
+    assert (out.argmax(1) == reference.argmax(1)).float().mean() >= 0.99
+    # The q op computes x * (1 / step), rsq x / step: a value at a rounding tie can land one step
+    # apart, so a few rows differ a little; every other row is equal to float precision.
+    row_error = (out - reference).abs().amax(1)
+    assert (row_error <= 1e-4 * reference.abs().max()).float().mean() >= 0.95
+
+
+def _graph_tensor(program, node):
+    """The value of a placeholder (lifted buffer / constant) node of an ExportedProgram."""
+    signature = program.graph_signature
+    name = signature.inputs_to_buffers.get(node.name) or signature.inputs_to_lifted_tensor_constants.get(node.name)
+    return program.state_dict.get(name, program.constants.get(name))
+
+
+def test_quant_params_are_rsq_steps(model):
+    resolution = RESOLUTIONS[1]
+    key = f"r{resolution}"
+    program = to_pt2e(model, resolution, in_chans=1)
+    gemms = [n for n in program.graph.nodes
+             if n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)]
+    _, grids = float_model_for(model, resolution, 1)
+    assert len(gemms) == len(grids)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (rsq.nn.QuantConv2d, rsq.nn.QuantLinear))}
+    # Activations: the dq feeding each gemm carries the layer's step, in the graph's execution order
+    # (the same order as rsq's layers run).
+    act_args = sorted(tuple(n.args[0].args[1:5]) for n in gemms)
+    expected = []
+    for name, layer in layers.items():
+        act = layer.act_quantizer
+        act = act.for_mode(key) if isinstance(act, SwitchableQuantizer) else act
+        expected.append(activation_qparams(act))
+        assert expected[-1][0] == float(act.step.detach())
+    assert act_args == sorted(expected)
+    # Weights: per-channel scales are rsq's step times |BN gain| (just the step for the FC).
+    weight_scales = [_graph_tensor(program, n.args[1].args[1]) for n in gemms]
+    for name, layer in layers.items():
+        step = layer.weight_quantizer.step.detach().reshape(-1)
+        if name == "fc":
+            want = step
+        else:
+            bn_name = {"conv1": "bn1"}.get(name) or name.replace("conv", "bn").replace("downsample.0", "downsample.1")
+            bn = model.get_submodule(bn_name).for_mode(key)
+            want = step * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs().detach()
+        assert any(s.shape == want.shape and torch.equal(s, want.float()) for s in weight_scales), name
+    fc_dq = next(n for n in gemms if n.target == torch.ops.aten.linear.default).args[1]
+    assert fc_dq.target == QD.dequantize_per_channel.default
+    assert fc_dq.args[3:6] == (0, -128, 127)  # ch_axis 0, rsq's signed 8-bit range
+    conv_dq = gemms[1].args[1]
+    assert _graph_tensor(program, conv_dq.args[0]).abs().max() <= 8  # 4-bit integers in int8
+
+
+@pytest.fixture(scope="module")
+def pte(model, tmp_path_factory):
+    pytest.importorskip("executorch.exir")
+    from rsq.export.executorch import write_executorch
+    return write_executorch(model, RESOLUTIONS, 1, tmp_path_factory.mktemp("pte") / "rsnet.pte")
+
+
+@pytest.mark.parametrize("resolution", RESOLUTIONS)
+def test_executorch_matches_fake_quant(model, pte, resolution):
+    from rsq.export.executorch import run_executorch
+    x, _ = _class_images(128, resolution, torch.Generator().manual_seed(3))
+    reference = _reference(model, x, resolution)
+    logits = torch.from_numpy(run_executorch(pte, f"r{resolution}", x.numpy()))
+    assert logits.shape == reference.shape
+    # Not bit-equal: XNNPACK's int8 conv adds its bias as int32 in units of input step x weight
+    # step, and that rounding (a few % of an output step) moves some activations by one step.
+    agreement = (logits.argmax(1) == reference.argmax(1)).float().mean().item()
+    relative_error = ((logits - reference).abs().mean() / reference.abs().mean()).item()
+    print(f"r{resolution}: ExecuTorch top-1 agreement {agreement:.3f}, mean relative logit error {relative_error:.3f}")
+    assert agreement >= 0.9
+    assert relative_error <= 0.1
+
+
+def test_executorch_unknown_method_is_one_line(pte):
+    from rsq.export.executorch import run_executorch
+    with pytest.raises(RsqError, match="r99") as info:
+        run_executorch(pte, "r99", np.zeros((1, 1, 12, 12), np.float32))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("module, call", [
+    ("torchao.quantization.pt2e.quantize_pt2e", "pt2e"),
+    ("executorch.exir", "executorch"),
+])
+def test_missing_package_is_one_line(model, monkeypatch, tmp_path, module, call):
+    from rsq.export import executorch, pt2e
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
+    with pytest.raises(RsqError) as info:
+        if call == "pt2e":
+            pt2e.write_pt2e(model, 12, 1, tmp_path / "m.pt2")
+        else:
+            executorch.write_executorch(model, [12], 1, tmp_path / "m.pte")
+    message = str(info.value)
+    assert "\n" not in message and module.split(".")[0] in message
+
+
+def test_lqnet_is_refused():
+    net = rsq.create_model("resnet20", 10, 1, resolutions=[8])
+    rsq.quantize_(net, rsq.QuantConfig(weight_bits=4, act_bits=4, quantizer="lqnet"))
+    with pytest.raises(RsqError, match="LQ-Nets"):
+        to_pt2e(net.eval(), 8, 1)
+
+
+def test_full_precision_edges_and_per_mode_steps():
+    """first_last='fp' layers stay float ops; act_per_mode quantizers use this mode's step."""
+    torch.manual_seed(0)
+    net = rsq.create_model("resnet20", 10, 1, resolutions=[8, 6])
+    rsq.quantize_(net, rsq.QuantConfig(weight_bits=4, act_bits=4, first_last="fp", act_per_mode=True))
+    net.train()
+    for r in (8, 6):
+        net(torch.randn(16, 1, r, r))
+    net.eval()
+    x = torch.randn(32, 1, 6, 6)
+    with torch.no_grad():
+        out = to_pt2e(net, 6, 1).module()(x)
+    torch.testing.assert_close(out, _reference(net, x, 6), atol=1e-5, rtol=1e-4)
