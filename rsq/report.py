@@ -97,7 +97,9 @@ def run_table(run: dict, latency: Optional[dict] = None) -> pd.DataFrame:
                "params", "calibrated"] + (["latency_ms"] if latency is not None else [])
     records = [dict(row, latency_ms=(latency or {}).get(int(row["resolution"])))
                for row in _sorted_rows(run)]
-    if run.get("ensemble"):
+    if run.get("ensembles"):  # a joint model: one ensemble per bit width
+        records += [{"resolution": "ensemble", "bits": label, **metrics} for label, metrics in run["ensembles"].items()]
+    elif run.get("ensemble"):
         records.append({"resolution": "ensemble", **run["ensemble"]})
     df = _frame(records, columns)
     df.attrs["title"] = (f"run {run['run']}: {run.get('model', '?')} on {run.get('data', '?')}, "

@@ -126,6 +126,11 @@ def test_a_joint_run_reports_the_whole_grid(joint_run, one_thread):
     by_cell = {(row["resolution"], row["bits"]): row for row in results["rows"]}
     assert by_cell[(16, "W2A2")]["bitops"] < by_cell[(16, "W4A4")]["bitops"] < by_cell[(16, "FP")]["bitops"]
     assert by_cell[(16, "W2A2")]["weight_size_bits"] < by_cell[(16, "W4A4")]["weight_size_bits"]
+    from rsq.report import load_run, run_table
+
+    table = run_table(load_run(out))
+    assert table[table["resolution"] == "ensemble"]["bits"].tolist() == ["FP", "W4A4", "W2A2"]
+    assert len(table) == 6 + 3
 
 
 def test_a_joint_checkpoint_evaluated_at_a_cell_is_the_model_switched_to_it(joint_run, one_thread):
