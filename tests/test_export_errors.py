@@ -93,7 +93,11 @@ def test_lower_names_lqnet_and_unsupported_layers():
     model = rsq.create_model("resnet18", num_classes=10)
     rsq.convert(model, [32])
     quantize_(model, QuantConfig(4, 4))
-    with pytest.raises(RsqError, match="does not support layer maxpool"):
+    model.maxpool.ceil_mode = True
+    with pytest.raises(RsqError, match="max pooling maxpool with dilation, ceil_mode"):
+        lower(model)
+    model.maxpool = torch.nn.AvgPool2d(3, 2, 1)  # max pooling is supported; other poolings are named
+    with pytest.raises(RsqError, match=r"does not support layer maxpool \(AvgPool2d\)"):
         lower(model)
 
 

@@ -1,18 +1,24 @@
-"""Integer export: latency per engine and size on disk per format, for one trained checkpoint.
+"""Integer export: latency per engine and size on disk per format, per model.
 
-    .venv/bin/python tools/bench_export.py CKPT [--out tools/results/bench_export] [--repeats 20]
+    .venv/bin/python tools/bench_export.py [CKPT] [--resnet18] [--out tools/results/bench_export] [--repeats 20]
 
-Per resolution, batch 1 and 32 (median of timed runs after a warm-up):
+CKPT (e.g. a Fashion-MNIST ResNet-20) is timed with its test images; --resnet18 adds an untrained,
+quantizer-initialised torchvision ResNet-18 RS-Net at 224/192/160/128/96 (timing does not depend on the
+weights' values) timed on random images. Per resolution, batch 1 and 32 (median of timed runs after a warm-up):
   rsq ONNX int   rsq's integer export in onnxruntime (ConvInteger + int64 requantization)
   ORT fp32       onnxruntime on the same network in float32, BatchNorm folded (written here)
   ORT QOperator  onnxruntime.quantization.quantize_static of that float model (QLinearConv, per-channel int8)
   torch fp32     PyTorch eager on the float (dequantized) model
   rsq.runtime    the numpy reference runtime (int32 GEMM, and exact float32 GEMM)
+  PT2E+Inductor  rsq's PT2E export, torch.compile'd with freezing (batch 32; compile time reported)
+  ExecuTorch     rsq's .pte in ExecuTorch's XNNPACK backend (batch 1, the on-device case)
+Every engine runs on one thread. Writes OUT.md and OUT.json.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import shutil
 import statistics
@@ -22,7 +28,8 @@ import time
 from pathlib import Path
 
 # One thread in every engine, numpy's BLAS included (it reads these before it starts its pool).
-for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+# Inductor's compile workers too: the machine is shared.
+for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS"):
     os.environ[_name] = "1"
 
 import numpy as np  # noqa: E402
@@ -90,6 +97,10 @@ def float_onnx(model, integer_model, path: Path, resolution: int) -> None:
             nodes.append(helper.make_node("Add", op.inputs, [out]))
             if op.act is not None:
                 nodes.append(helper.make_node("Relu", [out], [op.output]))
+        elif op.kind == "max_pool":
+            a = op.attrs
+            nodes.append(helper.make_node("MaxPool", op.inputs, [op.output], kernel_shape=a["kernel"],
+                                          strides=a["stride"], pads=a["padding"] * 2))
         else:
             nodes.append(helper.make_node("GlobalAveragePool", op.inputs, [f"{op.output}.4d"]))
             nodes.append(helper.make_node("Flatten", [f"{op.output}.4d"], [op.output], axis=1))
@@ -122,91 +133,189 @@ def folder_size(path: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", nargs="?", help="a trained checkpoint (Fashion-MNIST ResNet-20 or other)")
+    parser.add_argument("--resnet18", action="store_true", help="also time a ResNet-18 RS-Net at 224..96")
     parser.add_argument("--out", default="tools/results/bench_export")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--r18-repeats", type=int, default=5, help="timed runs per engine for ResNet-18")
+    parser.add_argument("--r18-pt2e", default="224,192,160,128,96", help="ResNet-18 resolutions compiled with Inductor")
+    parser.add_argument("--sizes-of", nargs="*", default=[], help="more checkpoints: sizes on disk only")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    import onnxruntime as ort
+    from bench_export_extra import R18_RESOLUTIONS, resnet18_checkpoint
 
-    from rsq.checkpoint import checkpoint_config, load_model
-    from rsq.convert import using_mode
     from rsq.data import fashion_mnist
-    from rsq.data.multires import resize_batch
-    from rsq.export import export_checkpoint, lower_checkpoint_model
-    from rsq.quantize import dequantize_
-    from rsq.runtime import Runtime, load
-
-    model, ckpt = load_model(args.checkpoint)
-    config = checkpoint_config(ckpt)
     work = Path(tempfile.mkdtemp(prefix="bench_export."))
+    models, sizes_only = [], {}
     try:
-        export = work / "export"
-        for fmt in ("onnx", "packed"):
-            export_checkpoint(args.checkpoint, fmt, export)
-        integer_model = lower_checkpoint_model(model, config)
-        float_model = dequantize_(copy.deepcopy(model)).eval()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        session = lambda path: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        images, _ = fashion_mnist.load("test", None)
-        images = (images[:64].float() / 255 - fashion_mnist.MEAN[0]) / fashion_mnist.STD[0]
-        runtimes = {"int32": Runtime(load(export / "packed")), "float": Runtime(load(export / "packed"), gemm="float")}
-        rows, sizes = [], {}
-        for r in integer_model.resolutions:
-            x_all = resize_batch(images, r)
-            float_path, qop_path = work / f"float_r{r}.onnx", work / f"qop_r{r}.onnx"
-            float_onnx(model, integer_model, float_path, r)
-            static_quantized(float_path, qop_path, x_all.numpy())
-            sizes[f"ORT fp32 graph (r{r})"] = float_path.stat().st_size
-            sizes[f"ORT QOperator graph (r{r})"] = qop_path.stat().st_size
-            engines = {"rsq ONNX int": session(export / "onnx" / f"model_r{r}.onnx"),
-                       "ORT fp32": session(float_path), "ORT QOperator": session(qop_path)}
-            for batch in (1, 32):
-                x = x_all[:batch]
-                xn = x.numpy()
-                calls = {name: (lambda s=s: s.run(None, {"input": xn})) for name, s in engines.items()}
-                calls["torch fp32"] = lambda: _torch_forward(float_model, x, r, using_mode)
-                for gemm, rt in runtimes.items():
-                    calls[f"rsq.runtime ({gemm} GEMM)"] = lambda rt=rt: rt.run(xn, r)
-                repeats = {name: args.repeats if "runtime" not in name else max(3, args.repeats // 4) for name in calls}
-                timings = median_ms(calls, repeats)
-                rows.append((r, batch, timings))
-                print(r, batch, {k: round(v, 3) for k, v in timings.items()}, flush=True)
-        sizes["checkpoint.pt"] = Path(export / "checkpoint.pt").stat().st_size
-        sizes["rsq ONNX folder (all resolutions)"] = folder_size(export / "onnx")
-        sizes["  of which weights.bin (int8, shared)"] = (export / "onnx" / "weights.bin").stat().st_size
-        sizes["rsq packed folder (all resolutions)"] = folder_size(export / "packed")
-        sizes["  of which weights.bin (bit-packed)"] = (export / "packed" / "weights.bin").stat().st_size
-        write_report(args, config, rows, sizes)
+        if args.checkpoint:
+            images, _ = fashion_mnist.load("test", None)
+            images = (images[:64].float() / 255 - fashion_mnist.MEAN[0]) / fashion_mnist.STD[0]
+            models.append(bench_model(args.checkpoint, images, work / "a", args.repeats, max(3, args.repeats // 4),
+                                      pt2e_resolutions=None, int32_runtime=True, runtime_batches=(1, 32)))
+        if args.resnet18:
+            (work / "r18").mkdir()
+            ckpt = resnet18_checkpoint(work / "r18" / "checkpoint.pt", R18_RESOLUTIONS)
+            images = torch.randn(64, 3, R18_RESOLUTIONS[0], R18_RESOLUTIONS[0])
+            pt2e = [int(r) for r in args.r18_pt2e.split(",") if r]
+            models.append(bench_model(ckpt, images, work / "b", args.r18_repeats, 1, pt2e_resolutions=pt2e,
+                                      int32_runtime=False, runtime_batches=(1, 32), label="resnet18 (random weights)"))
+        for i, ckpt in enumerate(args.sizes_of):
+            sizes_only[ckpt] = export_sizes(ckpt, work / f"sizes{i}")
+        write_report(args, models, sizes_only)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _torch_forward(model, x, resolution, using_mode):
-    with torch.no_grad(), using_mode(model, resolution):
-        return model(x)
+def export_sizes(checkpoint, folder: Path) -> dict:
+    from rsq.export import export_checkpoint
+    for fmt in ("onnx", "packed"):
+        export_checkpoint(checkpoint, fmt, folder)
+    return {"rsq ONNX folder (all resolutions)": folder_size(folder / "onnx"),
+            "rsq packed folder (all resolutions)": folder_size(folder / "packed"),
+            "  of which weights.bin (bit-packed)": (folder / "packed" / "weights.bin").stat().st_size}
 
 
-def write_report(args, config, rows, sizes) -> None:
+def bench_model(checkpoint, images, work: Path, repeats: int, runtime_repeats: int, pt2e_resolutions,
+                int32_runtime: bool, runtime_batches, label: str = "") -> dict:
+    """Rows of median ms per engine, sizes on disk and build times for one checkpoint."""
     import onnxruntime as ort
-    names = list(rows[0][2])
-    lines = ["# Integer export: latency and size", "",
-             f"`tools/bench_export.py {args.checkpoint}`: {config.model}, W{config.weight_bits}A{config.act_bits} "
-             f"(first/last {config.first_last}), one thread per engine, median ms per batch of {args.repeats} runs "
-             f"({max(3, args.repeats // 4)} for rsq.runtime), the engines taking turns within each round.", "",
-             f"CPU: {cpu_description()}; onnxruntime {ort.__version__}, torch {torch.__version__}; load average "
-             f"{os.getloadavg()[0]:.1f} at the end (other jobs share the machine: compare within a row).", "",
-             "| resolution | batch | " + " | ".join(names) + " |",
-             "|---:|---:|" + "---:|" * len(names)]
-    for r, batch, timings in rows:
-        lines.append(f"| {r} | {batch} | " + " | ".join(f"{timings[n]:.3f}" for n in names) + " |")
-    lines += ["", "| artifact | bytes |", "|:---|---:|"]
-    lines += [f"| {name} | {size} |" for name, size in sizes.items()]
+    from bench_export_extra import executorch_engine, executorch_program
+
+    from rsq.checkpoint import checkpoint_config, load_model
+    from rsq.convert import using_mode
+    from rsq.data.multires import resize_batch
+    from rsq.export import EXECUTORCH_FILE, export_checkpoint, lower_checkpoint_model, pt2e_file
+    from rsq.export.pt2e import load_pt2e
+    from rsq.quantize import dequantize_
+    from rsq.runtime import Runtime, load
+
+    model, ckpt = load_model(checkpoint)
+    config = checkpoint_config(ckpt)
+    work.mkdir(parents=True)
+    export = work / "export"
+    build_s, notes = {}, []
+    if not int32_runtime:
+        notes.append("rsq.runtime runs with its float32 GEMM only (the same integers); numpy's int32 matmul "
+                     "has no BLAS and takes minutes per batch at this size")
+    for fmt in ("onnx", "packed", "pt2e", "qonnx"):
+        start = time.perf_counter()
+        try:
+            export_checkpoint(checkpoint, fmt, export)
+        except Exception as exc:  # noqa: BLE001 - a format that fails is reported, the rest still timed
+            notes.append(f"{fmt} export failed: {str(exc).splitlines()[0][:200]}")
+        build_s[f"export {fmt} (all resolutions)"] = time.perf_counter() - start
+    integer_model = lower_checkpoint_model(model, config)
+    resolutions = list(integer_model.resolutions)
+    program, build_s["export executorch (all resolutions, XNNPACK lowering)"] = executorch_program(
+        model, resolutions, ckpt["in_chans"], work / EXECUTORCH_FILE)
+    float_model = dequantize_(copy.deepcopy(model)).eval()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = lambda path: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    runtimes = {"float": Runtime(load(export / "packed"), gemm="float")}
+    if int32_runtime:
+        runtimes["int32"] = Runtime(load(export / "packed"))
+    rows, sizes = [], {}
+    for r in resolutions:
+        x_all = resize_batch(images, r)
+        float_path, qop_path = work / f"float_r{r}.onnx", work / f"qop_r{r}.onnx"
+        float_onnx(model, integer_model, float_path, r)
+        start = time.perf_counter()
+        static_quantized(float_path, qop_path, x_all.numpy())
+        build_s[f"ORT quantize_static r{r}"] = time.perf_counter() - start
+        sizes[f"ORT fp32 graph (r{r})"] = float_path.stat().st_size
+        sizes[f"ORT QOperator graph (r{r})"] = qop_path.stat().st_size
+        engines = {"rsq ONNX int": session(export / "onnx" / f"model_r{r}.onnx"),
+                   "ORT fp32": session(float_path), "ORT QOperator": session(qop_path)}
+        compiled = None
+        if pt2e_resolutions is None or r in pt2e_resolutions:
+            start = time.perf_counter()
+            compiled = load_pt2e(export / "pt2e" / pt2e_file(r))
+            with torch.no_grad():
+                compiled(x_all[:32])  # Inductor compiles on the first call
+            build_s[f"PT2E Inductor compile + first call r{r} (batch 32)"] = time.perf_counter() - start
+        for batch in (1, 32):
+            x = x_all[:batch]
+            xn = x.numpy()
+            calls = {name: (lambda s=s: s.run(None, {"input": xn})) for name, s in engines.items()}
+            calls["torch fp32"] = lambda: _torch_forward(float_model, x, r, using_mode)
+            if batch in runtime_batches:
+                for gemm, rt in runtimes.items():
+                    calls[f"rsq.runtime ({gemm} GEMM)"] = lambda rt=rt: rt.run(xn, r)
+            if batch == 32 and compiled is not None:
+                calls["PT2E+Inductor"] = lambda: _torch_forward(compiled, x, None, None)
+            if batch == 1:
+                calls["ExecuTorch XNNPACK"] = executorch_engine(program, r, xn)
+            counts = {name: repeats if "runtime" not in name else runtime_repeats for name in calls}
+            timings = median_ms(calls, counts)
+            rows.append({"resolution": r, "batch": batch, "ms": timings})
+            print(label or config.model, r, batch, {k: round(v, 3) for k, v in timings.items()}, flush=True)
+    sizes["checkpoint.pt"] = Path(export / "checkpoint.pt").stat().st_size
+    sizes["rsq ONNX folder (all resolutions)"] = folder_size(export / "onnx")
+    sizes["  of which weights.bin (int8, shared)"] = (export / "onnx" / "weights.bin").stat().st_size
+    sizes["rsq ONNX, one resolution (graph + weights.bin)"] = (
+        (export / "onnx" / f"model_r{resolutions[0]}.onnx").stat().st_size + sizes["  of which weights.bin (int8, shared)"])
+    sizes["rsq packed folder (all resolutions)"] = folder_size(export / "packed")
+    sizes["  of which weights.bin (bit-packed)"] = (export / "packed" / "weights.bin").stat().st_size
+    for fmt in ("pt2e", "qonnx"):
+        if (export / fmt).is_dir():
+            sizes[f"{fmt} folder (all resolutions)"] = folder_size(export / fmt)
+    sizes["ExecuTorch .pte (all resolutions)"] = (work / EXECUTORCH_FILE).stat().st_size
+    sizes["ORT fp32 graphs (all resolutions)"] = sum(v for k, v in sizes.items() if k.startswith("ORT fp32 graph ("))
+    sizes["ORT QOperator graphs (all resolutions)"] = sum(v for k, v in sizes.items()
+                                                          if k.startswith("ORT QOperator graph ("))
+    bits = f"W{config.weight_bits}A{config.act_bits} (first/last {config.first_last})"
+    return {"label": label or config.model, "checkpoint": str(checkpoint), "bits": bits, "repeats": repeats,
+            "runtime_repeats": runtime_repeats, "rows": rows, "sizes": sizes, "build_s": build_s, "notes": notes}
+
+
+def _torch_forward(model, x, resolution, using_mode):
+    with torch.no_grad():
+        if using_mode is None:
+            return model(x)
+        with using_mode(model, resolution):
+            return model(x)
+
+
+def write_report(args, models, sizes_only) -> None:
+    import onnxruntime as ort
+    cpu = cpu_description()
+    settings = (f"one thread per engine (OMP/OpenBLAS/MKL = 1, torch.set_num_threads(1), onnxruntime intra/inter-op 1, "
+                f"XNNPACK threadpool 1, Inductor compile threads 1), run under nice; median ms per batch; the engines "
+                f"take turns within each round; onnxruntime {ort.__version__}, torch {torch.__version__}; load average "
+                f"{os.getloadavg()[0]:.1f} at the end (other jobs share the machine: compare within a row)")
+    lines = ["# Integer export: latency and size", "", f"`tools/bench_export.py {' '.join(_argv())}`", "",
+             f"CPU: {cpu}.", "", f"Settings: {settings}.", ""]
+    for m in models:
+        names = list(dict.fromkeys(n for row in m["rows"] for n in row["ms"]))
+        lines += [f"## {m['label']}, {m['bits']}", "",
+                  f"{m['repeats']} timed runs per engine ({m['runtime_repeats']} for rsq.runtime); '-' = not run "
+                  f"(PT2E+Inductor at batch 32, ExecuTorch at batch 1 only).", "",
+                  "| resolution | batch | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
+        for row in m["rows"]:
+            cells = [f"{row['ms'][n]:.3f}" if n in row["ms"] else "-" for n in names]
+            lines.append(f"| {row['resolution']} | {row['batch']} | " + " | ".join(cells) + " |")
+        lines += ["", "| artifact | bytes |", "|:---|---:|"] + [f"| {k} | {v} |" for k, v in m["sizes"].items()]
+        lines += ["", "| build step | seconds |", "|:---|---:|"] + [f"| {k} | {v:.1f} |" for k, v in m["build_s"].items()]
+        lines += [""] + [f"Note: {n}" for n in m["notes"]] + ([""] if m["notes"] else [])
+    for ckpt, sizes in sizes_only.items():
+        lines += [f"## Sizes of `{ckpt}`", "", "| artifact | bytes |", "|:---|---:|"]
+        lines += [f"| {k} | {v} |" for k, v in sizes.items()] + [""]
     path = Path(args.out + ".md")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    flags = next((ln.split(":", 1)[1].split() for ln in lscpu.splitlines() if ln.startswith("Flags:")), [])
+    Path(args.out + ".json").write_text(json.dumps({"cpu": cpu, "cpu_flags": flags, "settings": settings,
+                                                    "models": models,
+                                                    "sizes_only": sizes_only}, indent=1) + "\n")
     print("\n".join(lines))
+
+
+def _argv() -> list[str]:
+    import sys
+    return sys.argv[1:]
 
 
 if __name__ == "__main__":

@@ -82,9 +82,17 @@ class _Lowering:
 
     # ---- the graph (the same at every resolution) ----
 
-    def _narrow_consumer(self, value: str) -> Optional[FloatOp]:
-        """The one quantized layer that reads ``value``, if it is its only reader."""
+    def _pooled(self, value: str) -> str:
+        """``value`` after the max poolings that are its only reader (they keep its grid, see _tensor_info)."""
         readers = self.consumers.get(value, [])
+        while len(readers) == 1 and readers[0].kind == "max_pool":
+            value = readers[0].output
+            readers = self.consumers.get(value, [])
+        return value
+
+    def _narrow_consumer(self, value: str) -> Optional[FloatOp]:
+        """The one quantized layer that reads ``value`` (through max poolings), if it is its only reader."""
+        readers = self.consumers.get(self._pooled(value), [])
         if value != INPUT and len(readers) == 1 and readers[0].kind in ("conv", "linear"):
             return readers[0]
         return None
@@ -92,6 +100,14 @@ class _Lowering:
     def _tensor_info(self, value: str, channels: int) -> TensorInfo:
         if value == self.output:
             return TensorInfo(value, "logits", 32, True, channels)
+        producer = self.producer.get(value)
+        if producer is not None and producer.kind == "max_pool":
+            # Max pooling works on the integers of its input's grid (rounding and clamping are monotone,
+            # so they commute with max): its output is on the same grid, whatever reads it.
+            source = self.tensors[producer.inputs[0]]
+            if source.kind not in ("narrow", "wide"):
+                raise RsqError(f"integer export: max pooling {producer.name} must follow a conv, add or pooling")
+            return TensorInfo(value, source.kind, source.bits, source.signed, channels)
         reader = self._narrow_consumer(value)
         if reader is not None:
             quantizer = act_quantizer(reader.module, reader.name, self.first_key)
@@ -114,13 +130,16 @@ class _Lowering:
                     raise RsqError(f"add {op.name}: inputs have {channels[a]} and {channels[b]} channels")
                 channels[op.output] = channels[a]
                 self.ops.append(Op("add", op.name, (a, b), op.output))
+            elif op.kind == "max_pool":
+                channels[op.output] = channels[op.inputs[0]]
+                self.ops.append(Op("max_pool", op.name, (op.inputs[0],), op.output, dict(op.attrs)))
             else:  # global_avg_pool
                 channels[op.output] = channels[op.inputs[0]]
                 self.ops.append(Op("global_avg_pool", op.name, (op.inputs[0],), op.output))
             self.tensors[op.output] = self._tensor_info(op.output, channels[op.output])
         for op in self.ops:
             for name in op.inputs:
-                if self.tensors[name].kind == "narrow" and op.kind not in ("conv", "linear"):
+                if self.tensors[name].kind == "narrow" and op.kind not in ("conv", "linear", "max_pool"):
                     raise RsqError(f"integer export: {name} is quantized but read by {op.kind} {op.name}")
 
     def _build_layer(self, op: FloatOp, channels: dict[str, int]) -> None:
@@ -174,6 +193,9 @@ class _Lowering:
                 scales[name] = ref.get(name, min(ref.values())) / 2**WIDE_FRACTION_BITS
             elif info.kind == "narrow" and name not in scales:
                 scales[name] = steps[self._narrow_consumer(name).name]
+        for op in self.ops:  # in order, so a chain of poolings shares one grid
+            if op.kind == "max_pool":
+                scales[op.output] = scales[op.inputs[0]]
         scales[INPUT] = 1.0
         w = self.weights[self.producer[self.output].name]
         acc_steps = scales[self.int_input[self.producer[self.output].name]] * w.step.astype(np.float64)
@@ -184,6 +206,9 @@ class _Lowering:
         for op in self.ops:
             out = self.tensors[op.output]
             lo, hi = self._range(out, by_name.get(op.name), scales[op.output])
+            if op.kind == "max_pool":
+                tables[op.name] = {}  # no arithmetic: the max of integers on one grid
+                continue
             if op.kind in ("quantize_input", "requantize"):
                 entry = {"lo": lo, "hi": hi}
                 if op.kind == "requantize":

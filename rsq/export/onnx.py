@@ -203,3 +203,21 @@ class _GraphBuilder:
         total = self.node("ReduceSum", [self.int64(op.inputs[0]), axes], f"{op.name}.total", keepdims=0)
         y = self.requant(total, op.name, table["m0"], table["shift"], [])
         self.clamp_cast(y, op.name, table, op.output)
+
+    def _max_pool(self, op, table):
+        """MaxPool on the integers themselves (no requantization: the output keeps the input's grid).
+
+        onnxruntime's MaxPool has int8/uint8 kernels but none for int32: a wide tensor goes through
+        double, which holds every int32 exactly. MaxPool pads with -infinity, as the runtime does.
+        """
+        attrs = op.attrs
+        ph, pw = attrs["padding"]
+        pool = dict(kernel_shape=attrs["kernel"], strides=attrs["stride"], pads=[ph, pw, ph, pw])
+        if self.model.tensors[op.inputs[0]].kind == "narrow":
+            self.node("MaxPool", [op.inputs[0]], op.output, **pool)
+            return
+        TP = self.onnx.TensorProto
+        as_double = self.node("Cast", [op.inputs[0]], f"{op.name}.double", to=TP.DOUBLE)
+        pooled = self.node("MaxPool", [as_double], f"{op.name}.pooled", **pool)
+        self.node("Cast", [pooled], op.output, to=TP.INT32)
+

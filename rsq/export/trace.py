@@ -1,8 +1,8 @@
 """The fake-quant model as a short list of float ops (conv+BN+ReLU fused), found with torch.fx.
 
 Only what integer export can lower is accepted: quantized conv / linear, BatchNorm right after a
-conv, ReLU / ReLU6 right after a conv, linear or add, residual adds, global average pooling,
-flatten and dropout. Anything else is an RsqError naming the layer.
+conv, ReLU / ReLU6 right after a conv, linear or add, residual adds, max pooling, global
+average pooling, flatten and dropout. Anything else is an RsqError naming the layer.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ _FLATTEN_FUNCTIONS = (torch.flatten,)
 
 @dataclass
 class FloatOp:
-    kind: str                 # conv, linear, add, global_avg_pool
+    kind: str                 # conv, linear, add, max_pool, global_avg_pool
     name: str                 # the module's qualified name, or the fx node's name
     inputs: list[str]
     output: str
@@ -36,6 +36,7 @@ class FloatOp:
     bn: Optional[nn.Module] = None
     act: Optional[str] = None  # None, "relu" or "relu6"
     node: str = ""             # the fx node that produced the op (for shapes)
+    attrs: Optional[dict] = None  # max_pool: kernel, stride, padding
 
 
 class _Tracer(torch.fx.Tracer):
@@ -121,6 +122,10 @@ def _module_node(node, module, ops, value_of, producer, value, fuse_into) -> Non
         if module.output_size not in (1, (1, 1)):
             raise _unsupported(f"adaptive pooling {name} to {module.output_size} (only global, output size 1)")
         _new_op(FloatOp("global_avg_pool", name, [value(arg)], name, node=node.name), node, ops, value_of, producer)
+    elif isinstance(module, nn.MaxPool2d):
+        attrs = _max_pool_attrs(name, module.kernel_size, module.stride, module.padding, module.dilation,
+                                module.ceil_mode, module.return_indices)
+        _new_op(FloatOp("max_pool", name, [value(arg)], name, attrs=attrs), node, ops, value_of, producer)
     elif isinstance(module, (nn.Dropout, nn.Identity, nn.Flatten)):
         if isinstance(module, nn.Flatten):
             _check_flatten(node, arg, producer, value_of)
@@ -159,8 +164,28 @@ def _function_node(node, ops, value_of, producer, value, fuse_into) -> None:
     elif target is F.adaptive_avg_pool2d and args[1:] in ((1,), ((1, 1),)):
         _new_op(FloatOp("global_avg_pool", node.name, [value(args[0])], node.name, node=node.name), node, ops,
                 value_of, producer)
+    elif target in (F.max_pool2d, torch.max_pool2d):
+        params = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"), args[1:]))
+        params.update(node.kwargs)
+        attrs = _max_pool_attrs(node.name, params["kernel_size"], params.get("stride"), params.get("padding", 0),
+                                params.get("dilation", 1), params.get("ceil_mode", False),
+                                params.get("return_indices", False))
+        _new_op(FloatOp("max_pool", node.name, [value(args[0])], node.name, attrs=attrs), node, ops, value_of,
+                producer)
     elif target is F.dropout:
         value_of[node.name] = value(args[0])
     else:
         label = getattr(target, "__name__", str(target))
         raise _unsupported(f"operation {label} at {node.name}")
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
+
+
+def _max_pool_attrs(name, kernel, stride, padding, dilation, ceil_mode, return_indices) -> dict:
+    """kernel/stride/padding of a plain 2-d max pooling; the rarer options are an error naming the layer."""
+    stride = kernel if stride is None or stride == [] or stride == () else stride
+    if _pair(dilation) != [1, 1] or ceil_mode or return_indices:
+        raise _unsupported(f"max pooling {name} with dilation, ceil_mode or return_indices")
+    return {"kernel": _pair(kernel), "stride": _pair(stride), "padding": _pair(padding)}

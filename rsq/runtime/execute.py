@@ -90,6 +90,8 @@ class Runtime:
             a, b = (values[name] for name in op.inputs)
             out = (requantize(a, table["m0_a"][0], table["shift_a"][0])
                    + requantize(b, table["m0_b"][0], table["shift_b"][0]))
+        elif op.kind == "max_pool":
+            return max_pool(values[op.inputs[0]], op.attrs)  # no table: same grid in and out
         elif op.kind == "global_avg_pool":
             total = values[op.inputs[0]].astype(np.int64).sum(axis=(1, 2))  # < 2**31 * H * W: m0 has fewer bits
             out = requantize(total, table["m0"][0], table["shift"][0])
@@ -137,6 +139,20 @@ def conv_accumulate(x: np.ndarray, matrices: list[np.ndarray], op) -> np.ndarray
         outs.append(cols @ mat)
     acc = outs[0] if groups == 1 else np.concatenate(outs, axis=1)
     return acc.reshape(n, ho, wo, -1)
+
+
+def max_pool(x: np.ndarray, attrs: dict) -> np.ndarray:
+    """Max over each window of NHWC integers; padding never wins (it is the dtype's minimum, i.e. -infinity)."""
+    kh, kw = attrs["kernel"]
+    sh, sw = attrs["stride"]
+    ph, pw = attrs["padding"]
+    n, h, w, c = x.shape
+    if ph or pw:
+        x = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)), constant_values=np.iinfo(x.dtype).min)
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    s = x.strides
+    windows = as_strided(x, (n, ho, wo, kh, kw, c), (s[0], s[1] * sh, s[2] * sw, s[1], s[2], s[3]), writeable=False)
+    return np.ascontiguousarray(windows.max(axis=(3, 4)))
 
 
 def run(model: IntegerModel, x: np.ndarray, resolution: int, quantized: bool = False) -> np.ndarray:

@@ -26,7 +26,9 @@ KINDS = ("float", "narrow", "wide", "logits")
 #   add:            m0_a, shift_a, m0_b, shift_b, lo, hi
 #                   q = clamp(rq(a, m0_a, shift_a) + rq(b, m0_b, shift_b), lo, hi)
 #   global_avg_pool: m0, shift, lo, hi      q = clamp(rq(sum_hw(x), m0, shift), lo, hi)
-OP_KINDS = ("quantize_input", "requantize", "conv", "linear", "add", "global_avg_pool")
+#   max_pool:       (none)                  q = max over each window (attrs kernel, stride, padding;
+#                                           padding acts as -infinity); output on the input's grid
+OP_KINDS = ("quantize_input", "requantize", "conv", "linear", "add", "global_avg_pool", "max_pool")
 
 
 @dataclass(frozen=True)
