@@ -35,13 +35,19 @@ def _first_sentence(text: str, limit: int = 160) -> str:
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
-def load_checkpoint(path) -> dict:
-    """The checkpoint dict, or a one-line error for missing, truncated or foreign files."""
+def checkpoint_file(path) -> Path:
+    """A checkpoint file given as itself or as its run folder; a one-line error when there is none."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise RsqError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    """The checkpoint dict, or a one-line error for missing, truncated or foreign files."""
+    path = checkpoint_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about foreign pickles before failing on them

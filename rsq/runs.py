@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .checkpoint import atomic_save, build_model, checkpoint_config, load_checkpoint
+from .checkpoint import atomic_save, build_model, checkpoint_config, checkpoint_file, load_checkpoint
 from .config import TrainConfig
 from .convert import add_resolution, mode_state, nearest_resolution, using_mode
 from .data import build_data, dataset_info
@@ -19,11 +19,6 @@ from .errors import RsqError
 from .evaluate import evaluate_modes, format_table
 from .results import write_json_atomic
 from .train import build_results
-
-
-def _checkpoint_path(path) -> Path:
-    path = Path(path)
-    return path / "checkpoint.pt" if path.is_dir() else path
 
 
 def _check_results_target(out) -> Path:
@@ -86,7 +81,7 @@ def evaluate_checkpoint(path, data=None, data_dir=None, resolutions=None, test_s
     """`rsq eval`: the per-resolution table of a checkpoint on its test set (or the one given)."""
     target = _check_results_target(out) if out else None  # before any work, so a bad --out costs nothing
     ckpt = load_checkpoint(path)
-    return evaluate_model(build_model(ckpt), ckpt, _checkpoint_path(path).parent.name, data=data,
+    return evaluate_model(build_model(ckpt), ckpt, checkpoint_file(path).parent.name, data=data,
                           data_dir=data_dir, resolutions=resolutions, test_subset=test_subset,
                           batch_size=batch_size, device=device, target=target)
 
@@ -160,7 +155,7 @@ def _recalibrate_mode(model: nn.Module, resolution: int, bits, images: torch.Ten
 def calibrate_checkpoint(path, resolutions: list[int], images: int = 512, like: Optional[int] = None,
                          out=None, test_subset=None, device=None) -> dict:
     """`rsq calibrate`: add BN sets for new resolutions, save atomically, evaluate the calibrated model."""
-    source = _checkpoint_path(path)
+    source = checkpoint_file(path)
     target = source
     if out:
         # A new file (or a folder, which gets checkpoint.pt): calibrate never replaces another checkpoint.

@@ -64,7 +64,8 @@ def export_checkpoint(checkpoint, fmt: str, out, resolutions: Optional[Iterable[
         require_onnx()
     out = Path(out)
     existing = _existing_export(out)
-    source = _checkpoint_file(checkpoint)
+    from ..checkpoint import checkpoint_file
+    source = checkpoint_file(checkpoint)
     digest = _sha256(source)
     same_checkpoint = (existing is not None and existing.get("checkpoint_sha256") == digest
                        and existing.get("bits") == bits)
@@ -118,15 +119,6 @@ def _chosen_resolutions(model, resolutions) -> list[int]:
 
 
 # ---- inputs ----
-
-def _checkpoint_file(checkpoint) -> Path:
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise RsqError(f"checkpoint {path} does not exist")
-    return path
-
 
 def _existing_export(out: Path) -> Optional[dict]:
     if out.exists() and not out.is_dir():
