@@ -192,3 +192,18 @@ def test_bit_width_distillation_is_a_term_of_its_own():
     expected = sum(rsq.distill.kd_loss(t, z) for t, z in zip(logits[32], logits[2]))
     assert torch.allclose(with_kd.total - without.total, expected)
     assert torch.allclose(with_kd.kd - without.kd, expected)
+
+
+def test_export_writes_one_bit_width_of_a_joint_checkpoint(joint_run, tmp_path, one_thread):
+    from rsq.export import export_checkpoint
+    from rsq.verify import verify_export
+
+    results, out = joint_run
+    with pytest.raises(RsqError, match=r"switches between bit widths 32, 4, 2; pick the one to export with --bits 4\|2"):
+        export_checkpoint(out, "packed", tmp_path / "none")
+    export_checkpoint(out, "packed", tmp_path / "w2", bits=2)
+    checked = verify_export(tmp_path / "w2", test_subset=64, quiet=True)
+    packed = [row for row in checked["rows"] if row["artifact"] == "packed"]
+    assert [row["resolution"] for row in packed] == RES
+    assert all(row["integers_vs_runtime"] == "identical" for row in packed)
+    assert all(row["agreement"] >= 95.0 for row in packed), packed  # against the model switched to 2 bits

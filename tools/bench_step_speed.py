@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import write_outputs
+from benchlib import cpu_name, write_outputs
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
 VARIANTS = [f"single_{r}" for r in RESOLUTIONS] + ["plain_eager", "rsq_eager", "rsq_channels_last", "rsq_compile"]
@@ -163,7 +163,9 @@ def main() -> None:
         f"SGD, {args.threads} threads. Round-robin in one process: {args.steps} rounds, each one step of every "
         f"variant, after {args.warmup} warm-up steps; ms = median over rounds (range), ratios = median of the "
         f"per-round ratios (range). Peak RSS: a fresh process per variant running two steps. "
-        f"Command: `python tools/bench_step_speed.py`",
+        f"Command: `python {' '.join(sys.argv)}`. Every rsq variant runs `rsq.train.train_step`.",
+        "",
+        f"CPU: {cpu_name()}.",
         "",
         "| variant | ms / step | images / s | vs plain eager | peak RSS (MiB) | compile, cold (s) |",
         "|:---|---:|---:|---:|---:|---:|",
