@@ -1,0 +1,58 @@
+"""Agreement of every export format with the fake-quantized model, per bit width (`rsq verify`'s table).
+
+For each bit width: a short `rsq train` on Fashion-MNIST (ResNet-20, 28/20/12 px), `rsq export`
+of every format, then `rsq.verify.verify_export` on the test set: top-1, top-1 agreement with the
+fake-quant model, and whether each integer format's logits equal the reference runtime's.
+
+    python tools/bench_verify.py                 # W8A8, W4A4, W2A2 (the committed setting)
+    python tools/bench_verify.py --bits 4 --quick
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+from pathlib import Path
+
+from benchlib import cpu_name, run_configs, write_outputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", default="8,4,2")
+    parser.add_argument("--subset", type=int, default=6000)
+    parser.add_argument("--test-subset", type=int, default=1000)
+    parser.add_argument("--work", default="runs/bench_verify")
+    parser.add_argument("--out", default="tools/results/bench_verify")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.subset, args.test_subset, args.out = 1024, 128, args.out + "_quick"
+    bits = [int(b) for b in args.bits.split(",")]
+    common = ["fashion_mnist", "--resolutions", "28,20,12", "--epochs", "1", "--subset", str(args.subset),
+              "--test-subset", str(args.test_subset), "--seed", "0", "--workers", "0"]
+    runs = run_configs({f"w{b}": ["--bits", str(b)] for b in bits}, common, args.work, 1, args.jobs)
+
+    from rsq.export import FORMATS, export_checkpoint
+    from rsq.verify import format_verify_table, verify_export
+
+    lines = ["# Every export format against the fake-quantized model", "",
+             f"CPU: {cpu_name()}. Each model: `rsq train {' '.join(common)} --bits B`, then every format of "
+             f"`rsq export` and `rsq verify` on the first {args.test_subset} test images (qonnx: its first 64).", ""]
+    payload = {"settings": vars(args), "cpu": cpu_name(), "verify": {}}
+    for b in bits:
+        folder = Path(args.work) / f"export_w{b}"
+        for fmt in FORMATS:
+            export_checkpoint(Path(args.work) / f"w{b}", fmt, folder, overwrite=fmt == FORMATS[0])
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = verify_export(folder, quiet=True)
+        top1 = " / ".join(f"{row['top1']:.2f}" for row in runs[f"w{b}"]["rows"])
+        lines += [f"## W{b}A{b} (fake-quant top-1 at 28/20/12 after the short run: {top1})", "",
+                  format_verify_table(result), ""]
+        payload["verify"][f"W{b}A{b}"] = result
+    write_outputs(args.out, lines, payload)
+
+
+if __name__ == "__main__":
+    main()
