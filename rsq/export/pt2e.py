@@ -384,4 +384,6 @@ def load_pt2e(path, compile: bool = True) -> Callable[[torch.Tensor], torch.Tens
         return module
     import torch._inductor.config as inductor_config
     inductor_config.freezing = True
-    return torch.compile(module)
+    # One static graph per batch size: with dynamic shapes Inductor's fused int8 conv asserted the wrong
+    # strides for a batch other than the first one it saw.
+    return torch.compile(module, dynamic=False)
