@@ -28,7 +28,7 @@ from ..convert import mode_state, using_mode
 from ..deps import require
 from ..errors import RsqError
 from ..nn.quant_layers import QuantConv2d, QuantLinear
-from ..nn.quantizers import FULL_PRECISION, LQNetQuantizer, LSQQuantizer, SwitchableQuantizer
+from ..nn.quantizers import FULL_PRECISION, LQNetQuantizer, LSQQuantizer, quantizer_in_mode
 from ..nn.switchable_bn import SwitchableBatchNorm2d
 
 PURPOSE = "PT2E export"
@@ -42,8 +42,7 @@ def _torchao_pt2e():
 
 def _lsq_for_mode(quantizer: nn.Module, mode_key: str, layer: str, role: str) -> Optional[LSQQuantizer]:
     """The LSQ quantizer a layer runs in one mode; None when that tensor stays full precision."""
-    if isinstance(quantizer, SwitchableQuantizer):
-        quantizer = quantizer.for_mode(mode_key)
+    quantizer = quantizer_in_mode(quantizer, mode_key)
     if isinstance(quantizer, nn.Identity) or getattr(quantizer, "bits", None) == FULL_PRECISION:
         return None
     if isinstance(quantizer, LQNetQuantizer):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import RsqError
-from ..nn.quantizers import FULL_PRECISION, LQNetQuantizer, LSQQuantizer, SwitchableQuantizer
+from ..nn.quantizers import FULL_PRECISION, LQNetQuantizer, LSQQuantizer, SwitchableQuantizer, quantizer_in_mode
 from ..nn.switchable_bn import SwitchableBatchNorm2d
 
 
@@ -24,10 +24,7 @@ def _lsq(quantizer: nn.Module, layer: str, role: str) -> LSQQuantizer:
 
 def act_quantizer(layer: nn.Module, name: str, mode_key: str) -> LSQQuantizer:
     """The LSQ quantizer that layer ``name`` applies to its input in mode ``mode_key``."""
-    quantizer = layer.act_quantizer
-    if isinstance(quantizer, SwitchableQuantizer):
-        quantizer = quantizer.for_mode(mode_key)
-    return _lsq(quantizer, name, "activation")
+    return _lsq(quantizer_in_mode(layer.act_quantizer, mode_key), name, "activation")
 
 
 def weight_quantizer(layer: nn.Module, name: str) -> LSQQuantizer:

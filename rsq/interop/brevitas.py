@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,7 +21,7 @@ from ..convert import mode_state
 from ..deps import require
 from ..errors import RsqError
 from ..nn import LQNetQuantizer, QuantConv2d, QuantLinear, SwitchableBatchNorm2d
-from ..nn.quantizers import FULL_PRECISION
+from ..nn.quantizers import FULL_PRECISION, quantizer_in_mode
 
 
 class _StepIsTheScale(nn.Module):
@@ -55,10 +56,6 @@ def _quantizer_classes():
     return RsqWeightQuant, RsqSignedActQuant, RsqUnsignedActQuant
 
 
-def _for_mode(quantizer: nn.Module, key: str) -> nn.Module:
-    return quantizer.for_mode(key) if hasattr(quantizer, "for_mode") else quantizer
-
-
 def _quant_kwargs(weight_q: nn.Module, act_q: nn.Module, name: str) -> dict:
     weight_cls, signed_cls, unsigned_cls = _quantizer_classes()
     kwargs = {"weight_quant": None, "input_quant": None}
@@ -77,7 +74,8 @@ def _quant_kwargs(weight_q: nn.Module, act_q: nn.Module, name: str) -> dict:
 
 def _brevitas_layer(layer: nn.Module, key: str, name: str) -> nn.Module:
     qnn = require("brevitas.nn", "the brevitas bridge (QONNX export)", "brevitas")
-    kwargs = _quant_kwargs(_for_mode(layer.weight_quantizer, key), _for_mode(layer.act_quantizer, key), name)
+    kwargs = _quant_kwargs(quantizer_in_mode(layer.weight_quantizer, key),
+                           quantizer_in_mode(layer.act_quantizer, key), name)
     has_bias = layer.bias is not None
     if isinstance(layer, QuantConv2d):
         if layer.padding_mode != "zeros":
@@ -154,9 +152,7 @@ class QonnxRunner:
         self.graph = cleanup(wrapper(str(path)))
         self.name_in, self.name_out = self.graph.graph.input[0].name, self.graph.graph.output[0].name
 
-    def __call__(self, x: "numpy.ndarray") -> "numpy.ndarray":  # noqa: F821
+    def __call__(self, x: np.ndarray) -> np.ndarray:
         """Logits for an NCHW batch, one image at a time (the graph was exported at batch 1)."""
-        import numpy as np
-
         return np.concatenate([self.execute(self.graph, {self.name_in: x[i:i + 1]})[self.name_out]
                                for i in range(len(x))])

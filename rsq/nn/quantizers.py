@@ -343,6 +343,11 @@ class LQNetQuantizer(nn.Module):
         return f"bits={self.bits}, signed={self.signed}, per_channel={self.per_channel}"
 
 
+def quantizer_in_mode(quantizer: nn.Module, key: str) -> nn.Module:
+    """The quantizer a layer runs in mode ``key``: a SwitchableQuantizer's own one, any other as it is."""
+    return quantizer.for_mode(key) if isinstance(quantizer, SwitchableQuantizer) else quantizer
+
+
 class SwitchableQuantizer(nn.Module):
     """One quantizer per mode, or per bit width, chosen by the shared :class:`ModeState` (like the BNs).
 
