@@ -372,8 +372,8 @@ def _require_pandas(command: str) -> None:
 
 @cli.command()
 @click.argument("checkpoint")
-@click.option("--format", "fmt", default="all", show_default=True, metavar="onnx|packed|qonnx|...|all",
-              help="what to write: onnx, packed, qonnx (see the README), or all of them")
+@click.option("--format", "fmt", default="all", show_default=True, metavar="onnx|qlinear|packed|...|all",
+              help="what to write: onnx, qlinear, packed, qonnx, pt2e, executorch (see the README), or all of them")
 @click.option("--out", required=True, help="export folder (written atomically)")
 @click.option("--resolution", "--resolutions", "resolutions", type=IntList(), default=None,
               help="resolution(s) to export [default: all the checkpoint knows]")
@@ -381,8 +381,9 @@ def _require_pandas(command: str) -> None:
               help="for a checkpoint that switches bit widths: the one to export")
 @click.option("--overwrite", is_flag=True, help="replace an export already in --out")
 def export(checkpoint, fmt, out, resolutions, bits, overwrite):
-    """Export a quantized checkpoint for edge targets: integer-only ONNX, a bit-packed checkpoint
-    with a numpy reference runtime, QONNX for FINN (see the README's export section).
+    """Export a quantized checkpoint for edge targets: integer-only ONNX (exact, or on onnxruntime's fast
+    8-bit kernels), a bit-packed checkpoint with a numpy reference runtime, QONNX for FINN, PT2E and
+    ExecuTorch (see the README's export section).
 
     \b
     Examples:

@@ -22,6 +22,7 @@ from .runtime import Runtime, load
 
 
 def _onnx_sessions(folder: Path, resolutions) -> dict:
+    """{resolution: onnxruntime session} of an ONNX export's graphs (exact or QLinear)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -38,8 +39,10 @@ def _onnx_sessions(folder: Path, resolutions) -> dict:
     return sessions
 
 
-def _artifacts(export_dir: Path, info: dict, resolutions, gemm: str) -> dict:
-    """{name: callable(x float32 NCHW numpy, r) -> int32 logits} for every format in the folder."""
+def _artifacts(export_dir: Path, info: dict, resolutions, gemm: str, reference) -> dict:
+    """{name: callable(x float32 NCHW numpy, r)} for every format in the folder. A callable returns int32
+    logits (held against rsq.runtime's), float logits, or (float logits, (tensor, its integers)) to hold
+    that integer tensor against rsq.runtime's."""
     runners = {}
     formats = info.get("formats", {})
     if "packed" in formats:
@@ -49,6 +52,8 @@ def _artifacts(export_dir: Path, info: dict, resolutions, gemm: str) -> dict:
         sessions = _onnx_sessions(export_dir / "onnx", resolutions)
         # Output 1 is the int32 logits (output 0 is their DequantizeLinear).
         runners["onnx"] = lambda x, r: sessions[r].run([sessions[r].get_outputs()[1].name], {"input": x})[0]
+    if "qlinear" in formats:
+        runners["qlinear"] = _qlinear_runner(export_dir / "qlinear", resolutions, reference)
     if "qonnx" in formats:
         runners["qonnx"] = _qonnx_runner(export_dir / "qonnx")
     if "pt2e" in formats:
@@ -62,6 +67,18 @@ def _artifacts(export_dir: Path, info: dict, resolutions, gemm: str) -> dict:
         pte = export_dir / "executorch" / EXECUTORCH_FILE
         runners["executorch"] = lambda x, r: run_executorch(pte, method_name(r), x)
     return runners
+
+
+def _qlinear_runner(folder: Path, resolutions, reference):
+    """Float logits, and the last linear's integer input (the same grid as rsq.runtime's)."""
+    from .export.qlinear import features_tensor, features_zero_point
+    sessions = _onnx_sessions(folder, resolutions)
+    features = features_tensor(reference)
+
+    def run(x, r):
+        logits, ints = sessions[r].run(None, {"input": x})
+        return logits, (features, ints.astype(np.int32) - features_zero_point(reference, r))
+    return run
 
 
 QONNX_IMAGES = 64  # qonnx's executor runs node by node (about 0.3 s an image): verify a sample per resolution
@@ -90,15 +107,15 @@ class _Tally:
         self.correct = self.agree = self.images = 0
         self.seconds = 0.0
         self.int_differ = self.int_within_one = self.int_total = 0
-        self.compared = False
+        self.compared = ""  # what the integers compared with rsq.runtime's are: "" (none), "logits", a tensor
 
-    def add(self, pred, target, fq_pred, seconds, ints=None, ref_ints=None):
+    def add(self, pred, target, fq_pred, seconds, ints=None, ref_ints=None, what: str = "logits"):
         self.correct += int((pred == target).sum())
         self.agree += int((pred == fq_pred).sum())
         self.images += len(target)
         self.seconds += seconds
         if ints is not None:
-            self.compared = True
+            self.compared = what
             diff = np.abs(ints.astype(np.int64) - ref_ints.astype(np.int64))
             self.int_differ += int((diff != 0).sum())
             self.int_within_one += int((diff <= 1).sum())
@@ -112,8 +129,10 @@ class _Tally:
                "ms_per_image": round(1000 * self.seconds / max(self.images, 1), 3),
                "integers_vs_runtime": ""}
         if self.compared:
-            row["integers_vs_runtime"] = ("identical" if self.int_differ == 0 else
-                                          f"{self.int_differ}/{self.int_total} differ, "
+            # Logits are named only when they are not what is compared (the QLinear graph's are float).
+            what = "" if self.compared == "logits" else f"{self.compared}: "
+            row["integers_vs_runtime"] = (f"{what}identical" if self.int_differ == 0 else
+                                          f"{what}{self.int_differ}/{self.int_total} differ, "
                                           f"{100.0 * self.int_within_one / self.int_total:.2f}% within one step")
         return row
 
@@ -134,7 +153,7 @@ def verify_export(export_dir, test_subset: Optional[int] = None, data_dir: Optio
     unchanged = {fmt: entry.get("digest") == reference.digest() for fmt, entry in info.get("formats", {}).items()
                  if fmt in INTEGER_FORMATS}  # the other formats are not written from the IntegerModel
     runtime = Runtime(reference, gemm=gemm)
-    artifacts = _artifacts(export_dir, info, resolutions, gemm)
+    artifacts = _artifacts(export_dir, info, resolutions, gemm, reference)
     test = _test_data(ckpt, resolutions, test_subset, data_dir)
     names = ["fake-quant", "runtime"] + list(artifacts)
     tallies = {(r, name): _Tally() for r in resolutions for name in names}
@@ -148,15 +167,21 @@ def verify_export(export_dir, test_subset: Optional[int] = None, data_dir: Optio
                 tallies[r, "fake-quant"].add(fq_pred, target, fq_pred, time.perf_counter() - start)
                 x = xs[r].numpy().astype(np.float32)
                 start = time.perf_counter()
-                ref_ints = runtime.run(x, r)
+                ref_values = runtime.run_all(x, r)
+                ref_ints = ref_values[reference.output]
                 tallies[r, "runtime"].add(ref_ints.argmax(1), target, fq_pred, time.perf_counter() - start)
                 for name, run in artifacts.items():
                     start = time.perf_counter()
                     out = run(x, r)
                     if out is None:  # a sampled artifact that has seen its share
                         continue
-                    n = len(out)
                     seconds = time.perf_counter() - start
+                    if isinstance(out, tuple):  # float logits and one integer tensor to compare
+                        out, (tensor, ints) = out
+                        tallies[r, name].add(out.argmax(1), target, fq_pred, seconds, ints, ref_values[tensor],
+                                             what=tensor)
+                        continue
+                    n = len(out)
                     if np.issubdtype(out.dtype, np.integer):  # integer logits: compare them with the runtime's
                         tallies[r, name].add(out.argmax(1), target, fq_pred, seconds, out, ref_ints)
                     else:

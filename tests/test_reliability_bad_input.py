@@ -127,9 +127,11 @@ TABLE = [
     ("export-truncated", ["export", "truncated.pt", "--out", "e_trunc"], "truncated.pt is not a readable rsq checkpoint"),
     ("export-foreign", ["export", "foreign.pt", "--out", "e_foreign"], "foreign.pt is not an rsq checkpoint"),
     ("export-format-unknown", ["export", "qrun", "--format", "tflite", "--out", "e_fmt"],
-     "unknown export format 'tflite'; choose from: onnx, packed, qonnx, pt2e, executorch"),
+     "unknown export format 'tflite'; choose from: onnx, packed, qlinear, qonnx, pt2e, executorch"),
     ("export-resolution-unknown", ["export", "qrun", "--format", "packed", "--resolution", "20", "--out", "e_res"],
      "resolution(s) [20] unknown to this model (known: 16, 12)"),
+    ("export-qlinear-no-data", ["export", "qmoved.pt", "--format", "qlinear", "--out", "e_ql"],
+     "the qlinear format calibrates its 8-bit grids on the run's training images: "),
     ("export-lq-nets", ["export", "lqrun", "--format", "packed", "--out", "e_lq"], "uses the lqnet quantizer"),
     ("export-out-holds-an-export", ["export", "qrun", "--format", "packed", "--out", "exp"],
      "exp already holds a packed export; pass overwrite=True (--overwrite) to replace it"),
@@ -212,6 +214,8 @@ def world(tmp_path_factory) -> Path:
         torch.save(copy, root / name)
 
     variant("w4a4.pt", weight_bits=4, act_bits=4)
+    moved = torch.load(root / "qrun" / "checkpoint.pt", weights_only=True)
+    torch.save(dict(moved, config=dict(moved["config"], data_dir="nodata")), root / "qmoved.pt")  # data gone
     variant("resnet18.pt", model="resnet18")
     variant("classes5.pt", num_classes=5)
     variant("newer.pt", version=99)

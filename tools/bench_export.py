@@ -5,7 +5,8 @@
 CKPT (e.g. a Fashion-MNIST ResNet-20) is timed with its test images; --resnet18 adds an untrained,
 quantizer-initialised torchvision ResNet-18 RS-Net at 224/192/160/128/96 (timing does not depend on the
 weights' values) timed on random images. Per resolution, batch 1 and 32 (median of timed runs after a warm-up):
-  rsq ONNX int   rsq's integer export in onnxruntime (ConvInteger + int64 requantization)
+  rsq ONNX int   rsq's integer export in onnxruntime (ConvInteger + int64 requantization: exact)
+  rsq QLinear    rsq's QLinear export in onnxruntime (QLinearConv/QLinearAdd + Clip: fast, within steps)
   ORT fp32       onnxruntime on the same network in float32, BatchNorm folded (written here)
   ORT QOperator  onnxruntime.quantization.quantize_static of that float model (QLinearConv, per-channel int8)
   torch fp32     PyTorch eager on the float (dequantized) model
@@ -159,7 +160,8 @@ def main() -> None:
             images = torch.randn(64, 3, R18_RESOLUTIONS[0], R18_RESOLUTIONS[0])
             pt2e = [int(r) for r in args.r18_pt2e.split(",") if r]
             models.append(bench_model(ckpt, images, work / "b", args.r18_repeats, 1, pt2e_resolutions=pt2e,
-                                      int32_runtime=False, runtime_batches=(1, 32), label="resnet18 (random weights)"))
+                                      int32_runtime=False, runtime_batches=(1, 32), label="resnet18 (random weights)",
+                                      synthetic=True))
         for i, ckpt in enumerate(args.sizes_of):
             sizes_only[ckpt] = export_sizes(ckpt, work / f"sizes{i}")
         write_report(args, models, sizes_only)
@@ -176,9 +178,20 @@ def export_sizes(checkpoint, folder: Path) -> dict:
             "  of which weights.bin (bit-packed)": (folder / "packed" / "weights.bin").stat().st_size}
 
 
+def write_synthetic_qlinear(model, config, images, folder: Path) -> None:
+    from rsq.data.multires import resize_batch
+    from rsq.export import lower_checkpoint_model
+    from rsq.export.qlinear import wide_ranges, write_qlinear
+
+    integer_model = lower_checkpoint_model(model, config)
+    calibration = {r: resize_batch(images[:16], r).numpy() for r in integer_model.resolutions}
+    write_qlinear(integer_model, wide_ranges(integer_model, calibration, batch=8), folder)
+
+
 def bench_model(checkpoint, images, work: Path, repeats: int, runtime_repeats: int, pt2e_resolutions,
-                int32_runtime: bool, runtime_batches, label: str = "") -> dict:
-    """Rows of median ms per engine, sizes on disk and build times for one checkpoint."""
+                int32_runtime: bool, runtime_batches, label: str = "", synthetic: bool = False) -> dict:
+    """Rows of median ms per engine, sizes on disk and build times for one checkpoint (``synthetic``: its
+    data set is a stand-in, so the QLinear export calibrates on ``images``)."""
     import onnxruntime as ort
     from bench_export_extra import executorch_engine, executorch_program
 
@@ -198,10 +211,13 @@ def bench_model(checkpoint, images, work: Path, repeats: int, runtime_repeats: i
     if not int32_runtime:
         notes.append("rsq.runtime runs with its float32 GEMM only (the same integers); numpy's int32 matmul "
                      "has no BLAS and takes minutes per batch at this size")
-    for fmt in ("onnx", "packed", "pt2e", "qonnx"):
+    for fmt in ("onnx", "qlinear", "packed", "pt2e", "qonnx"):
         start = time.perf_counter()
         try:
-            export_checkpoint(checkpoint, fmt, export)
+            if fmt == "qlinear" and synthetic:  # no training images: 8-bit grids from the timing images
+                write_synthetic_qlinear(model, config, images, export / fmt)
+            else:
+                export_checkpoint(checkpoint, fmt, export)
         except Exception as exc:  # noqa: BLE001 - a format that fails is reported, the rest still timed
             notes.append(f"{fmt} export failed: {str(exc).splitlines()[0][:200]}")
         build_s[f"export {fmt} (all resolutions)"] = time.perf_counter() - start
@@ -227,6 +243,7 @@ def bench_model(checkpoint, images, work: Path, repeats: int, runtime_repeats: i
         sizes[f"ORT fp32 graph (r{r})"] = float_path.stat().st_size
         sizes[f"ORT QOperator graph (r{r})"] = qop_path.stat().st_size
         engines = {"rsq ONNX int": session(export / "onnx" / f"model_r{r}.onnx"),
+                   "rsq QLinear": session(export / "qlinear" / f"model_r{r}.onnx"),
                    "ORT fp32": session(float_path), "ORT QOperator": session(qop_path)}
         compiled = None
         if pt2e_resolutions is None or r in pt2e_resolutions:
@@ -256,6 +273,7 @@ def bench_model(checkpoint, images, work: Path, repeats: int, runtime_repeats: i
     sizes["  of which weights.bin (int8, shared)"] = (export / "onnx" / "weights.bin").stat().st_size
     sizes["rsq ONNX, one resolution (graph + weights.bin)"] = (
         (export / "onnx" / f"model_r{resolutions[0]}.onnx").stat().st_size + sizes["  of which weights.bin (int8, shared)"])
+    sizes["rsq QLinear folder (all resolutions)"] = folder_size(export / "qlinear")
     sizes["rsq packed folder (all resolutions)"] = folder_size(export / "packed")
     sizes["  of which weights.bin (bit-packed)"] = (export / "packed" / "weights.bin").stat().st_size
     for fmt in ("pt2e", "qonnx"):
@@ -278,6 +296,13 @@ def _torch_forward(model, x, resolution, using_mode):
             return model(x)
 
 
+# label: (numerator engine, denominator engine) of a ratio of median times
+RATIOS = {"rsq QLinear time / ORT QOperator time": ("rsq QLinear", "ORT QOperator"),
+          "speed-up of rsq QLinear over ORT fp32": ("ORT fp32", "rsq QLinear"),
+          "speed-up of PT2E+Inductor over torch fp32": ("torch fp32", "PT2E+Inductor"),
+          "speed-up of ExecuTorch over torch fp32": ("torch fp32", "ExecuTorch XNNPACK")}
+
+
 def write_report(args, models, sizes_only) -> None:
     import onnxruntime as ort
     cpu = cpu_description()
@@ -295,6 +320,13 @@ def write_report(args, models, sizes_only) -> None:
                   "| resolution | batch | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
         for row in m["rows"]:
             cells = [f"{row['ms'][n]:.3f}" if n in row["ms"] else "-" for n in names]
+            lines.append(f"| {row['resolution']} | {row['batch']} | " + " | ".join(cells) + " |")
+        lines += ["", "Ratios of the medians above (the issue's goals: QLinear within 1.05x of QOperator; PT2E and "
+                  "ExecuTorch speed-ups over eager fp32):", "", "| resolution | batch | " + " | ".join(RATIOS) + " |",
+                  "|---:|---:|" + "---:|" * len(RATIOS)]
+        for row in m["rows"]:
+            ms = row["ms"]
+            cells = [f"{ms[a] / ms[b]:.2f}x" if a in ms and b in ms else "-" for a, b in RATIOS.values()]
             lines.append(f"| {row['resolution']} | {row['batch']} | " + " | ".join(cells) + " |")
         lines += ["", "| artifact | bytes |", "|:---|---:|"] + [f"| {k} | {v} |" for k, v in m["sizes"].items()]
         lines += ["", "| build step | seconds |", "|:---|---:|"] + [f"| {k} | {v:.1f} |" for k, v in m["build_s"].items()]

@@ -17,7 +17,8 @@ from typing import Iterable, Optional
 
 from ..errors import RsqError, choices_error
 
-INTEGER_FORMATS = ("onnx", "packed")  # written from the IntegerModel (rsq.export.lower)
+# Written from the IntegerModel (rsq.export.lower): exact ONNX, packed, and the fast QLinear ONNX.
+INTEGER_FORMATS = ("onnx", "packed", "qlinear")
 # Written from the fake-quant model by another toolkit's exporter: QONNX (brevitas, for FINN),
 # PT2E (torchao, for Inductor on server CPUs), ExecuTorch (.pte with XNNPACK, for phones).
 ECOSYSTEM_FORMATS = ("qonnx", "pt2e", "executorch")
@@ -59,7 +60,7 @@ def export_checkpoint(checkpoint, fmt: str, out, resolutions: Optional[Iterable[
     """
     if fmt not in FORMATS:
         raise choices_error("export format", fmt, FORMATS)
-    if fmt == "onnx":
+    if fmt in ("onnx", "qlinear"):
         from .onnx import require_onnx
         require_onnx()
     out = Path(out)
@@ -203,8 +204,25 @@ def _write_format(fmt: str, job: _Job, folder: Path) -> None:
     elif fmt == "packed":
         from .packed import write_packed
         write_packed(job.integer_model, folder)
+    elif fmt == "qlinear":
+        from .qlinear import wide_ranges, write_qlinear
+        write_qlinear(job.integer_model, wide_ranges(job.integer_model, _calibration_images(job)), folder)
     else:
         _write_ecosystem(fmt, job, folder)
+
+
+def _calibration_images(job: _Job) -> dict:
+    """Training images (the run's own data and augmentation) at every exported resolution, as numpy NCHW:
+    what the QLinear format calibrates its 8-bit residual grids on."""
+    from ..checkpoint import checkpoint_config
+    from ..data import resize_batch
+    from ..runs import training_pool
+    from .qlinear import CALIBRATION_IMAGES
+    try:
+        pool = training_pool(checkpoint_config(job.ckpt).replace(device="cpu"), CALIBRATION_IMAGES)
+    except RsqError as exc:
+        raise RsqError(f"the qlinear format calibrates its 8-bit grids on the run's training images: {exc}") from None
+    return {r: resize_batch(pool, r).numpy() for r in job.integer_model.resolutions}
 
 
 def _write_ecosystem(fmt: str, job: _Job, folder: Path) -> None:

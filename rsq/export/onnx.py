@@ -9,6 +9,7 @@ resolution's graph points into it (ONNX external data).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -40,30 +41,33 @@ def write_onnx(model: IntegerModel, folder) -> list[Path]:
     onnx = require_onnx()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    locations = _write_weights(model, folder / WEIGHTS_FILE)
+    locations = write_weights(model, folder / WEIGHTS_FILE)
     paths = []
     for r in model.resolutions:
-        proto = _GraphBuilder(onnx, model, r, locations).build()
+        proto = _ExactGraph(onnx, model, r, locations).build()
         path = folder / graph_file(r)
         path.write_bytes(proto.SerializeToString())
         paths.append(path)
     return paths
 
 
-def _write_weights(model: IntegerModel, path: Path) -> dict[str, tuple[int, int]]:
-    """int8 weights, each at a 64-byte aligned offset: {name: (offset, length)}."""
+def write_weights(model: IntegerModel, path: Path, shifts: Optional[dict[str, int]] = None) -> dict[str, tuple[int, int]]:
+    """int8 weights, each at a 64-byte aligned offset: {name: (offset, length)}; ``shifts[name]`` bits to the left."""
     data = bytearray()
     locations = {}
     for name in sorted(model.weights):
         data.extend(b"\0" * (-len(data) % ALIGN))
-        payload = np.ascontiguousarray(model.weights[name].values, dtype=np.int8).tobytes()
+        values = model.weights[name].values.astype(np.int16) << (shifts or {}).get(name, 0)
+        payload = np.ascontiguousarray(values, dtype=np.int8).tobytes()
         locations[name] = (len(data), len(payload))
         data.extend(payload)
     path.write_bytes(bytes(data))
     return locations
 
 
-class _GraphBuilder:
+class OnnxGraph:
+    """What every rsq ONNX graph builder shares: constants, nodes, the shared external weights."""
+
     def __init__(self, onnx, model: IntegerModel, resolution: int, locations):
         self.onnx, self.model, self.r, self.locations = onnx, model, resolution, locations
         self.helper = onnx.helper
@@ -71,17 +75,15 @@ class _GraphBuilder:
         self.tables = model.tables[resolution]
         self.scales = model.scales[resolution]
         self.count = 0
-        self.widened: dict[str, str] = {}
-
-    # ---- small helpers ----
 
     def const(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(self.onnx.numpy_helper.from_array(np.asarray(array), name))
         return name
 
-    def node(self, op: str, inputs: list[str], output: str, **attrs) -> str:
+    def node(self, op: str, inputs: list[str], output: str, domain: str = "", **attrs) -> str:
         self.count += 1
-        self.nodes.append(self.helper.make_node(op, inputs, [output], name=f"{op}_{self.count}", **attrs))
+        self.nodes.append(self.helper.make_node(op, inputs, [output], name=f"{op}_{self.count}", domain=domain,
+                                                **attrs))
         return output
 
     def weight(self, name: str) -> str:
@@ -97,6 +99,23 @@ class _GraphBuilder:
             entry.key, entry.value = key, value
         self.initializers.append(tensor)
         return tensor.name
+
+    def finish(self, inputs, outputs, doc: str, domains=()):
+        """The ModelProto of the nodes built so far (opset OPSET, plus ``domains`` at version 1)."""
+        graph = self.helper.make_graph(self.nodes, f"{self.model.model}_r{self.r}", inputs, outputs,
+                                       self.initializers)
+        opsets = [self.helper.make_opsetid("", OPSET)] + [self.helper.make_opsetid(d, 1) for d in domains]
+        proto = self.helper.make_model(graph, opset_imports=opsets, producer_name="rsq", doc_string=doc)
+        proto.ir_version = IR_VERSION
+        return proto
+
+
+class _ExactGraph(OnnxGraph):
+    """ConvInteger + int64 requantization: the same integers as rsq.runtime."""
+
+    def __init__(self, onnx, model: IntegerModel, resolution: int, locations):
+        super().__init__(onnx, model, resolution, locations)
+        self.widened: dict[str, str] = {}
 
     def requant(self, x: str, prefix: str, m0, shift, shape, pre_shift: int = 0, bias=None) -> str:
         """rq((x << pre_shift) + bias, m0, shift) of rsq.runtime.fixedpoint, in four int64 ops.
@@ -141,12 +160,7 @@ class _GraphBuilder:
         self.node("DequantizeLinear", [logits_int, scale], "logits")
         outputs = [self.helper.make_tensor_value_info("logits", TP.FLOAT, [batch, model.num_classes]),
                    self.helper.make_tensor_value_info(logits_int, TP.INT32, [batch, model.num_classes])]
-        graph = self.helper.make_graph(self.nodes, f"{model.model}_r{self.r}", [graph_input], outputs,
-                                       self.initializers)
-        proto = self.helper.make_model(graph, opset_imports=[self.helper.make_opsetid("", OPSET)],
-                                       producer_name="rsq", doc_string=f"rsq integer export, resolution {self.r}")
-        proto.ir_version = IR_VERSION
-        return proto
+        return self.finish([graph_input], outputs, f"rsq integer export, resolution {self.r}")
 
     def _quantize_input(self, op, table):
         info = self.model.tensors[op.output]

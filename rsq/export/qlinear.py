@@ -1,0 +1,222 @@
+"""QLinear ONNX writer: the IntegerModel on onnxruntime's fused 8-bit kernels, for speed on server CPUs.
+
+The exact ONNX graph (onnx.py) spells every requantization out in int64 ops, which onnxruntime runs
+as separate passes over memory. This graph uses the operators onnxruntime's own int8 quantization
+emits instead (QLinearConv with the requantization inside the kernel, QLinearAdd,
+QLinearGlobalAveragePool), plus Clip where rsq's range is narrower than 8 bits. Every tensor is
+uint8 (zero point 0 when unsigned, 128 when signed); the weights are the same int8 integers,
+stored once in weights.bin for every resolution.
+
+Not bit-exact with rsq.runtime (docs/export.md §8a says where and measures it):
+- onnxruntime requantizes in float32 (round half to even) where rsq.runtime uses Q31 fixed point;
+- QLinearConv's int32 bias has no fraction bits (rsq's keeps up to 16);
+- every "wide" tensor (the residual stream and the conv outputs that feed an add or a pooling,
+  int32 in the IntegerModel) becomes 8-bit, on a grid calibrated on training images
+  (``wide_ranges``): the one choice this writer makes that the lowering did not.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime.fixedpoint import MANTISSA_BITS
+from ..runtime.model import IntegerModel
+from .onnx import WEIGHTS_FILE, OnnxGraph, graph_file, require_onnx, write_weights
+
+RANGES_FILE = "ranges.json"
+CALIBRATION_IMAGES = 256
+SIGNED_ZERO_POINT = 128  # a signed grid [-128, 127] stored as uint8
+MS = "com.microsoft"      # onnxruntime's contrib operators (QLinearAdd, QLinearGlobalAveragePool, ...)
+
+
+def wide_ranges(model: IntegerModel, images: dict[int, np.ndarray], batch: int = 64) -> dict[int, dict[str, int]]:
+    """Per resolution: the largest |integer| of every wide tensor on ``images[r]`` (NCHW float), by rsq.runtime."""
+    from ..runtime import Runtime
+    runtime = Runtime(model, gemm="float")
+    wide = [name for name, info in model.tensors.items() if info.kind == "wide"]
+    ranges = {}
+    for r in model.resolutions:
+        largest = dict.fromkeys(wide, 0)
+        x = images[r]
+        for start in range(0, len(x), batch):
+            values = runtime.run_all(x[start:start + batch], r)
+            for name in wide:
+                largest[name] = max(largest[name], int(np.abs(values[name]).max(initial=0)))
+        ranges[r] = largest
+    return ranges
+
+
+def write_qlinear(model: IntegerModel, ranges: dict[int, dict[str, int]], folder) -> list[Path]:
+    """One ``model_r{R}.onnx`` per resolution, the shared ``weights.bin`` and ``ranges.json``."""
+    onnx = require_onnx()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    locations = write_weights(model, folder / WEIGHTS_FILE, weight_shifts(model))
+    (folder / RANGES_FILE).write_text(json.dumps({str(r): v for r, v in ranges.items()}, indent=1, sort_keys=True))
+    paths = []
+    for r in model.resolutions:
+        proto = _QLinearGraph(onnx, model, r, locations, ranges[r]).build()
+        path = folder / graph_file(r)
+        path.write_bytes(proto.SerializeToString())
+        paths.append(path)
+    return paths
+
+
+def features_tensor(model: IntegerModel) -> str:
+    """The last linear's integer input: the graph's second output, compared with rsq.runtime's by verify."""
+    last = next(op for op in model.ops if op.output == model.output)
+    return last.inputs[0]
+
+
+def weight_shifts(model: IntegerModel) -> dict[str, int]:
+    """Bits each layer's weights move left inside their int8 container: 8 - bits for sub-8-bit weights.
+
+    The accumulator gets as many bits finer, so QLinearConv's integer bias keeps that many fraction
+    bits (rsq.runtime keeps up to 16; none would move about 1 % of the outputs by one step). Only where
+    the input has at most 7 bits: AVX2's u8 x s8 pair sums (vpmaddubsw) saturate int16 otherwise.
+    """
+    shifts = {}
+    for op in model.ops:
+        if op.kind in ("conv", "linear"):
+            weight_bits = model.weights[op.attrs["weight"]].bits
+            if weight_bits < 8 and model.tensors[op.inputs[0]].bits <= 7:
+                shifts[op.attrs["weight"]] = 8 - weight_bits
+    return shifts
+
+
+def zero_point(model: IntegerModel, resolution: int, op) -> int:
+    """The uint8 zero point of ``op``'s output: 128 where its range goes below 0, else 0."""
+    if op.kind == "max_pool":  # keeps its input's grid
+        producer = next(p for p in model.ops if p.output == op.inputs[0])
+        return zero_point(model, resolution, producer)
+    return SIGNED_ZERO_POINT if int(model.tables[resolution][op.name]["lo"][0]) < 0 else 0
+
+
+def features_zero_point(model: IntegerModel, resolution: int) -> int:
+    feature = features_tensor(model)
+    return zero_point(model, resolution, next(op for op in model.ops if op.output == feature))
+
+
+def _multiplier(table: dict, suffix: str = "") -> np.ndarray:
+    """The real multipliers (m0, shift) stand for, per entry."""
+    m0 = table[f"m0{suffix}"].astype(np.float64)
+    return m0 * np.exp2(-(MANTISSA_BITS + table[f"shift{suffix}"].astype(np.float64)))
+
+
+class _QLinearGraph(OnnxGraph):
+    def __init__(self, onnx, model: IntegerModel, resolution: int, locations, ranges: dict[str, int]):
+        super().__init__(onnx, model, resolution, locations)
+        self.grids = self._grids(ranges)
+        self.shifts = weight_shifts(model)
+        self.flat: dict[str, str] = {}
+
+    def _grids(self, ranges: dict[str, int]) -> dict[str, tuple[float, int]]:
+        """(real step, zero point) of every integer tensor's uint8 form at this resolution."""
+        grids = {}
+        for op in self.model.ops:
+            info = self.model.tensors[op.output]
+            if op.kind == "max_pool":
+                grids[op.output] = grids[op.inputs[0]]  # the max of integers keeps their grid
+                continue
+            zero = zero_point(self.model, self.r, op)
+            step = self.scales[op.output]
+            if info.kind == "wide":  # the IntegerModel's int32 grid, coarsened so the calibrated range fits 8 bits
+                step *= max(ranges[op.output], 1) / (127 if zero else 255)
+            grids[op.output] = (step, zero)
+        return grids
+
+    def grid(self, tensor: str) -> tuple[str, str]:
+        """Names of the (scale, zero point) constants of a tensor's uint8 grid."""
+        step, zero = self.grids[tensor]
+        scale = f"{tensor}.q_scale"
+        if not any(init.name == scale for init in self.initializers):
+            self.const(scale, np.array(step, np.float32))
+            self.const(f"{tensor}.q_zero", np.array(zero, np.uint8))
+        return scale, f"{tensor}.q_zero"
+
+    def clamped(self, op, produce) -> None:
+        """``produce(name)`` writes op's uint8 output; a Clip follows where rsq's range is narrower than uint8's."""
+        table = self.tables[op.name]
+        zero = self.grids[op.output][1]
+        lo, hi = max(int(table["lo"][0]) + zero, 0), min(int(table["hi"][0]) + zero, 255)
+        if (lo, hi) == (0, 255):
+            produce(op.output)
+            return
+        produce(f"{op.output}.unclipped")
+        self.node("Clip", [f"{op.output}.unclipped", self.const(f"{op.name}.lo", np.array(lo, np.uint8)),
+                           self.const(f"{op.name}.hi", np.array(hi, np.uint8))], op.output)
+
+    def build(self):
+        model, TP = self.model, self.onnx.TensorProto
+        graph_input = self.helper.make_tensor_value_info(model.input, TP.FLOAT,
+                                                         ["batch", model.in_chans, self.r, self.r])
+        for op in model.ops:
+            getattr(self, f"_{op.kind}")(op, self.tables[op.name])
+        features = features_tensor(model)
+        outputs = [self.helper.make_tensor_value_info("logits", TP.FLOAT, ["batch", model.num_classes]),
+                   self.helper.make_tensor_value_info(self.flatten(features), TP.UINT8, ["batch", None])]
+        return self.finish([graph_input], outputs, f"rsq QLinear export, resolution {self.r}",
+                           domains=(MS,))
+
+    def flatten(self, tensor: str) -> str:
+        """A pooled [N, C, 1, 1] tensor as [N, C] (rsq.runtime's layout of a linear's input)."""
+        if tensor not in self.flat:
+            self.flat[tensor] = self.node("Flatten", [tensor], f"{tensor}.flat", axis=1)
+        return self.flat[tensor]
+
+    def _quantize_input(self, op, table):
+        scale, zero = self.grid(op.output)
+        self.clamped(op, lambda out: self.node("QuantizeLinear", [op.inputs[0], scale, zero], out))
+
+    def _requantize(self, op, table):
+        # An identity (alpha 1) through onnxruntime's table-driven 8-bit LeakyRelu: one lookup per value.
+        args = [op.inputs[0], *self.grid(op.inputs[0]), *self.grid(op.output)]
+        self.clamped(op, lambda out: self.node("QLinearLeakyRelu", args, out, domain=MS, alpha=1.0))
+
+    def _weight_scales(self, op, table) -> tuple[np.ndarray, np.ndarray]:
+        """(real value of one accumulator unit per channel, int32 bias in accumulator units)."""
+        finer = 2.0 ** self.shifts.get(op.attrs["weight"], 0)  # accumulator units per rsq.runtime unit
+        shift = 2.0 ** int(table["bias_shift"][0])
+        unit = _multiplier(table) * shift * self.scales[op.output] / finer
+        bias = np.rint(table["bias"].astype(np.float64) * finer / shift).astype(np.int32)
+        return unit, bias
+
+    def _conv(self, op, table):
+        attrs = op.attrs
+        ph, pw = attrs["padding"]
+        unit, bias = self._weight_scales(op, table)
+        x_scale, x_zero = self.grid(op.inputs[0])
+        # QLinearConv multiplies by x_scale * w_scale / y_scale: w_scale carries BN's gain (and its sign).
+        w_scale = self.const(f"{op.name}.w_scale", (unit / self.grids[op.inputs[0]][0]).astype(np.float32))
+        w_zero = self.const(f"{op.name}.w_zero", np.zeros(len(unit), np.int8))
+        args = [op.inputs[0], x_scale, x_zero, self.weight(attrs["weight"]), w_scale, w_zero,
+                *self.grid(op.output), self.const(f"{op.name}.bias", bias)]
+        self.clamped(op, lambda out: self.node("QLinearConv", args, out, kernel_shape=attrs["kernel"],
+                                               strides=attrs["stride"], pads=[ph, pw, ph, pw], group=attrs["groups"]))
+
+    def _linear(self, op, table):
+        """The logits: int32 accumulators plus bias, dequantized per class (no 8-bit rounding of the output)."""
+        unit, bias = self._weight_scales(op, table)
+        x = self.flatten(op.inputs[0])
+        weight = self.node("Transpose", [self.weight(op.attrs["weight"])], f"{op.name}.weight_t", perm=[1, 0])
+        acc = self.node("MatMulInteger", [x, weight, self.grid(op.inputs[0])[1]], f"{op.name}.acc")
+        total = self.node("Add", [acc, self.const(f"{op.name}.bias", bias)], f"{op.name}.acc_biased")
+        self.node("DequantizeLinear", [total, self.const(f"{op.name}.unit", unit.astype(np.float32))], "logits",
+                  axis=1)
+
+    def _add(self, op, table):
+        a, b = op.inputs
+        args = [a, *self.grid(a), b, *self.grid(b), *self.grid(op.output)]
+        self.clamped(op, lambda out: self.node("QLinearAdd", args, out, domain=MS))
+
+    def _global_avg_pool(self, op, table):
+        args = [op.inputs[0], *self.grid(op.inputs[0]), *self.grid(op.output)]
+        self.clamped(op, lambda out: self.node("QLinearGlobalAveragePool", args, out, domain=MS, channels_last=0))
+
+    def _max_pool(self, op, table):
+        attrs = op.attrs
+        ph, pw = attrs["padding"]
+        self.node("MaxPool", [op.inputs[0]], op.output, kernel_shape=attrs["kernel"], strides=attrs["stride"],
+                  pads=[ph, pw, ph, pw])

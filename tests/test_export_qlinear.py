@@ -1,0 +1,125 @@
+"""The QLinear ONNX export: onnxruntime's fused 8-bit operators, weights shared with the exact export."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rsq.config import TrainConfig
+from rsq.data import fashion_mnist
+from rsq.data.multires import resize_batch
+from rsq.export import export_checkpoint
+from rsq.export.qlinear import features_tensor, features_zero_point
+from rsq.runtime import Runtime, load
+from rsq.train import train
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+RESOLUTIONS = [16, 12]
+# Every op the QLinear graph may hold: 8-bit kernels, integer glue, and the float edges.
+ALLOWED_OPS = {"QuantizeLinear", "QLinearConv", "Clip", "QLinearLeakyRelu", "QLinearAdd", "QLinearGlobalAveragePool",
+               "MaxPool", "Flatten", "Transpose", "MatMulInteger", "Add", "DequantizeLinear"}
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qlinear")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    config = TrainConfig(weight_bits=4, act_bits=4, subset=768, test_subset=64, epochs=1, resolutions=RESOLUTIONS,
+                         batch_size=64, lr=0.05, out=str(root / "run"), device="cpu")
+    train(config, overwrite=True)
+    for fmt in ("packed", "onnx", "qlinear"):
+        export_checkpoint(root / "run", fmt, root / "export")
+    torch.set_num_threads(threads)
+    return root / "export"
+
+
+@pytest.fixture(scope="module")
+def images():
+    x, _ = fashion_mnist.load("test", None)
+    return (x[:128].float() / 255 - fashion_mnist.MEAN[0]) / fashion_mnist.STD[0]
+
+
+def _every_tensor(path):
+    """The model with every node output made a graph output, so onnxruntime reports each one's type."""
+    proto = onnx.load(str(path))
+    known = {o.name for o in proto.graph.output}
+    for node in proto.graph.node:
+        proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o not in known)
+    return proto
+
+
+def test_qlinear_graph_is_8bit_and_stores_the_weights_once(export, images):
+    folder = export / "qlinear"
+    assert sorted(p.name for p in folder.iterdir()) == ["model_r12.onnx", "model_r16.onnx", "ranges.json",
+                                                        "weights.bin"]
+    # The exact export's weights: as they are at 8 bits, moved 4 bits up inside int8 at 4 bits (weight_shifts).
+    model = load(export / "packed")
+    assert (folder / "weights.bin").stat().st_size == (export / "onnx" / "weights.bin").stat().st_size
+    proto = onnx.load(str(folder / "model_r16.onnx"))
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.name.endswith(".weight")}
+    assert np.array_equal(stored["conv1.weight"], model.weights["conv1"].values)  # 8-bit input and weights
+    assert np.array_equal(stored["layer1.0.conv1.weight"], model.weights["layer1.0.conv1"].values.astype(np.int8) * 16)
+    ranges = json.loads((folder / "ranges.json").read_text())
+    assert sorted(ranges) == ["12", "16"] and all(v > 0 for r in ranges.values() for v in r.values())
+    for r in RESOLUTIONS:
+        path = folder / f"model_r{r}.onnx"
+        onnx.checker.check_model(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
+        assert {node.op_type for node in proto.graph.node} <= ALLOWED_OPS
+        assert sum(node.op_type == "QLinearConv" for node in proto.graph.node) == 21  # ResNet-20: 19 + 2 shortcuts
+        external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"weights.bin"}
+        session = ort.InferenceSession(_every_tensor(path).SerializeToString(), providers=["CPUExecutionProvider"])
+        outputs = session.run(None, {"input": resize_batch(images[:4], r).numpy()})
+        dtypes = {o.name: v.dtype for o, v in zip(session.get_outputs(), outputs)}
+        floats = {name for name, dtype in dtypes.items() if dtype.kind == "f"}
+        assert floats == {"logits"}  # and the graph input: nothing else between quantize and dequantize
+        assert {dtype for name, dtype in dtypes.items() if name not in floats} <= {np.dtype(t) for t in
+                                                                                   ("uint8", "int8", "int32")}
+
+
+def test_qlinear_ops_stay_within_one_step_of_the_runtime(export, images):
+    """The stem conv's 8-bit output read back onto layer1's grid is rsq.runtime's integer or one step off;
+    layer1.0.conv1, fed that, at most two. Deeper, the 8-bit residual grids' rounding is carried on (a few
+    steps on this 12-step model), and the class mostly stays."""
+    reference = Runtime(load(export / "packed"))
+    model = reference.model
+    for r in RESOLUTIONS:
+        session = ort.InferenceSession(_every_tensor(export / "qlinear" / f"model_r{r}.onnx").SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        x = resize_batch(images, r).numpy()
+        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": x})))
+        values = reference.run_all(x, r)
+        for tensor, most, identical in (("layer1.0.conv1.input", 1, 0.98), ("layer1.0.conv1", 2, 0.9)):
+            ints = outputs[tensor].astype(np.int64).transpose(0, 2, 3, 1)  # NCHW -> rsq.runtime's NHWC
+            diff = np.abs(ints - values[tensor])
+            assert diff.max() <= most and (diff == 0).mean() >= identical, (r, tensor, diff.max(), (diff == 0).mean())
+        features = outputs[features_tensor(model) + ".flat"].astype(np.int64) - features_zero_point(model, r)
+        assert np.abs(features - values[features_tensor(model)]).mean() < 1.5
+        agree = (outputs["logits"].argmax(1) == values[model.output].argmax(1)).mean()
+        assert agree >= 0.7, (r, agree)
+
+
+def test_qlinear_without_its_data_is_one_clear_error(export, tmp_path):
+    from rsq.checkpoint import load_checkpoint
+    from rsq.errors import RsqError
+    ckpt = load_checkpoint(export / "checkpoint.pt")
+    ckpt["config"] = {**ckpt["config"], "data_dir": str(tmp_path / "gone")}
+    torch.save(ckpt, tmp_path / "moved.pt")
+    with pytest.raises(RsqError, match="gone"):
+        export_checkpoint(tmp_path / "moved.pt", "qlinear", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_compares_qlinear_features_with_the_runtime(export):
+    from rsq.verify import verify_export
+    result = verify_export(export, test_subset=32, quiet=True)
+    rows = [row for row in result["rows"] if row["artifact"] == "qlinear"]
+    assert [row["resolution"] for row in rows] == RESOLUTIONS
+    for row in rows:
+        assert row["integers_vs_runtime"].startswith(features_tensor(load(export / "packed")) + ":")
+        assert row["agreement"] >= 50  # far above chance (10 classes); this 12-step model has many near-ties
