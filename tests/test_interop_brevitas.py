@@ -69,6 +69,36 @@ def test_qonnx_keeps_the_bit_widths_and_runs_like_rsq(w2_qonnx, one_thread):
     assert np.allclose(got, expected, atol=1e-4), np.abs(got - expected).max()
 
 
+def test_negative_learned_steps_keep_their_sign_in_brevitas_and_qonnx(tmp_path, one_thread):
+    # LSQ can drive a weight step below zero (short runs do, in the first conv and last FC). rsq computes
+    # s * round(clamp(w / s, -8, 7)): the grid |s| * [-7, 8]. brevitas's default scale is |s|, whose
+    # grid |s| * [-8, 7] moves every weight at the edge by a step; so did the QONNX file.
+    model = quantized_model(4)
+    at_edge = 0
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, (rsq.nn.QuantConv2d, rsq.nn.QuantLinear)):
+                quantizer = layer.weight_quantizer
+                quantizer.step[0].mul_(-0.3)  # negative, and small: some weights reach the grid's edge
+                at_edge += int(((layer.weight[0] / quantizer.step[0]).abs() >= quantizer.qp + 0.5).sum())
+    assert at_edge > 0
+    x = torch.randn(4, 1, 12, 12)
+    with torch.no_grad(), rsq.using_mode(model, 12):
+        expected = model(x)
+    path = write_qonnx(model, 12, 1, tmp_path / "w4a4_r12.onnx")
+    graph = onnx.load(str(path)).graph
+    constants = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+    quant_nodes = [n for n in graph.node if n.op_type == "Quant"]
+    bit_widths = {float(constants[n.input[3]]) for n in quant_nodes if n.input[3] in constants}
+    assert bit_widths == {4.0, 8.0}  # still 4-bit integers (8-bit first conv and last FC)
+    ran = QonnxRunner(path)(x.numpy())
+    assert np.allclose(ran, expected.numpy(), atol=1e-4), np.abs(ran - expected.numpy()).max()
+    assert any((constants[n.input[1]] < 0).any() for n in quant_nodes if n.input[1] in constants)  # the signs
+    with torch.no_grad():
+        got = to_brevitas(model, 12)(x)
+    assert torch.equal(got, expected), (got - expected).abs().max()  # and the brevitas model, bit for bit
+
+
 def test_qonnx_inference_cost_equals_rsq_counting(w2_qonnx):
     model, path = w2_qonnx
     cost = qonnx_cost(path)
