@@ -19,7 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.usefixtures("one_thread")
 RESOLUTIONS = [16, 12]
 # Every op the QLinear graph may hold: 8-bit kernels, integer glue, and the float edges.
-ALLOWED_OPS = {"QuantizeLinear", "QLinearConv", "Clip", "QLinearLeakyRelu", "QLinearAdd", "QLinearGlobalAveragePool",
+ALLOWED_OPS = {"QuantizeLinear", "QLinearConv", "Clip", "QLinearMul", "QLinearAdd", "QLinearGlobalAveragePool",
                "MaxPool", "Flatten", "Transpose", "MatMulInteger", "Add", "DequantizeLinear"}
 
 
@@ -71,6 +71,9 @@ def test_qlinear_graph_is_8bit_and_stores_the_weights_once(export, images):
         proto = onnx.load(str(path), load_external_data=False)
         assert {node.op_type for node in proto.graph.node} <= ALLOWED_OPS
         assert sum(node.op_type == "QLinearConv" for node in proto.graph.node) == 21  # ResNet-20: 19 + 2 shortcuts
+        # A requantize of the (>= 0) residual onto a 4-bit grid clamps by uint8 saturation: no Clip after it.
+        rescaled = {node.output[0] for node in proto.graph.node if node.op_type == "QLinearMul"}
+        assert len(rescaled) == 11 and not [n for n in proto.graph.node if n.op_type == "Clip" and n.input[0] in rescaled]
         external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
         assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"weights.bin"}
         session = ort.InferenceSession(_every_tensor(path).SerializeToString(), providers=["CPUExecutionProvider"])
@@ -89,13 +92,15 @@ def test_qlinear_ops_stay_within_one_step_of_the_runtime(export, images):
     reference = Runtime(load(export / "packed"))
     model = reference.model
     for r in RESOLUTIONS:
-        session = ort.InferenceSession(_every_tensor(export / "qlinear" / f"model_r{r}.onnx").SerializeToString(),
-                                       providers=["CPUExecutionProvider"])
+        proto = _every_tensor(export / "qlinear" / f"model_r{r}.onnx")
+        initializers = {t.name: t for t in proto.graph.initializer}
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
         x = resize_batch(images, r).numpy()
         outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": x})))
         values = reference.run_all(x, r)
         for tensor, most, identical in (("layer1.0.conv1.input", 1, 0.98), ("layer1.0.conv1", 2, 0.9)):
-            ints = outputs[tensor].astype(np.int64).transpose(0, 2, 3, 1)  # NCHW -> rsq.runtime's NHWC
+            zero = onnx.numpy_helper.to_array(initializers[f"{tensor}.q_zero"])  # 240 for [0, 15] read back (saturation clamps)
+            ints = outputs[tensor].astype(np.int64).transpose(0, 2, 3, 1) - zero  # NCHW -> rsq.runtime's NHWC
             diff = np.abs(ints - values[tensor])
             assert diff.max() <= most and (diff == 0).mean() >= identical, (r, tensor, diff.max(), (diff == 0).mean())
         features = outputs[features_tensor(model) + ".flat"].astype(np.int64) - features_zero_point(model, r)
