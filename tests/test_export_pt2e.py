@@ -1,4 +1,5 @@
 """PT2E (torchao) and ExecuTorch (XNNPACK) export of an LSQ RS-Net: same answers, rsq's own steps."""
+import copy
 import sys
 
 import numpy as np
@@ -8,11 +9,11 @@ import torch
 import rsq
 from rsq.convert import using_mode
 from rsq.errors import RsqError
-from rsq.nn.quantizers import SwitchableQuantizer
+from rsq.nn.quantizers import SwitchableQuantizer, quantizer_in_mode
 
 pytest.importorskip("torchao.quantization.pt2e.quantize_pt2e")
 
-from rsq.export.pt2e import activation_qparams, float_model_for, to_pt2e  # noqa: E402
+from rsq.export.pt2e import activation_qparams, float_model_for, to_pt2e, weight_shift  # noqa: E402
 
 RESOLUTIONS = [12, 8]
 QD = torch.ops.quantized_decomposed
@@ -27,12 +28,11 @@ def _class_images(n: int, resolution: int, generator: torch.Generator) -> tuple[
     return images + 0.3 * torch.randn(images.shape, generator=generator), labels
 
 
-@pytest.fixture(scope="module")
-def model():
+def _trained(bits: int):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     net = rsq.create_model("resnet20", 10, 1, resolutions=RESOLUTIONS)
-    rsq.quantize_(net, rsq.QuantConfig(weight_bits=4, act_bits=4))
+    rsq.quantize_(net, rsq.QuantConfig(weight_bits=bits, act_bits=bits))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     generator = torch.Generator().manual_seed(1)
     net.train()
@@ -44,6 +44,16 @@ def model():
             loss.backward()
             optimizer.step()
     return net.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _trained(4)
+
+
+@pytest.fixture(scope="module")
+def model8():
+    return _trained(8)
 
 
 def _reference(model, x, resolution):
@@ -63,6 +73,101 @@ def test_pt2e_program_matches_fake_quant(model, resolution):
     # apart, so a few rows differ a little; every other row is equal to float precision.
     row_error = (out - reference).abs().amax(1)
     assert (row_error <= 1e-4 * reference.abs().max()).float().mean() >= 0.95
+
+
+def _gemm_layer(program, gemm) -> str:
+    """The rsq layer of a conv / linear node of a converted program, read from its bias parameter."""
+    return program.graph_signature.inputs_to_parameters[gemm.args[2].name].rsplit(".", 1)[0]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("backend", ["x86", "xnnpack"])
+def test_readers_of_one_tensor_keep_their_own_steps(model, model8, backend, bits):
+    """A block's conv1 and its downsample conv read the same tensor with steps of their own: each
+    must be quantized with its own. torchao shares one observer between readers whose specs agree
+    in dtype and range (it does not compare the steps): 8-bit grids, which need no clamp per reader."""
+    resolution = RESOLUTIONS[0]
+    net = copy.deepcopy(model8 if bits == 8 else model)
+    shortcut = quantizer_in_mode(net.layer2[0].downsample[0].act_quantizer, f"r{resolution}")
+    with torch.no_grad():
+        shortcut.step.mul_(1.25)
+    program = to_pt2e(net, resolution, in_chans=1, backend=backend)
+    seen = 0
+    for gemm in program.graph.nodes:
+        if gemm.target not in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
+            continue
+        layer = _gemm_layer(program, gemm)
+        act = quantizer_in_mode(net.get_submodule(layer).act_quantizer, f"r{resolution}")
+        assert gemm.args[0].target == QD.dequantize_per_tensor.default, layer
+        assert gemm.args[0].args[1] == float(act.step.detach()), layer
+        seen += layer in ("layer2.0.conv1", "layer2.0.downsample.0")
+    assert seen == 2
+    x, _ = _class_images(64, resolution, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = program.module()(x)
+    reference = _reference(net, x, resolution)
+    assert (out.argmax(1) == reference.argmax(1)).float().mean() >= 0.99
+
+
+def test_pt2e_w8a8_matches_fake_quant(model8):
+    """8-bit grids are 16 times finer than 4-bit ones: any step the export gets wrong shows here."""
+    net = model8
+    resolution = RESOLUTIONS[0]
+    x, _ = _class_images(256, resolution, torch.Generator().manual_seed(5))
+    reference = _reference(net, x, resolution)
+    with torch.no_grad():
+        out = to_pt2e(net, resolution, in_chans=1).module()(x)
+    assert (out.argmax(1) == reference.argmax(1)).float().mean() >= 0.99
+    row_error = (out - reference).abs().amax(1)
+    assert (row_error <= 1e-4 * reference.abs().max()).float().mean() >= 0.8  # 0.2 before the fix
+
+
+def test_xnnpack_weights_fill_int8(model):
+    """XNNPACK programs store 4-bit weights as q * 2**k with scale step / 2**k: the same real
+    values, but a 2**k times finer accumulator unit for the bias XNNPACK rounds to int32."""
+    resolution = RESOLUTIONS[0]
+    program = to_pt2e(model, resolution, in_chans=1, batch=1, backend="xnnpack")
+    float_model, grids = float_model_for(model, resolution, 1)
+    checked = 0
+    for gemm in program.graph.nodes:
+        weight_dq = gemm.args[1] if gemm.target == torch.ops.aten.conv2d.default else None
+        if weight_dq is None or weight_dq.target != QD.dequantize_per_channel.default:
+            continue
+        layer = _gemm_layer(program, gemm)
+        ints = _graph_tensor(program, weight_dq.args[0]).to(torch.int64)
+        scale = _graph_tensor(program, weight_dq.args[1])
+        assert (scale > 0).all(), layer  # XNNPACK refuses a negative scale
+        per_channel = (-1,) + (1,) * (ints.dim() - 1)
+        rsq_ints = grids[layer].weight_int * torch.sign(grids[layer].weight_scale).to(torch.int64).reshape(per_channel)
+        k = weight_shift(rsq_ints)
+        assert torch.equal(ints, rsq_ints * 2 ** k.reshape(per_channel)), layer
+        assert ints.min() >= -128 and ints.max() <= 127
+        assert (ints.reshape(len(ints), -1).abs().amax(1) >= 64).all(), layer  # at least half of int8
+        torch.testing.assert_close(ints * scale.reshape(per_channel), float_model.get_submodule(layer).weight,
+                                   rtol=1e-6, atol=1e-7)
+        checked += 1
+    assert checked >= 3
+
+
+def test_executorch_takes_negative_weight_steps(model, tmp_path):
+    """A learned LSQ step can turn negative; XNNPACK refuses a negative scale (the method did not load),
+    so the sign moves into the integers."""
+    from rsq.export.executorch import run_executorch, write_executorch
+    resolution = RESOLUTIONS[0]
+    net = copy.deepcopy(model)
+    with torch.no_grad():
+        for conv in (net.layer1[0].conv1, net.layer2[0].conv1):  # requantized convs: int8 in XNNPACK
+            conv.weight_quantizer.step[0] *= -1
+    pte = write_executorch(net, [resolution], 1, tmp_path / "negative.pte")
+    x, _ = _class_images(64, resolution, torch.Generator().manual_seed(6))
+    reference = _reference(net, x, resolution)
+    logits = torch.from_numpy(run_executorch(pte, f"r{resolution}", x.numpy()))
+    assert (logits.argmax(1) == reference.argmax(1)).float().mean() >= 0.9
+
+
+def test_weight_shift_per_channel():
+    q = torch.tensor([[-8, 7, 0], [-7, 8, 1], [0, 0, 0], [-128, 5, 127], [-2, 1, 1]])
+    assert weight_shift(q).tolist() == [4, 3, 7, 0, 6]
 
 
 def _graph_tensor(program, node):
@@ -130,6 +235,19 @@ def test_executorch_matches_fake_quant(model, pte, resolution):
     print(f"r{resolution}: ExecuTorch top-1 agreement {agreement:.3f}, mean relative logit error {relative_error:.3f}")
     assert agreement >= 0.9
     assert relative_error <= 0.1
+
+
+def test_executorch_float_gemms_match_fake_quant(model, tmp_path):
+    """int8_gemms=False: no int8 conv, so no bias rounding; equal to the fake-quant model up to float order."""
+    from rsq.export.executorch import run_executorch, write_executorch
+    resolution = RESOLUTIONS[0]
+    pte = write_executorch(model, [resolution], 1, tmp_path / "float.pte", int8_gemms=False)
+    x, _ = _class_images(128, resolution, torch.Generator().manual_seed(3))
+    reference = _reference(model, x, resolution)
+    logits = torch.from_numpy(run_executorch(pte, f"r{resolution}", x.numpy()))
+    assert (logits.argmax(1) == reference.argmax(1)).float().mean() >= 0.99
+    row_error = (logits - reference).abs().amax(1)
+    assert (row_error <= 1e-4 * reference.abs().max()).float().mean() >= 0.95
 
 
 def test_executorch_unknown_method_is_one_line(pte):

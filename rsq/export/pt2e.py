@@ -12,8 +12,17 @@ Grid mapping (8-bit containers; the integers stay rsq's, shifted by the zero poi
   hardtanh clips first (clamp_to_grids: int8 kernels ignore quant_max).
 - weights: int8 per output channel (ch_axis 0, per_channel_symmetric), scale = step * |BN gain|;
   a negative BN gain flips a channel's integers to [-Qp, Qn]. Linears declare rsq's range
-  [-Qn, Qp]; convs declare [-128, 127] (see _fold_layer).
+  [-Qn, Qp]; convs declare [-128, 127] (see _fold_layer). Backend "xnnpack" stores each channel's
+  integers shifted left by k bits, scale / 2**k, range [-128, 127] (xnnpack_weight_scale): the same
+  real weights, a finer accumulator unit for the bias XNNPACK rounds to int32, positive scales only.
 Residual adds, pooling and the logits stay float, exactly as in the fake-quant model.
+
+Every reader of a tensor gets its own q/dq with its own step (allow_implicit_sharing=False): torchao
+otherwise shares the first reader's observer with every other reader whose spec has the same dtype
+and range, without comparing scales, so a block's conv1 was quantized with its downsample conv's
+step whenever no clamp separates them (8-bit grids). That, not float rounding, was the W8A8 gap.
+What remains is float32 noise: the folded BN and the quantize op's multiplication by 1 / step move
+a value that sits within ~1e-5 of a step of a rounding boundary (a few in a million).
 """
 from __future__ import annotations
 
@@ -228,12 +237,46 @@ def _step_observers():
     return RsqStepObserver, RsqPerChannelStepObserver
 
 
-def make_quantizer(grids: dict[str, LayerGrid], backend: str = "x86"):
+def weight_shift(weight_int: torch.Tensor) -> torch.Tensor:
+    """Per output channel, the largest k (0..7) with every integer q * 2**k still inside int8.
+
+    The XNNPACK program stores q * 2**k with scale step / 2**k: the same real weights, but its
+    int8 conv's accumulator unit (input step x weight scale), in which it rounds the float bias to
+    int32, becomes 2**k times finer. A 4-bit grid gets k >= 3 (4 unless a channel holds +8, which a
+    negative BN gain or step gives), a 2-bit one k >= 5, an 8-bit channel whose integers stay within
+    [-64, 63] k >= 1.
+    """
+    flat = weight_int.reshape(weight_int.shape[0], -1).to(torch.int64)
+    shift = torch.zeros(flat.shape[0], dtype=torch.int64)
+    for k in range(1, 8):
+        fits = ((flat << k) >= INT8_MIN).all(1) & ((flat << k) <= INT8_MAX).all(1)
+        shift = torch.where(fits, torch.full_like(shift, k), shift)
+    return shift
+
+
+def xnnpack_weight_scale(grid: LayerGrid) -> Optional[torch.Tensor]:
+    """Per-channel weight scales of a layer in an XNNPACK program; None when its integers do not fit.
+
+    XNNPACK takes positive scales only: a channel whose scale is negative (a learned LSQ step can
+    be) keeps |scale| and negated integers, which an 8-bit channel holding -128 cannot (the layer
+    then keeps float weights). XNNPACK rounds a conv's float bias to int32 in accumulator units
+    (input step x weight scale): integers shifted left by k bits (weight_shift) make that unit
+    2**k times finer.
+    """
+    sign = torch.where(grid.weight_scale < 0, -1, 1)
+    ints = grid.weight_int * sign.reshape((-1,) + (1,) * (grid.weight_int.dim() - 1))
+    if ints.min() < INT8_MIN or ints.max() > INT8_MAX:
+        return None
+    return grid.weight_scale.abs() / 2.0 ** weight_shift(ints)
+
+
+def make_quantizer(grids: dict[str, LayerGrid], backend: str = "x86", int8_weights: bool = True):
     """A torchao Quantizer that annotates each conv / linear of the exported graph with rsq's grids.
 
     For "xnnpack", int8 weights only on layers whose output is quantized again (XNNPACK's static
     int8 conv needs dq -> conv [-> act] -> q); a layer feeding a residual add or the logits keeps
-    float weights, equal to the dequantized ones, and runs as a float op.
+    float weights, equal to the dequantized ones, and runs as a float op. ``int8_weights=False``
+    keeps float weights everywhere (only the activations are quantized): every gemm is a float op.
     """
     act_dtype = activation_dtype(backend)
     requantized_outputs_only = backend == "xnnpack"
@@ -248,10 +291,13 @@ def make_quantizer(grids: dict[str, LayerGrid], backend: str = "x86"):
 
     def weight_spec(grid: LayerGrid):
         zeros = torch.zeros_like(grid.weight_scale, dtype=torch.int32)
+        scale, (low, high) = grid.weight_scale, grid.weight_range
+        if backend == "xnnpack":
+            scale, (low, high) = xnnpack_weight_scale(grid), (INT8_MIN, INT8_MAX)
         return spec_mod.QuantizationSpec(
-            dtype=torch.int8, quant_min=grid.weight_range[0], quant_max=grid.weight_range[1],
+            dtype=torch.int8, quant_min=low, quant_max=high,
             qscheme=torch.per_channel_symmetric, ch_axis=0,
-            observer_or_fake_quant_ctr=per_channel.with_args(scale=grid.weight_scale, zero_point=zeros))
+            observer_or_fake_quant_ctr=per_channel.with_args(scale=scale, zero_point=zeros))
 
     class RsqStepQuantizer(spec_mod.Quantizer):
         """Annotates by layer name (the weight's attribute path), never by op pattern, so a shared
@@ -269,10 +315,16 @@ def make_quantizer(grids: dict[str, LayerGrid], backend: str = "x86"):
                 grid, qspecs = grids[name], {}
                 if grid.act is not None:
                     qspecs[node.args[0]] = act_spec(grid.act)
-                if grid.weight_scale is not None and (not requantized_outputs_only or _requantized(node, grids)):
+                if grid.weight_scale is not None and int8_weights and (
+                        not requantized_outputs_only
+                        or (_requantized(node, grids) and xnnpack_weight_scale(grid) is not None)):
                     qspecs[node.args[1]] = weight_spec(grid)
+                # No implicit sharing: torchao would otherwise give every reader of one tensor the
+                # observer of the first reader whose spec matches in dtype and range (the scale
+                # lives in the observer, so it is not compared), e.g. a block's conv1 would be
+                # quantized with its downsample conv's step.
                 node.meta["quantization_annotation"] = spec_mod.QuantizationAnnotation(
-                    input_qspec_map=qspecs, _annotated=True)
+                    input_qspec_map=qspecs, allow_implicit_sharing=False, _annotated=True)
                 self.done.add(name)
             return model
 
@@ -345,11 +397,12 @@ def _layer_of(node: torch.fx.Node) -> Optional[str]:
 
 
 def to_pt2e(model: nn.Module, resolution: int, in_chans: int, batch: Optional[int] = None,
-            backend: str = "x86") -> torch.export.ExportedProgram:
+            backend: str = "x86", int8_weights: bool = True) -> torch.export.ExportedProgram:
     """The converted PT2E program (q/dq + float ops) of ``model`` at ``resolution``.
 
     ``batch=None`` keeps the batch dimension dynamic (the server path); an int fixes it.
     ``backend``: "x86" (Inductor, uint8 activations) or "xnnpack" (ExecuTorch, int8 activations).
+    ``int8_weights=False``: float weights (rsq's dequantized ones) everywhere, see make_quantizer.
     """
     activation_dtype(backend)  # an unknown backend fails before any work
     pt2e = _torchao_pt2e()
@@ -358,7 +411,7 @@ def to_pt2e(model: nn.Module, resolution: int, in_chans: int, batch: Optional[in
     example = (torch.randn(batch or 2, in_chans, resolution, resolution),)
     dynamic = None if batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)
     graph = torch.export.export(float_model, example, dynamic_shapes=dynamic).module()
-    prepared = pt2e.prepare_pt2e(graph, make_quantizer(grids, backend))
+    prepared = pt2e.prepare_pt2e(graph, make_quantizer(grids, backend, int8_weights))
     converted = pt2e.convert_pt2e(prepared)
     return torch.export.export(converted, example, dynamic_shapes=dynamic)
 
