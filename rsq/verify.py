@@ -61,11 +61,12 @@ def _artifacts(export_dir: Path, info: dict, resolutions, gemm: str, reference) 
         from .export.pt2e import load_pt2e
         compiled = {r: load_pt2e(export_dir / "pt2e" / pt2e_file(r)) for r in resolutions}  # Inductor
         runners["pt2e"] = lambda x, r: compiled[r](torch.from_numpy(x)).detach().numpy()
-    if "executorch" in formats:
-        from .export import EXECUTORCH_FILE
-        from .export.executorch import method_name, run_executorch
-        pte = export_dir / "executorch" / EXECUTORCH_FILE
-        runners["executorch"] = lambda x, r: run_executorch(pte, method_name(r), x)
+    for name in ("executorch", "executorch-exact"):
+        if name in formats:
+            from .export import EXECUTORCH_FILE
+            from .export.executorch import method_name, run_executorch
+            pte = export_dir / name / EXECUTORCH_FILE
+            runners[name] = lambda x, r, pte=pte: run_executorch(pte, method_name(r), x)
     return runners
 
 

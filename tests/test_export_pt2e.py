@@ -305,3 +305,20 @@ def test_inductor_path_takes_any_batch_size(model, tmp_path):
         x, _ = _class_images(batch, 12, torch.Generator().manual_seed(batch))
         with torch.no_grad():
             assert torch.allclose(compiled(x), plain(x), atol=1e-3 * plain(x).abs().max().item())
+
+
+def test_executorch_exact_is_an_export_format_that_verify_runs(tmp_path):
+    """`rsq export --format executorch-exact`: float convs between rsq's quantizations, equal to the fake-quant model."""
+    from rsq.config import TrainConfig
+    from rsq.export import export_checkpoint
+    from rsq.train import train
+    from rsq.verify import verify_export
+    config = TrainConfig(weight_bits=4, act_bits=4, subset=512, test_subset=32, epochs=1, resolutions=[16, 12],
+                         batch_size=64, lr=0.05, out=str(tmp_path / "run"), device="cpu")
+    train(config, overwrite=True)
+    export_checkpoint(tmp_path / "run", "executorch-exact", tmp_path / "export")
+    assert (tmp_path / "export" / "executorch-exact" / "model.pte").is_file()
+    rows = [row for row in verify_export(tmp_path / "export", test_subset=32, quiet=True)["rows"]
+            if row["artifact"] == "executorch-exact"]
+    assert [row["resolution"] for row in rows] == [16, 12]
+    assert all(row["agreement"] == 100.0 for row in rows), rows

@@ -20,8 +20,9 @@ from ..errors import RsqError, choices_error
 # Written from the IntegerModel (rsq.export.lower): exact ONNX, packed, and the fast QLinear ONNX.
 INTEGER_FORMATS = ("onnx", "packed", "qlinear")
 # Written from the fake-quant model by another toolkit's exporter: QONNX (brevitas, for FINN),
-# PT2E (torchao, for Inductor on server CPUs), ExecuTorch (.pte with XNNPACK, for phones).
-ECOSYSTEM_FORMATS = ("qonnx", "pt2e", "executorch")
+# PT2E (torchao, for Inductor on server CPUs), ExecuTorch (.pte with XNNPACK, for phones: int8 convs,
+# or "executorch-exact", float convs between rsq's quantizations, which equal the fake-quant model).
+ECOSYSTEM_FORMATS = ("qonnx", "pt2e", "executorch", "executorch-exact")
 FORMATS = INTEGER_FORMATS + ECOSYSTEM_FORMATS
 MARKER = "export.json"
 EXPORT_FORMAT = "rsq-export"
@@ -232,9 +233,10 @@ def _write_ecosystem(fmt: str, job: _Job, folder: Path) -> None:
     model, in_chans = job.model, job.ckpt["in_chans"]
     # A joint model runs at the chosen bit width (the writers pin each resolution themselves).
     with using_mode(model, mode_state(model).resolutions[0], job.bits):
-        if fmt == "executorch":
+        if fmt in ("executorch", "executorch-exact"):
             from .executorch import write_executorch
-            write_executorch(model, job.resolutions, in_chans, folder / EXECUTORCH_FILE)
+            write_executorch(model, job.resolutions, in_chans, folder / EXECUTORCH_FILE,
+                             int8_gemms=fmt == "executorch")
             return
         for r in job.resolutions:
             if fmt == "qonnx":
