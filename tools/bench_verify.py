@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import shutil
 from pathlib import Path
 
 from benchlib import cpu_name, run_configs, write_outputs
@@ -59,8 +60,9 @@ def main() -> None:
     payload = {"settings": vars(args), "cpu": cpu_name(), "verify": {}}
     for b in bits:
         folder = Path(args.work) / f"export_w{b}"
+        shutil.rmtree(folder, ignore_errors=True)  # a fresh export of every format (a run may be reused)
         for fmt in FORMATS:
-            export_checkpoint(Path(args.work) / f"w{b}", fmt, folder, overwrite=fmt == FORMATS[0])
+            export_checkpoint(Path(args.work) / f"w{b}", fmt, folder)
         with contextlib.redirect_stdout(io.StringIO()):
             result = verify_export(folder, quiet=True)
         top1 = " / ".join(f"{row['top1']:.2f}" for row in runs[f"w{b}"]["rows"])
