@@ -53,11 +53,12 @@ def write_qlinear(model: IntegerModel, ranges: dict[int, dict[str, int]], folder
     onnx = require_onnx()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    locations = write_weights(model, folder / WEIGHTS_FILE, weight_shifts(model))
+    shifts = weight_shifts(model)
+    locations = write_weights(model, folder / WEIGHTS_FILE, shifts)
     (folder / RANGES_FILE).write_text(json.dumps({str(r): v for r, v in ranges.items()}, indent=1, sort_keys=True))
     paths = []
     for r in model.resolutions:
-        proto = _QLinearGraph(onnx, model, r, locations, ranges[r]).build()
+        proto = _QLinearGraph(onnx, model, r, locations, ranges[r], shifts).build()
         path = folder / graph_file(r)
         path.write_bytes(proto.SerializeToString())
         paths.append(path)
@@ -86,17 +87,31 @@ def weight_shifts(model: IntegerModel) -> dict[str, int]:
     return shifts
 
 
+def _producer(model: IntegerModel, tensor: str):
+    return next(op for op in model.ops if op.output == tensor)
+
+
+def clamp_by_saturation(model: IntegerModel, resolution: int, op) -> bool:
+    """A requantize of a value >= 0 onto a grid [0, Qp] narrower than 8 bits needs no Clip: with zero point
+    255 - Qp, uint8's own saturation at 255 is the clamp at Qp, and 0 is never crossed."""
+    table = model.tables[resolution][op.name]
+    return (op.kind == "requantize" and int(table["lo"][0]) == 0 and int(table["hi"][0]) < 255
+            and zero_point(model, resolution, _producer(model, op.inputs[0])) == 0)
+
+
 def zero_point(model: IntegerModel, resolution: int, op) -> int:
-    """The uint8 zero point of ``op``'s output: 128 where its range goes below 0, else 0."""
+    """The uint8 zero point of ``op``'s output: 128 where its range goes below 0, 255 - Qp where uint8's
+    saturation is the clamp (clamp_by_saturation), else 0."""
     if op.kind == "max_pool":  # keeps its input's grid
-        producer = next(p for p in model.ops if p.output == op.inputs[0])
-        return zero_point(model, resolution, producer)
-    return SIGNED_ZERO_POINT if int(model.tables[resolution][op.name]["lo"][0]) < 0 else 0
+        return zero_point(model, resolution, _producer(model, op.inputs[0]))
+    table = model.tables[resolution][op.name]
+    if clamp_by_saturation(model, resolution, op):
+        return 255 - int(table["hi"][0])
+    return SIGNED_ZERO_POINT if int(table["lo"][0]) < 0 else 0
 
 
 def features_zero_point(model: IntegerModel, resolution: int) -> int:
-    feature = features_tensor(model)
-    return zero_point(model, resolution, next(op for op in model.ops if op.output == feature))
+    return zero_point(model, resolution, _producer(model, features_tensor(model)))
 
 
 def _multiplier(table: dict, suffix: str = "") -> np.ndarray:
@@ -106,11 +121,13 @@ def _multiplier(table: dict, suffix: str = "") -> np.ndarray:
 
 
 class _QLinearGraph(OnnxGraph):
-    def __init__(self, onnx, model: IntegerModel, resolution: int, locations, ranges: dict[str, int]):
+    def __init__(self, onnx, model: IntegerModel, resolution: int, locations, ranges: dict[str, int],
+                 shifts: dict[str, int]):
         super().__init__(onnx, model, resolution, locations)
         self.grids = self._grids(ranges)
-        self.shifts = weight_shifts(model)
+        self.shifts = shifts
         self.flat: dict[str, str] = {}
+        self.declared: set[str] = set()  # shared constants already added (grids, the exact 1)
 
     def _grids(self, ranges: dict[str, int]) -> dict[str, tuple[float, int]]:
         """(real step, zero point) of every integer tensor's uint8 form at this resolution."""
@@ -121,26 +138,18 @@ class _QLinearGraph(OnnxGraph):
                 grids[op.output] = grids[op.inputs[0]]  # the max of integers keeps their grid
                 continue
             zero = zero_point(self.model, self.r, op)
-            if self._clamp_by_saturation(op, grids):
-                zero = 255 - int(self.tables[op.name]["hi"][0])
             step = self.scales[op.output]
             if info.kind == "wide":  # the IntegerModel's int32 grid, coarsened so the calibrated range fits 8 bits
                 step *= max(ranges[op.output], 1) / (127 if zero else 255)
             grids[op.output] = (step, zero)
         return grids
 
-    def _clamp_by_saturation(self, op, grids) -> bool:
-        """A requantize of a value >= 0 onto a grid [0, Qp] narrower than 8 bits needs no Clip: with zero point
-        255 - Qp, uint8's own saturation at 255 is the clamp at Qp, and 0 is never crossed."""
-        table = self.tables[op.name]
-        return (op.kind == "requantize" and grids[op.inputs[0]][1] == 0 and int(table["lo"][0]) == 0
-                and int(table["hi"][0]) < 255)
-
     def grid(self, tensor: str) -> tuple[str, str]:
         """Names of the (scale, zero point) constants of a tensor's uint8 grid."""
         step, zero = self.grids[tensor]
         scale = f"{tensor}.q_scale"
-        if not any(init.name == scale for init in self.initializers):
+        if scale not in self.declared:
+            self.declared.add(scale)
             self.const(scale, np.array(step, np.float32))
             self.const(f"{tensor}.q_zero", np.array(zero, np.uint8))
         return scale, f"{tensor}.q_zero"
@@ -150,8 +159,8 @@ class _QLinearGraph(OnnxGraph):
         table = self.tables[op.name]
         zero = self.grids[op.output][1]
         lo, hi = max(int(table["lo"][0]) + zero, 0), min(int(table["hi"][0]) + zero, 255)
-        if self._clamp_by_saturation(op, self.grids):
-            lo = 0  # the input is >= 0 (see _clamp_by_saturation)
+        if clamp_by_saturation(self.model, self.r, op):
+            lo = 0  # the input is >= 0 (see clamp_by_saturation)
         if (lo, hi) == (0, 255):
             produce(op.output)
             return
@@ -184,7 +193,8 @@ class _QLinearGraph(OnnxGraph):
     def _requantize(self, op, table):
         # A multiplication by an exact 1 (integer 1, step 1): onnxruntime's vectorized QLinearMul rescales
         # onto the reader's grid (measured faster than the 256-entry lookup of QLinearLeakyRelu).
-        if not any(init.name == "one" for init in self.initializers):
+        if "one" not in self.declared:
+            self.declared.add("one")
             self.const("one", np.array(1, np.uint8))
             self.const("one.scale", np.array(1.0, np.float32))
             self.const("one.zero", np.array(0, np.uint8))
