@@ -100,6 +100,10 @@ class TrainConfig:
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropies", range=Range(0, high=0.999))
     distill: str = setting("full", "MRED: full (the ensemble and every higher resolution teach every lower one), "
                            "vanilla (the ensemble teaches all) or none", choices=DISTILL_MODES, what="distill mode")
+    distill_weight: float = setting(1.0, "weight of the MRED distillation terms (the ensemble's own loss keeps 1)")
+    distill_ramp: float = setting(0.5, "fraction of the training steps over which the MRED distillation weight "
+                                  "rises linearly from 0 to distill_weight (the paper: 0, full weight from the "
+                                  "first step)", range=Range(0, high=1))
     seed: int = setting(0, "random seed (a run repeats exactly on the CPU)", range=Range(0, high=MAX_SEED))
     # quantization (32/32 = full precision)
     weight_bits: int = setting(32, "weight bits: 2-8, or 32 for full precision", bits=True)
@@ -121,6 +125,9 @@ class TrainConfig:
     device: str = setting("auto", "auto picks CUDA when there is a GPU", choices=DEVICES, what="device")
     amp: str = setting("auto", "bf16 autocast: auto (on CUDA only), bf16 or off", choices=AMP_SETTINGS, what="amp setting")
     channels_last: bool = setting(True, "channels_last memory layout (faster on CPUs and GPUs)", cli="switch")
+    mode_threads: bool = setting(True, "on the CPU, run a step's modes side by side on two threads (one intra-op "
+                                 "thread each) instead of each mode on all threads; same result, faster for small "
+                                 "networks", cli="switch")
     compile: bool = setting(False, "torch.compile, one static graph per resolution (pays off on long runs)",
                             cli="switch")
     workers: int = setting(4, "DataLoader workers (image folders)")

@@ -58,11 +58,14 @@ def mred_loss(
     mode: str = "full",
     label_smoothing: float = 0.0,
     teacher_logits: list[torch.Tensor] | None = None,
+    kd_weight: float = 1.0,
 ) -> LossParts:
     """The RS-Net loss for logits ordered from the largest resolution to the smallest.
 
     ``teacher_logits`` (optional, one per resolution) adds KD from an external full-precision
-    RS-Net at each resolution, on top of MRED.
+    RS-Net at each resolution, on top of MRED. ``kd_weight`` scales the MRED KD terms (a ramp
+    keeps an ensemble of untrained students from teaching early on); the ensemble's own
+    cross-entropy, which trains alpha only, is never scaled.
     """
     n = len(logits)
     ce = sum(F.cross_entropy(z.float(), target, label_smoothing=label_smoothing) for z in logits)
@@ -78,6 +81,7 @@ def mred_loss(
             kd = kd * (2.0 / (n + 1))
         elif mode != "vanilla":
             raise choices_error("distill mode", mode, DISTILL_MODES)
+        kd = kd * kd_weight
     if teacher_logits is not None:
         kd = kd + sum(kd_loss(t, z) for t, z in zip(teacher_logits, logits))
     return LossParts(ce + ens + kd, ce.detach(), ens.detach(), kd.detach() if torch.is_tensor(kd) else zero)
@@ -103,6 +107,7 @@ def joint_loss(
     label_smoothing: float = 0.0,
     teacher_logits: list[torch.Tensor] | None = None,
     bit_distill: bool = True,
+    kd_weight: float = 1.0,
 ) -> LossParts:
     """The loss of a model that switches resolution and bit width (docs/methods.md §5).
 
@@ -110,7 +115,7 @@ def joint_loss(
     widest bit width to every narrower one at the same resolution (the teacher detached, as in MRED).
     """
     widest = max(logits_by_bits)
-    parts = [mred_loss(logits, target, ensembles[bits], mode, label_smoothing, teacher_logits)
+    parts = [mred_loss(logits, target, ensembles[bits], mode, label_smoothing, teacher_logits, kd_weight)
              for bits, logits in logits_by_bits.items()]
     bit_kd = 0.0
     if bit_distill:

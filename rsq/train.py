@@ -30,6 +30,7 @@ from .convert import using_mode
 from .data import build_data
 from .data.multires import resize_batch
 from .distill import BitWidthEnsembles, EnsembleWeights, joint_loss, mred_loss
+from .mode_threads import ModeThreads, quantizers_ready
 from .distributed import Dist, agreed, all_finite, setup_distributed, shutdown_distributed, sync_buffers, \
     world_from_env
 from .errors import RsqError
@@ -84,18 +85,33 @@ class AllResolutions(nn.Module):
         self.compiled = torch.compile(self.model, dynamic=False)
         return self
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        net = self.model if self.compiled is None else self.compiled
-        inputs = []
+    def inputs(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        inputs = {}
         for r in self.resolutions:
             xr = resize_batch(x, r)
-            inputs.append(xr.contiguous(memory_format=torch.channels_last) if self.channels_last else xr)
-        logits = []
-        for bits in self.bit_widths:
-            for r, xr in zip(self.resolutions, inputs):
-                with using_mode(self.model, r, bits):
-                    logits.append(net(xr))
-        return logits
+            inputs[r] = xr.contiguous(memory_format=torch.channels_last) if self.channels_last else xr
+        return inputs
+
+    def modes(self) -> list[tuple[int, Optional[int]]]:
+        """(resolution, bits) of every mode, in the order of forward's logits."""
+        return [(r, bits) for bits in self.bit_widths for r in self.resolutions]
+
+    def mode_costs(self) -> list[float]:
+        return [float(r * r) for r, _ in self.modes()]
+
+    def forward(self, x: torch.Tensor, threads: Optional[ModeThreads] = None) -> list[torch.Tensor]:
+        """Logits of every mode; with ``threads``, the modes run side by side (see rsq/mode_threads.py)."""
+        net = self.model if self.compiled is None else self.compiled
+        inputs, modes = self.inputs(x), self.modes()
+
+        def run_mode(i: int) -> torch.Tensor:
+            r, bits = modes[i]
+            with using_mode(self.model, r, bits):
+                return net(inputs[r])
+
+        if threads is not None:
+            return threads.forward(run_mode, self.mode_costs())
+        return [run_mode(i) for i in range(len(modes))]
 
     def by_bits(self, logits: list[torch.Tensor]) -> dict[int, list[torch.Tensor]]:
         """forward's flat list as {bits: [logits per resolution]} (joint models)."""
@@ -115,6 +131,11 @@ class TrainJob:
     teacher: Optional[nn.Module] = None
     info: Dist = field(default_factory=Dist)
     device: torch.device = torch.device("cpu")
+    mode_threads: Optional[ModeThreads] = None
+
+    def threads_for_step(self) -> Optional[ModeThreads]:
+        """The thread pool when this step can run its modes side by side (quantizers initialised)."""
+        return self.mode_threads if self.mode_threads is not None and quantizers_ready(self.model) else None
 
     @property
     def all_modes(self) -> AllResolutions:
@@ -132,7 +153,14 @@ class TrainJob:
             runner.compile_per_resolution()
         optimizer = torch.optim.SGD(param_groups([model, ensemble], config.weight_decay), lr=config.lr,
                                     momentum=config.momentum)
-        return cls(config, model, runner, ensemble, optimizer, teacher, info, device)
+        # Side-by-side modes need one process on the CPU in fp32 and eager mode, 2+ threads to share,
+        # and forwards that only read shared state (LQ-Nets refits its shared levels in every forward).
+        threads = None
+        lqnet = config.quantized and config.quantizer == "lqnet"
+        if (config.mode_threads and device.type == "cpu" and info.world_size == 1 and not config.compile
+                and config.amp != "bf16" and not lqnet and torch.get_num_threads() >= 2 and len(runner.modes()) > 1):
+            threads = ModeThreads()
+        return cls(config, model, runner, ensemble, optimizer, teacher, info, device, threads)
 
     def wrap_ddp(self) -> None:
         """Under torchrun: DDP around the runner; BN statistics follow rank 0 at every forward."""
@@ -145,7 +173,16 @@ class TrainJob:
             self.runner, device_ids=[self.device.index] if self.device.type == "cuda" else None, **{sync_flag: True})
 
 
-def train_step(job: TrainJob, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+def distill_weight_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """The MRED weight at ``step``: a linear ramp over the first ``distill_ramp`` of the steps, then
+    ``distill_weight``. Early on the ensemble is made of untrained students, so its teaching is noise."""
+    ramp_steps = config.distill_ramp * total_steps
+    if ramp_steps <= 0 or step >= ramp_steps:
+        return config.distill_weight
+    return config.distill_weight * step / ramp_steps
+
+
+def train_step(job: TrainJob, x: torch.Tensor, y: torch.Tensor, lr: float, kd_weight: float = 1.0) -> torch.Tensor:
     """One optimizer step on one batch at every resolution; returns [loss, ce, ens, kd] (mean over ranks).
 
     A non-finite loss raises Divergence before the weights are touched.
@@ -153,8 +190,9 @@ def train_step(job: TrainJob, x: torch.Tensor, y: torch.Tensor, lr: float) -> to
     config, info = job.config, job.info
     for group in job.optimizer.param_groups:
         group["lr"] = lr
+    threads = job.threads_for_step()
     with autocast_for(job.device, config.amp):
-        logits = job.runner(x)
+        logits = job.runner(x, threads) if threads is not None else job.runner(x)
         teacher_logits = None
         if job.teacher is not None:
             with torch.no_grad():
@@ -164,9 +202,9 @@ def train_step(job: TrainJob, x: torch.Tensor, y: torch.Tensor, lr: float) -> to
                         teacher_logits.append(job.teacher(resize_batch(x, r)))
     if config.joint:
         parts = joint_loss(job.all_modes.by_bits(logits), y, job.ensemble, config.distill, config.label_smoothing,
-                           teacher_logits, config.bit_distill)
+                           teacher_logits, config.bit_distill, kd_weight)
     else:
-        parts = mred_loss(logits, y, job.ensemble, config.distill, config.label_smoothing, teacher_logits)
+        parts = mred_loss(logits, y, job.ensemble, config.distill, config.label_smoothing, teacher_logits, kd_weight)
     # The mean over ranks: what one process would log, and a NaN on any rank stops all of them
     # at the same step. Checking it costs one device sync per step.
     stats = torch.stack([parts.total.detach(), parts.ce, parts.ens, parts.kd]).float()
@@ -176,7 +214,11 @@ def train_step(job: TrainJob, x: torch.Tensor, y: torch.Tensor, lr: float) -> to
     if not torch.isfinite(stats[0]):
         raise Divergence(f"loss became {stats[0].item()}")
     job.optimizer.zero_grad(set_to_none=True)
-    parts.total.backward()
+    if threads is not None:
+        threads.backward(parts.total, logits, job.all_modes.mode_costs(),
+                         [p for p in job.model.parameters() if p.requires_grad], list(job.ensemble.parameters()))
+    else:
+        parts.total.backward()
     if info.world_size > 1:
         # alpha lives outside the DDP module, so its gradient is averaged here.
         for alpha in job.ensemble.parameters():
@@ -282,7 +324,7 @@ def train_one_epoch(job: TrainJob, train_data, progress: Progress, checkpointer:
             global_step = epoch * steps + progress.step
             lr = lr_at(global_step, total_steps, warmup_steps, config.lr)
             try:
-                stats = train_step(job, x, y, lr)
+                stats = train_step(job, x, y, lr, distill_weight_at(global_step, total_steps, config))
             except Divergence as exc:
                 raise Divergence(f"{exc} at epoch {epoch + 1}, step {progress.step + 1} "
                                  f"(global step {global_step + 1}, lr {lr:.4g})") from None

@@ -412,3 +412,36 @@ def test_build_data_for_image_folders(tmp_path):
     _png(root / "val" / "bird" / "0.png")
     with pytest.raises(RsqError, match="class"):
         build_data(config)
+
+
+def test_small_image_folders_augment_batches_with_the_in_memory_code(tmp_path):
+    """Pad, crop and flip of small folder images are the in-memory path's, draws included, so the two
+    paths differ only in their images; a resumed epoch sees the same later batches."""
+    from rsq.data.memory import crop_flip, draw_crop_flip, seeded_generator
+
+    root = tmp_path / "gray"
+    generator = torch.Generator().manual_seed(1)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(6):
+                pixels = torch.randint(0, 256, (28, 28), generator=generator, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels, mode="L").save(root / split / label / f"{i}.png")
+    config = TrainConfig(data="imagefolder", data_dir=str(root), resolutions=[28, 14], batch_size=4, workers=0,
+                         seed=3)
+    resolved = folder_policy(config)
+    samples = open_split(str(root), "train").samples
+    normed = torch.stack([(torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32) / 255.0)[None]
+                           - resolved.mean[0]) / resolved.std[0] for p, _ in samples])
+    data = build_data(config).train
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(3 * 1009 + 1))
+    batches = list(data.batches(1))
+    assert len(batches) == 3
+    for step, (x, y) in enumerate(batches):
+        dy, dx, flip = draw_crop_flip(4, 2, seeded_generator(3, 1, step, 7))
+        assert flip.any() and (dy != 2).any()  # the draws do move and flip some images
+        idx = order[step * 4:(step + 1) * 4]
+        torch.testing.assert_close(x, crop_flip(normed[idx], 2, dy, dx, flip), rtol=0, atol=1e-6)
+        assert y.tolist() == [samples[i][1] for i in idx.tolist()]
+    resumed = list(data.batches(1, start_step=2))
+    torch.testing.assert_close(resumed[0][0], batches[2][0], rtol=0, atol=0)

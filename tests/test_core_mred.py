@@ -234,3 +234,32 @@ def test_kd_loss_gives_no_gradient_to_the_teacher():
     value.backward()
     assert t.grad is None
     torch.testing.assert_close(s.grad, torch.tensor(_grad_kd_student(LOGITS3[0], LOGITS3[1]), dtype=torch.float32))
+
+
+def test_kd_weight_scales_mred_kd_only():
+    """The ramp's weight multiplies MRED's KD; the cross-entropies, the ensemble's loss (alpha) and
+    an external teacher's KD keep weight 1."""
+    g = torch.Generator().manual_seed(5)
+    logits = [torch.randn(6, 4, generator=g) for _ in range(3)]
+    target = torch.randint(0, 4, (6,), generator=g)
+    teacher = [torch.randn(6, 4, generator=g) for _ in range(3)]
+    ensemble = EnsembleWeights(3)
+    full = mred_loss(logits, target, ensemble, "full")
+    half = mred_loss(logits, target, ensemble, "full", kd_weight=0.5)
+    assert half.kd.item() == pytest.approx(0.5 * full.kd.item(), rel=1e-6)
+    assert (half.ce.item(), half.ens.item()) == (full.ce.item(), full.ens.item())
+    off = mred_loss(logits, target, ensemble, "full", teacher_logits=teacher, kd_weight=0.0)
+    external = sum(kd_loss(t, z) for t, z in zip(teacher, logits))
+    assert off.kd.item() == pytest.approx(external.item(), rel=1e-6)
+    assert off.total.item() == pytest.approx((full.ce + full.ens + external).item(), rel=1e-6)
+
+
+def test_distill_ramp_rises_linearly_then_holds():
+    from rsq.config import TrainConfig
+    from rsq.train import distill_weight_at
+
+    config = TrainConfig(distill_ramp=0.5, distill_weight=2.0)
+    assert [distill_weight_at(t, 100, config) for t in (0, 25, 49, 50, 99)] == [0.0, 1.0, 1.96, 2.0, 2.0]
+    paper = TrainConfig(distill_ramp=0.0)
+    assert distill_weight_at(0, 100, paper) == 1.0
+    assert TrainConfig().distill_ramp == 0.5  # the default recipe ramps; fashion_mnist_paper does not

@@ -39,6 +39,8 @@ def invoke(*argv):
 # ----------------------------------------------------------------------------- one config schema
 def test_default_config_is_the_embedded_default_recipe():
     assert build_config("fashion_mnist", {}) == TrainConfig()
+    # The paper's MRED is the default recipe without the distillation ramp, and nothing else.
+    assert build_config("fashion_mnist_paper", {}) == TrainConfig(distill_ramp=0.0, out="runs/fashion_mnist_paper")
 
 
 def test_every_setting_is_a_train_option_with_its_help_and_choices():

@@ -1,105 +1,148 @@
-"""RS-Net with MRED against the same network trained separately at each resolution.
+"""The RS-Net against the same network trained separately at each resolution, over seeds.
 
-Every configuration is one `rsq train` process on Fashion-MNIST with the same recipe and
-epochs; the paper's claim is that the single RS-Net matches or beats the separate models at
-every resolution. Runs go ``--jobs`` at a time, one thread each, so the figures are comparable.
+The RS-Nets paper's claim: one RS-Net (shared weights, private BNs, MRED) matches or beats
+separately trained models at every resolution. For each number of epochs and each seed this
+trains, each as one `rsq train` process on Fashion-MNIST:
+- ``rsnet``: the shipped recipe (``--recipe``, default ``fashion_mnist``) as it stands;
+- ``separate_R`` for every resolution R: the same recipe at R alone, without distillation
+  (a single model's loss is its cross-entropy; every other setting is the recipe's);
+- ``paper`` (with ``--paper``): the RS-Net with the paper's MRED as rsq first shipped it
+  (recipe ``fashion_mnist_paper``).
+The tables give each side's mean over seeds with its range, the RS-Net's gap per seed, and the
+training time of each side (the RS-Net's one run against the sum of the five separate runs).
 
-    python tools/bench_rsnet.py                 # the committed setting
-    python tools/bench_rsnet.py --quick         # a smoke run
+    python tools/bench_rsnet.py --epochs 2,4 --seeds 0,1     # the committed setting
+    python tools/bench_rsnet.py --quick                      # a smoke run
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from benchlib import finished_run, run_train, top1, write_outputs
+from benchlib import cpu_name, finished_run, run_train, top1, write_outputs
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
 
 
+def configs_for(args) -> dict[str, list[str]]:
+    runs = {"rsnet": [args.recipe]}
+    runs.update({f"separate_{r}": [args.recipe, "--resolutions", str(r), "--distill", "none"] for r in RESOLUTIONS})
+    if args.paper:
+        runs["paper"] = ["fashion_mnist_paper"]
+    return runs
+
+
+def mean_range(values: list[float], fmt: str = "{:.2f}") -> str:
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def table(epochs: int, results: dict, seeds: list[int], sides: list[str]) -> list[str]:
+    """Per resolution: separate and each RS-Net side, mean (range) over seeds, and the gaps."""
+    def acc(name, seed, r):
+        return top1(results[(epochs, seed, name)], r)
+
+    header = "| resolution | separate models |" + "".join(f" {s} | {s} - separate (per seed) |" for s in sides)
+    lines = [header, "|---:|---:|" + "---:|---:|" * len(sides)]
+    wins = {s: 0 for s in sides}
+    for r in RESOLUTIONS:
+        sep = [acc(f"separate_{r}", s, r) for s in seeds]
+        row = f"| {r} | {mean_range(sep)} |"
+        for side in sides:
+            mine = [acc(side, s, r) for s in seeds]
+            gaps = [m - p for m, p in zip(mine, sep)]
+            wins[side] += statistics.mean(gaps) >= 0
+            row += f" {mean_range(mine)} | {statistics.mean(gaps):+.2f} ({', '.join(f'{g:+.2f}' for g in gaps)}) |"
+        lines.append(row)
+    lines.append("")
+    sep_time = [sum(results[(epochs, s, f"separate_{r}")]["train_time_s"] for r in RESOLUTIONS) for s in seeds]
+    lines.append(f"- Training time, mean over seeds: five separate models {statistics.mean(sep_time):.0f} s in all.")
+    for side in sides:
+        t = [results[(epochs, s, side)]["train_time_s"] for s in seeds]
+        ens = [results[(epochs, s, side)]["ensemble"]["top1"] for s in seeds]
+        lines.append(f"- {side}: {statistics.mean(t):.0f} s ({statistics.mean(t) / statistics.mean(sep_time):.2f}x); "
+                     f"ensemble top-1 {mean_range(ens)}; mean gap >= 0 at {wins[side]} of {len(RESOLUTIONS)} "
+                     f"resolutions.")
+    return lines
+
+
+def plot(results: dict, epochs_list: list[int], seeds: list[int], sides: list[str], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5 * len(epochs_list), 4), layout="constrained")
+    for i, epochs in enumerate(epochs_list):
+        ax = fig.add_subplot(1, len(epochs_list), i + 1)
+        curves = [("separate models", lambda s, r: f"separate_{r}")] + [(f"{side}", lambda s, r, x=side: x)
+                                                                        for side in sides]
+        for label, name in curves:
+            per_seed = [[top1(results[(epochs, s, name(s, r))], r) for s in seeds] for r in RESOLUTIONS]
+            means = [statistics.mean(v) for v in per_seed]
+            low = [m - min(v) for m, v in zip(means, per_seed)]
+            high = [max(v) - m for m, v in zip(means, per_seed)]
+            ax.errorbar(RESOLUTIONS, means, yerr=[low, high], marker="o", capsize=3, label=label)
+        ax.set_title(f"{epochs} epochs, {len(seeds)} seed(s) (mean, range)")
+        ax.set_xlabel("resolution (px)")
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--subset", type=int, default=20000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", default="2,4", help="comma-separated epoch counts")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
+    parser.add_argument("--recipe", default="fashion_mnist")
+    parser.add_argument("--subset", type=int, default=0, help="training images (0 = all 60000)")
+    parser.add_argument("--paper", action="store_true", help="also the paper's MRED (recipe fashion_mnist_paper)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", default="runs/bench_rsnet")
     parser.add_argument("--out", default="tools/results/bench_rsnet")
-    parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished runs in --work (same settings) and train only the missing ones")
-    parser.add_argument("--only", help="comma-separated configs to train (default: all); the others come from "
-                                       "--work if they finished there, else their cells say 'not run'")
     parser.add_argument("--quick", action="store_true", help="tiny setting, to check the script runs")
     args = parser.parse_args()
+    epochs_list = [int(e) for e in args.epochs.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
     if args.quick:
-        args.epochs, args.subset, args.out = 1, 1024, args.out + "_quick"
-    res_flag = ",".join(map(str, RESOLUTIONS))
-    # The RS-Net's loss sums five cross-entropies (+ KD), so at the same lr its shared weights get
-    # about five times the gradient of a separate model's: the last column divides lr by that.
-    scaled_lr = args.lr / len(RESOLUTIONS)
-    configs = {"rsnet_full": ["--resolutions", res_flag, "--distill", "full"],
-               "rsnet_none": ["--resolutions", res_flag, "--distill", "none"],
-               "rsnet_full_lr_scaled": ["--resolutions", res_flag, "--distill", "full", "--lr", f"{scaled_lr:g}"]}
-    configs.update({f"separate_{r}": ["--resolutions", str(r), "--distill", "none"] for r in RESOLUTIONS})
-    common = ["fashion_mnist", "--epochs", str(args.epochs), "--subset", str(args.subset), "--seed", str(args.seed),
-              "--lr", str(args.lr)]  # a config's own --lr comes later and wins
+        epochs_list, seeds, args.subset = [1], [0], 1024
+        args.out, args.work = args.out + "_quick", args.work + "_quick"
+    runs = configs_for(args)
+    sides = ["rsnet"] + (["paper"] if args.paper else [])
+    extra = ["--subset", str(args.subset)] + (["--test-subset", "1000"] if args.quick else [])
+    # The longest runs first, so the pool's last minutes are not one long run alone.
+    todo = sorted(((e, s, name) for e in epochs_list for s in seeds for name in runs),
+                  key=lambda k: (-k[0], k[2] not in sides, k[1]))
 
-    chosen = args.only.split(",") if args.only else list(configs)
-    if set(chosen) - set(configs):
-        parser.error(f"--only: unknown configs {sorted(set(chosen) - set(configs))}; choose from {', '.join(configs)}")
-    reused = []
-
-    def run(name: str) -> dict | None:
-        done = finished_run(args.work, name) if args.reuse or name not in chosen else None
-        if done is not None:
-            reused.append(name)
-            return done
-        return run_train(name, common + configs[name], args.work, args.threads) if name in chosen else None
+    def run(key):
+        epochs, seed, name = key
+        work = f"{args.work}/e{epochs}_s{seed}"
+        done = finished_run(work, name) if args.reuse else None
+        if done is None:
+            flags = runs[name] + ["--epochs", str(epochs), "--seed", str(seed), *extra]
+            done = run_train(name, flags, work, args.threads)
+        return key, done
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = {name: done for name, done in zip(configs, pool.map(run, configs)) if done is not None}
+        results = dict(pool.map(run, todo))
 
-    def cell(name: str, r: int) -> str:
-        return f"{top1(results[name], r):.2f}" if name in results else "not run"
-
-    def gap(name: str, r: int) -> str:
-        both = name in results and f"separate_{r}" in results
-        return f"{top1(results[name], r) - top1(results[f'separate_{r}'], r):+.2f}" if both else ""
-
-    def wins(name: str) -> int:
-        return sum(top1(results[name], r) >= top1(results[f"separate_{r}"], r)
-                   for r in RESOLUTIONS if f"separate_{r}" in results)
-
-    lines = [
-        "# RS-Net vs separately trained models (Fashion-MNIST, ResNet-20)",
-        "",
-        f"Setting: {args.subset or 'all 60000'} training images, {args.epochs} epochs, batch 128, lr {args.lr:g} "
-        f"cosine with 0.2 epochs of warm-up, SGD, weight decay 5e-4, seed {args.seed}, full 10k test set; each run one process "
-        f"({args.threads} thread(s), {args.jobs} at a time; threads change speed only). Last column: the RS-Net "
-        f"with lr {scaled_lr:g} = lr / {len(RESOLUTIONS)}, because its summed loss gives the shared weights about "
-        f"{len(RESOLUTIONS)}x the gradient.",
-        "Command: `" + " ".join(["python tools/bench_rsnet.py", *sys.argv[1:]]) + "`"
-        + (f"; tabulated from finished runs already in --work: {', '.join(sorted(reused))}" if reused else ""),
-        "",
-        "| resolution | separate models | RS-Net, no distillation | RS-Net, full MRED | MRED - separate "
-        f"| RS-Net, full MRED, lr {scaled_lr:g} | - separate |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in RESOLUTIONS:
-        lines.append(f"| {r} | {cell(f'separate_{r}', r)} | {cell('rsnet_none', r)} | {cell('rsnet_full', r)} | "
-                     f"{gap('rsnet_full', r)} | {cell('rsnet_full_lr_scaled', r)} | {gap('rsnet_full_lr_scaled', r)} |")
-    lines.append("")
-    for name, lr in (("rsnet_full", args.lr), ("rsnet_full_lr_scaled", scaled_lr)):
-        if name in results:
-            lines.append(f"RS-Net (full MRED, lr {lr:g}): ensemble top-1 {results[name]['ensemble']['top1']:.2f}; "
-                         f"matches or beats the separate model at {wins(name)} of {len(RESOLUTIONS)} resolutions.")
-    lines += [
-        "Training cost: see bench_step_speed.md (a 5-resolution step costs about the sum of the five single steps).",
-    ]
-    write_outputs(args.out, lines, {"settings": vars(args), "results": results})
+    lines = ["# RS-Net vs separately trained models (Fashion-MNIST, ResNet-20)", "",
+             f"CPU: {cpu_name()}. Recipe `{args.recipe}` ({args.subset or 'all 60000'} training images, full 10k "
+             f"test set); separate models: the same recipe at one resolution with `--distill none`. Seeds "
+             f"{', '.join(map(str, seeds))}; each run one process, {args.threads} thread(s), {args.jobs} at a time "
+             f"(times are comparable within this table only).",
+             "Command: `" + " ".join(["python tools/bench_rsnet.py", *sys.argv[1:]]) + "`", ""]
+    for epochs in epochs_list:
+        lines += [f"## {epochs} epochs", ""] + table(epochs, results, seeds, sides) + [""]
+    plot(results, epochs_list, seeds, sides, Path(args.out + ".png"))
+    lines.append(f"Plot: `{Path(args.out).name}.png`.")
+    write_outputs(args.out, lines, {"settings": vars(args), "cpu": cpu_name(),
+                                    "results": {f"e{e}_s{s}_{n}": v for (e, s, n), v in results.items()}})
 
 
 if __name__ == "__main__":

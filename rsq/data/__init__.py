@@ -10,7 +10,7 @@ from . import fashion_mnist
 from . import policy
 from ..errors import RsqError
 from .folder import FolderEvalData, FolderTrainData, ImageLoader, first_image, open_split, sample_images
-from .memory import TensorEvalData, TensorTrainData, _generator
+from .memory import TensorEvalData, TensorTrainData, seeded_generator
 from .multires import multi_resolution, resize_batch
 
 __all__ = ["DataBundle", "build_data", "dataset_info", "folder_policy", "input_normalization", "multi_resolution",
@@ -27,7 +27,7 @@ class DataBundle:
 
 def _subset_indices(n: int, keep: int, seed: int) -> torch.Tensor:
     # A fixed shuffle (independent of the training seed's epochs) so subsets are comparable.
-    return torch.randperm(n, generator=_generator(seed, 12345))[:keep] if 0 < keep < n else torch.arange(n)
+    return torch.randperm(n, generator=seeded_generator(seed, 12345))[:keep] if 0 < keep < n else torch.arange(n)
 
 
 def folder_policy(config):

@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from ..errors import RsqError
+from .memory import seeded_generator, crop_flip, draw_crop_flip
 from .multires import resize_batch
 from .policy import IMAGENET_MEAN, IMAGENET_STD, STATS_SAMPLE  # noqa: F401 - the names export reads
 
@@ -60,10 +61,11 @@ def test_transform(resolution: int, policy) -> T.Compose:
 
 
 def train_transform(resolution: int, policy) -> T.Compose:
+    """Per image: ImageNet augmentation; small images are only resized here, because their pad,
+    crop and flip run on the batch (``FolderTrainData.batches``) with the in-memory path's code."""
     if policy.augment == "small":
-        steps = [T.Resize((resolution, resolution)), T.Pad(policy.crop_pad), T.RandomCrop(resolution)]
-    else:
-        steps = [T.RandomResizedCrop(resolution, scale=(policy.crop_scale, 1.0))]
+        return T.Compose([T.Resize((resolution, resolution)), T.ToTensor(), T.Normalize(policy.mean, policy.std)])
+    steps = [T.RandomResizedCrop(resolution, scale=(policy.crop_scale, 1.0))]
     if policy.flip:
         steps.append(T.RandomHorizontalFlip())
     return T.Compose(steps + [T.ToTensor(), T.Normalize(policy.mean, policy.std)])
@@ -130,14 +132,25 @@ class FolderTrainData:
             pin_memory=str(device).startswith("cuda"), persistent_workers=workers > 0,
         )
         self.device, self.resolution = device, resolution
+        self.batch_augment = policy.augment == "small"
+        self.pad, self.flip, self.seed = policy.crop_pad, policy.flip, seed
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
 
     def __len__(self):
         return self.steps_per_epoch
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch, self.sampler.start_step = epoch, start_step
-        for x, y in self.loader:
+        global_batch = self.batch_size * self.world_size
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        for step, (x, y) in enumerate(self.loader, start=start_step):
             x = x.to(self.device, non_blocking=True)
+            if self.batch_augment:
+                # The in-memory path's augmentation, draws included: padding with zeros after
+                # normalisation (the data's mean), so the two paths differ only in their images.
+                dy, dx, flip = draw_crop_flip(global_batch, self.pad, seeded_generator(self.seed, epoch, step, 7))
+                flip = flip if self.flip else torch.zeros_like(flip)
+                x = crop_flip(x, self.pad, dy[mine], dx[mine], flip[mine])
             yield resize_batch(x, self.resolution), y.to(self.device, non_blocking=True)
 
 

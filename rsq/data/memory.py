@@ -16,7 +16,7 @@ from ..errors import RsqError
 from .multires import resize_batch
 
 
-def _generator(*seeds: int) -> torch.Generator:
+def seeded_generator(*seeds: int) -> torch.Generator:
     value = 0
     for s in seeds:
         value = (value * 1_000_003 + int(s)) % (2**63 - 1)
@@ -71,12 +71,12 @@ class TensorTrainData:
         return self.steps_per_epoch
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(self.images), generator=_generator(self.seed, epoch)).to(self.device)
+        order = torch.randperm(len(self.images), generator=seeded_generator(self.seed, epoch)).to(self.device)
         global_batch = self.batch_size * self.world_size
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for step in range(start_step, self.steps_per_epoch):
             idx = order[step * global_batch:(step + 1) * global_batch][mine]
-            dy, dx, flip = draw_crop_flip(global_batch, self.pad, _generator(self.seed, epoch, step, 7))
+            dy, dx, flip = draw_crop_flip(global_batch, self.pad, seeded_generator(self.seed, epoch, step, 7))
             flip = flip if self.flip else torch.zeros_like(flip)  # drawn anyway: the crops stay the same
             x = crop_flip(self.normalize(self.images[idx]), self.pad, dy[mine], dx[mine], flip[mine])
             yield resize_batch(x, self.resolution), self.labels[idx]

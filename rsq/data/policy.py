@@ -5,8 +5,9 @@ The choices are recipe settings (``augment``, ``crop_pad``, ``crop_scale``, ``fl
 folder, and ``describe`` says what was chosen, so a run prints it.
 
 - small-image augmentation (images at most SMALL_IMAGE px on the short side, e.g. 28x28 or
-  32x32): zero-pad by ``crop_pad`` and crop back to the image size, optional horizontal flip;
-  the test images are resized whole (no crop), as the in-memory Fashion-MNIST path does;
+  32x32): after normalisation, zero-pad by ``crop_pad`` (the data's mean) and crop back to the
+  image size, optional horizontal flip, run on the batch by the in-memory path's own code; the
+  test images are resized whole (no crop), as the in-memory Fashion-MNIST path does;
 - ImageNet augmentation (larger images): RandomResizedCrop with area scale (``crop_scale``, 1)
   and optional flip; the test images are resized to s/0.875 on the short side and centre-cropped.
 - channels: a folder of grayscale images stays one channel (``in_chans`` 0 = as the images are).

@@ -5,6 +5,7 @@ switches bit widths, a (resolution, bits) pair. Layers only ever look up ``mode.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,13 +32,41 @@ class ModeState:
     """The active mode, shared by reference between all switchable layers of one model.
 
     ``pinned`` is a mode chosen explicitly by the user; otherwise the mode follows the input's
-    spatial size (set by a forward pre-hook on the root model).
+    spatial size (set by a forward pre-hook on the root model). Both are per thread, so that
+    threads can run different modes of one model at the same time (the training step runs its
+    modes on two CPU threads); a new thread starts in the largest mode, unpinned.
     """
 
     def __init__(self, modes: list[Mode]):
         self.modes: list[Mode] = sorted(set(modes), reverse=True)
-        self.current: Optional[Mode] = self.modes[0] if self.modes else None
-        self.pinned: Optional[Mode] = None
+        self._local = threading.local()
+
+    def _get(self, name: str, default):
+        return getattr(self._local, name, default)
+
+    @property
+    def current(self) -> Optional[Mode]:
+        return self._get("current", self.modes[0] if self.modes else None)
+
+    @current.setter
+    def current(self, mode: Optional[Mode]) -> None:
+        self._local.current = mode
+
+    @property
+    def pinned(self) -> Optional[Mode]:
+        return self._get("pinned", None)
+
+    @pinned.setter
+    def pinned(self, mode: Optional[Mode]) -> None:
+        self._local.pinned = mode
+
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and pickle take the calling thread's view; a thread-local object cannot be copied.
+        return {"modes": self.modes, "current": self.current, "pinned": self.pinned}
+
+    def __setstate__(self, state: dict) -> None:
+        self.modes, self._local = state["modes"], threading.local()
+        self.current, self.pinned = state["current"], state["pinned"]
 
     @property
     def resolutions(self) -> list[int]:
