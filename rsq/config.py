@@ -91,7 +91,7 @@ class TrainConfig:
                              "imagenet, or auto (imagenet for large RGB images, else estimate)", choices=NORMALIZE_CHOICES, what="normalisation")
     test_subset: int = setting(0, "evaluate on the first N test images (0 = all)")
     # optimisation
-    epochs: int = setting(2, "training epochs", range=Range(1))
+    epochs: int = setting(4, "training epochs", range=Range(1))
     batch_size: int = setting(128, "global batch size (split over DDP ranks)", range=Range(1))
     lr: float = setting(0.1, "peak learning rate (cosine schedule after a linear warm-up)", range=Range(0, open=True))
     momentum: float = setting(0.9, "SGD momentum", range=Range(0, high=0.999))

@@ -25,6 +25,7 @@ from pathlib import Path
 from benchlib import cpu_name, finished_run, run_train, top1, write_outputs
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
+LABELS = {"rsnet": "RS-Net (recipe)", "paper": "RS-Net, paper's MRED"}
 
 
 def configs_for(args) -> dict[str, list[str]]:
@@ -46,7 +47,8 @@ def table(epochs: int, results: dict, seeds: list[int], sides: list[str]) -> lis
     def acc(name, seed, r):
         return top1(results[(epochs, seed, name)], r)
 
-    header = "| resolution | separate models |" + "".join(f" {s} | {s} - separate (per seed) |" for s in sides)
+    header = "| resolution | separate models |" + "".join(f" {LABELS[s]} | - separate: mean (per seed) |"
+                                                        for s in sides)
     lines = [header, "|---:|---:|" + "---:|---:|" * len(sides)]
     wins = {s: 0 for s in sides}
     for r in RESOLUTIONS:
@@ -64,7 +66,7 @@ def table(epochs: int, results: dict, seeds: list[int], sides: list[str]) -> lis
     for side in sides:
         t = [results[(epochs, s, side)]["train_time_s"] for s in seeds]
         ens = [results[(epochs, s, side)]["ensemble"]["top1"] for s in seeds]
-        lines.append(f"- {side}: {statistics.mean(t):.0f} s ({statistics.mean(t) / statistics.mean(sep_time):.2f}x); "
+        lines.append(f"- {LABELS[side]}: {statistics.mean(t):.0f} s ({statistics.mean(t) / statistics.mean(sep_time):.2f}x); "
                      f"ensemble top-1 {mean_range(ens)}; mean gap >= 0 at {wins[side]} of {len(RESOLUTIONS)} "
                      f"resolutions.")
     return lines
@@ -76,7 +78,7 @@ def plot(results: dict, epochs_list: list[int], seeds: list[int], sides: list[st
     fig = Figure(figsize=(5 * len(epochs_list), 4), layout="constrained")
     for i, epochs in enumerate(epochs_list):
         ax = fig.add_subplot(1, len(epochs_list), i + 1)
-        curves = [("separate models", lambda s, r: f"separate_{r}")] + [(f"{side}", lambda s, r, x=side: x)
+        curves = [("separate models", lambda s, r: f"separate_{r}")] + [(LABELS[side], lambda s, r, x=side: x)
                                                                         for side in sides]
         for label, name in curves:
             per_seed = [[top1(results[(epochs, s, name(s, r))], r) for s in seeds] for r in RESOLUTIONS]
