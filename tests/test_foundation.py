@@ -84,7 +84,7 @@ def test_a_saved_config_with_an_unknown_key_is_an_error_naming_it():
 
 def test_replace_validates_and_leaves_the_original_alone():
     config = TrainConfig()
-    assert config.replace(epochs=3).epochs == 3 and config.epochs == 2
+    assert config.replace(epochs=3).epochs == 3 and config.epochs == 4
     with pytest.raises(RsqError):
         config.replace(epochs=0)
 

@@ -154,11 +154,11 @@ def test_a_joint_run_resumes_bit_exactly(tmp_path, one_thread, monkeypatch):
     train(config("whole"))
     real_step, calls = rsq.train.train_step, []
 
-    def stop_in_epoch_2(job, x, y, lr):
+    def stop_in_epoch_2(job, x, y, lr, kd_weight=1.0):
         calls.append(1)
         if len(calls) == 3:  # two steps per epoch: the first step of epoch 2
             raise KeyboardInterrupt
-        return real_step(job, x, y, lr)
+        return real_step(job, x, y, lr, kd_weight)
 
     monkeypatch.setattr(rsq.train, "train_step", stop_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
