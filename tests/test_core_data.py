@@ -365,16 +365,21 @@ def test_folder_test_transform_resizes_then_centre_crops(tmp_path):
             torch.testing.assert_close(xs[r][i], expected, rtol=0, atol=1e-5)
 
 
-def test_small_grayscale_folders_get_small_image_handling(tmp_path, capsys):
-    """28x28 gray PNGs: one channel, pad-and-crop, whole-image test resize, statistics estimated."""
-    root = tmp_path / "gray"
-    generator = torch.Generator().manual_seed(0)
+def _gray_pngs(root: Path, per_class: int, seed: int) -> Path:
+    """ROOT/{train,val}/{a,b}/*.png: random 28x28 grayscale images."""
+    generator = torch.Generator().manual_seed(seed)
     for split in ("train", "val"):
         for label in ("a", "b"):
             (root / split / label).mkdir(parents=True)
-            for i in range(4):
+            for i in range(per_class):
                 pixels = torch.randint(0, 256, (28, 28), generator=generator, dtype=torch.uint8).numpy()
                 Image.fromarray(pixels, mode="L").save(root / split / label / f"{i}.png")
+    return root
+
+
+def test_small_grayscale_folders_get_small_image_handling(tmp_path, capsys):
+    """28x28 gray PNGs: one channel, pad-and-crop, whole-image test resize, statistics estimated."""
+    root = _gray_pngs(tmp_path / "gray", per_class=4, seed=0)
     config = TrainConfig(data="imagefolder", data_dir=str(root), resolutions=[28, 14], batch_size=4, workers=0)
     resolved = folder_policy(config)
     assert (resolved.augment, resolved.in_chans, resolved.normalize) == ("small", 1, "estimate")
@@ -419,14 +424,7 @@ def test_small_image_folders_augment_batches_with_the_in_memory_code(tmp_path):
     paths differ only in their images; a resumed epoch sees the same later batches."""
     from rsq.data.memory import crop_flip, draw_crop_flip, seeded_generator
 
-    root = tmp_path / "gray"
-    generator = torch.Generator().manual_seed(1)
-    for split in ("train", "val"):
-        for label in ("a", "b"):
-            (root / split / label).mkdir(parents=True)
-            for i in range(6):
-                pixels = torch.randint(0, 256, (28, 28), generator=generator, dtype=torch.uint8).numpy()
-                Image.fromarray(pixels, mode="L").save(root / split / label / f"{i}.png")
+    root = _gray_pngs(tmp_path / "gray", per_class=6, seed=1)
     config = TrainConfig(data="imagefolder", data_dir=str(root), resolutions=[28, 14], batch_size=4, workers=0,
                          seed=3)
     resolved = folder_policy(config)

@@ -12,14 +12,6 @@ from rsq.train import TrainJob, train_step
 from rsq.train_setup import build_training_model
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _batch(n=16, size=20):
     g = torch.Generator().manual_seed(0)
     return torch.randn(n, 1, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
