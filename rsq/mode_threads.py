@@ -18,7 +18,7 @@ quantizers, whose training forward refits levels shared by all modes (they must 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -38,11 +38,15 @@ class ModeThreads:
         self.pool = ThreadPoolExecutor(threads, initializer=_one_intra_op_thread,
                                        thread_name_prefix="rsq-mode")
 
-    def forward(self, run_mode: Callable[[int], torch.Tensor], costs: Sequence[float]) -> list[torch.Tensor]:
-        """[run_mode(i) for every mode i]; the costliest modes start first, so the threads end together."""
+    def _map(self, fn: Callable[[int], Any], costs: Sequence[float]) -> list:
+        """[fn(i) for every mode i], in mode order; the costliest modes start first, so the threads end together."""
         order = sorted(range(len(costs)), key=lambda i: -costs[i])
-        done = dict(zip(order, self.pool.map(run_mode, order)))
+        done = dict(zip(order, self.pool.map(fn, order)))
         return [done[i] for i in range(len(costs))]
+
+    def forward(self, run_mode: Callable[[int], torch.Tensor], costs: Sequence[float]) -> list[torch.Tensor]:
+        """[run_mode(i) for every mode i], the modes side by side."""
+        return self._map(run_mode, costs)
 
     def backward(self, loss: torch.Tensor, outputs: list[torch.Tensor], costs: Sequence[float],
                  params: list[nn.Parameter], extra: list[nn.Parameter]) -> None:
@@ -52,14 +56,13 @@ class ModeThreads:
         grad_outputs, grad_extra = first[:len(outputs)], first[len(outputs):]
         for p, g in zip(extra, grad_extra):
             _accumulate(p, g)
-        order = sorted(range(len(outputs)), key=lambda i: -costs[i])
 
         def mode_backward(i: int):
             if grad_outputs[i] is None:
                 return [None] * len(params)
             return torch.autograd.grad(outputs[i], params, grad_outputs[i], allow_unused=True)
 
-        per_mode = dict(zip(order, self.pool.map(mode_backward, order)))
+        per_mode = self._map(mode_backward, costs)
         for j, p in enumerate(params):
             for i in range(len(outputs)):  # mode order: the same sum every run
                 _accumulate(p, per_mode[i][j])

@@ -30,12 +30,12 @@ from .convert import using_mode
 from .data import build_data
 from .data.multires import resize_batch
 from .distill import BitWidthEnsembles, EnsembleWeights, joint_loss, mred_loss
-from .mode_threads import ModeThreads, quantizers_ready
 from .distributed import Dist, agreed, all_finite, setup_distributed, shutdown_distributed, sync_buffers, \
     world_from_env
 from .errors import RsqError
 from .evaluate import (autocast_for, bits_label, config_bits_label, evaluate_modes, format_table, grid_rows,
                        grid_summary)
+from .mode_threads import ModeThreads, quantizers_ready
 from .quantize import full_precision_layers
 from .results import write_json_atomic, write_metrics_csv
 from .train_setup import (build_teacher, build_training_model, check_before_start, check_run_dir,

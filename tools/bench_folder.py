@@ -55,9 +55,10 @@ def main() -> None:
     root = Path(args.work) / "fashion_mnist_png"
     write_png_folders(root, args.train_images)
     common = ["fashion_mnist", "--epochs", str(args.epochs), "--workers", "0"]
-    # Both see the same N training images: the folder the first N in file order, the in-memory run
-    # --subset N, which (for N < 60000) takes N of a fixed shuffle; with all 60000 they are the same set.
-    memory_flags = ["--subset", str(args.train_images)] if args.train_images else ["--subset", "0"]
+    # With all 60000 both paths train on the same images. With N < 60000 the folder holds the first N
+    # in file order and the in-memory run takes N of a fixed shuffle: two random samples of that size
+    # (Fashion-MNIST's file order is itself shuffled).
+    memory_flags = ["--subset", str(args.train_images)]
     configs = {}
     for seed in seeds:
         configs[f"in_memory_s{seed}"] = memory_flags + ["--seed", str(seed)]

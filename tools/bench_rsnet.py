@@ -19,10 +19,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchlib import cpu_name, finished_run, run_train, top1, write_outputs
+from benchlib import cpu_name, run_configs, top1, write_outputs
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
 LABELS = {"rsnet": "RS-Net (recipe)", "paper": "RS-Net, paper's MRED"}
@@ -34,6 +33,11 @@ def configs_for(args) -> dict[str, list[str]]:
     if args.paper:
         runs["paper"] = ["fashion_mnist_paper"]
     return runs
+
+
+def run_key(epochs: int, seed: int, name: str) -> str:
+    """The run's folder under --work."""
+    return f"e{epochs}_s{seed}/{name}"
 
 
 def mean_range(values: list[float], fmt: str = "{:.2f}") -> str:
@@ -117,21 +121,13 @@ def main() -> None:
     runs = configs_for(args)
     sides = ["rsnet"] + (["paper"] if args.paper else [])
     extra = ["--subset", str(args.subset)] + (["--test-subset", "1000"] if args.quick else [])
-    # The longest runs first, so the pool's last minutes are not one long run alone.
+    # Each run in WORK/e{epochs}_s{seed}/NAME; the longest first, so the pool's last minutes are not
+    # one long run alone.
     todo = sorted(((e, s, name) for e in epochs_list for s in seeds for name in runs),
                   key=lambda k: (-k[0], k[2] not in sides, k[1]))
-
-    def run(key):
-        epochs, seed, name = key
-        work = f"{args.work}/e{epochs}_s{seed}"
-        done = finished_run(work, name) if args.reuse else None
-        if done is None:
-            flags = runs[name] + ["--epochs", str(epochs), "--seed", str(seed), *extra]
-            done = run_train(name, flags, work, args.threads)
-        return key, done
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = dict(pool.map(run, todo))
+    configs = {run_key(*key): runs[key[2]] + ["--epochs", str(key[0]), "--seed", str(key[1]), *extra] for key in todo}
+    finished = run_configs(configs, [], args.work, args.threads, args.jobs, args.reuse)
+    results = {key: finished[run_key(*key)] for key in todo}
 
     lines = ["# RS-Net vs separately trained models (Fashion-MNIST, ResNet-20)", "",
              f"CPU: {cpu_name()}. Recipe `{args.recipe}` ({args.subset or 'all 60000'} training images, full 10k "
@@ -144,7 +140,7 @@ def main() -> None:
     plot(results, epochs_list, seeds, sides, Path(args.out + ".png"))
     lines.append(f"Plot: `{Path(args.out).name}.png`.")
     write_outputs(args.out, lines, {"settings": vars(args), "cpu": cpu_name(),
-                                    "results": {f"e{e}_s{s}_{n}": v for (e, s, n), v in results.items()}})
+                                    "results": {run_key(*key): v for key, v in results.items()}})
 
 
 if __name__ == "__main__":

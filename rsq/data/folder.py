@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from ..errors import RsqError
-from .memory import seeded_generator, crop_flip, draw_crop_flip
+from .memory import augment_batch
 from .multires import resize_batch
 from .policy import IMAGENET_MEAN, IMAGENET_STD, STATS_SAMPLE  # noqa: F401 - the names export reads
 
@@ -148,9 +148,7 @@ class FolderTrainData:
             if self.batch_augment:
                 # The in-memory path's augmentation, draws included: padding with zeros after
                 # normalisation (the data's mean), so the two paths differ only in their images.
-                dy, dx, flip = draw_crop_flip(global_batch, self.pad, seeded_generator(self.seed, epoch, step, 7))
-                flip = flip if self.flip else torch.zeros_like(flip)
-                x = crop_flip(x, self.pad, dy[mine], dx[mine], flip[mine])
+                x = augment_batch(x, self.pad, self.flip, self.seed, epoch, step, global_batch, mine)
             yield resize_batch(x, self.resolution), y.to(self.device, non_blocking=True)
 
 

@@ -43,6 +43,16 @@ def crop_flip(x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor, fli
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
+def augment_batch(x: torch.Tensor, pad: int, flip: bool, seed: int, epoch: int, step: int, global_batch: int,
+                  mine: slice) -> torch.Tensor:
+    """This rank's slice ``mine`` of step ``step``'s crops and flips, drawn for the whole global batch
+    from (seed, epoch, step): N processes see what one process would, and a resumed run what an
+    uninterrupted one would. The flips are drawn even when off, so the crops stay the same."""
+    dy, dx, flips = draw_crop_flip(global_batch, pad, seeded_generator(seed, epoch, step, 7))
+    flips = flips if flip else torch.zeros_like(flips)
+    return crop_flip(x, pad, dy[mine], dx[mine], flips[mine])
+
+
 class _Normalizer:
     def __init__(self, mean, std, device):
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
@@ -76,9 +86,8 @@ class TensorTrainData:
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for step in range(start_step, self.steps_per_epoch):
             idx = order[step * global_batch:(step + 1) * global_batch][mine]
-            dy, dx, flip = draw_crop_flip(global_batch, self.pad, seeded_generator(self.seed, epoch, step, 7))
-            flip = flip if self.flip else torch.zeros_like(flip)  # drawn anyway: the crops stay the same
-            x = crop_flip(self.normalize(self.images[idx]), self.pad, dy[mine], dx[mine], flip[mine])
+            x = augment_batch(self.normalize(self.images[idx]), self.pad, self.flip, self.seed, epoch, step,
+                              global_batch, mine)
             yield resize_batch(x, self.resolution), self.labels[idx]
 
 
