@@ -7,16 +7,20 @@ trains, each as one `rsq train` process on Fashion-MNIST:
 - ``separate_R`` for every resolution R: the same recipe at R alone, without distillation
   (a single model's loss is its cross-entropy; every other setting is the recipe's);
 - ``paper`` (with ``--paper``): the RS-Net with the paper's MRED as rsq first shipped it
-  (recipe ``fashion_mnist_paper``).
+  (recipe ``fashion_mnist_paper``);
+- any ``--extra NAME=RECIPE FLAGS``: another RS-Net variant (a recipe setting under test).
 The tables give each side's mean over seeds with its range, the RS-Net's gap per seed, and the
 training time of each side (the RS-Net's one run against the sum of the five separate runs).
 
     python tools/bench_rsnet.py --epochs 2,4 --seeds 0,1     # the committed setting
+    python tools/bench_rsnet.py --epochs 2 --seeds 0 --extra 'ramp_all=fashion_mnist --distill-ramp 1' \
+        --extra 'paper_lr005=fashion_mnist_paper --lr 0.05' --out tools/results/bench_rsnet_variants
     python tools/bench_rsnet.py --quick                      # a smoke run
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -24,7 +28,8 @@ from pathlib import Path
 from benchlib import cpu_name, run_configs, top1, write_outputs
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
-LABELS = {"rsnet": "RS-Net (recipe)", "paper": "RS-Net, paper's MRED"}
+LABELS = {"rsnet": "RS-Net (recipe)", "paper": "RS-Net, paper's MRED", "ramp_all": "RS-Net, ramp over all steps",
+          "paper_lr005": "RS-Net, paper's MRED, lr 0.05"}
 
 
 def configs_for(args) -> dict[str, list[str]]:
@@ -32,6 +37,9 @@ def configs_for(args) -> dict[str, list[str]]:
     runs.update({f"separate_{r}": [args.recipe, "--resolutions", str(r), "--distill", "none"] for r in RESOLUTIONS})
     if args.paper:
         runs["paper"] = ["fashion_mnist_paper"]
+    for spec in args.extra:
+        name, _, argv = spec.partition("=")
+        runs[name] = shlex.split(argv)
     return runs
 
 
@@ -51,7 +59,7 @@ def table(epochs: int, results: dict, seeds: list[int], sides: list[str]) -> lis
     def acc(name, seed, r):
         return top1(results[(epochs, seed, name)], r)
 
-    header = "| resolution | separate models |" + "".join(f" {LABELS[s]} | - separate: mean (per seed) |"
+    header = "| resolution | separate models |" + "".join(f" {LABELS.get(s, s)} | - separate: mean (per seed) |"
                                                         for s in sides)
     lines = [header, "|---:|---:|" + "---:|---:|" * len(sides)]
     wins = {s: 0 for s in sides}
@@ -70,7 +78,7 @@ def table(epochs: int, results: dict, seeds: list[int], sides: list[str]) -> lis
     for side in sides:
         t = [results[(epochs, s, side)]["train_time_s"] for s in seeds]
         ens = [results[(epochs, s, side)]["ensemble"]["top1"] for s in seeds]
-        lines.append(f"- {LABELS[side]}: {statistics.mean(t):.0f} s ({statistics.mean(t) / statistics.mean(sep_time):.2f}x); "
+        lines.append(f"- {LABELS.get(side, side)}: {statistics.mean(t):.0f} s ({statistics.mean(t) / statistics.mean(sep_time):.2f}x); "
                      f"ensemble top-1 {mean_range(ens)}; mean gap >= 0 at {wins[side]} of {len(RESOLUTIONS)} "
                      f"resolutions.")
     return lines
@@ -82,7 +90,7 @@ def plot(results: dict, epochs_list: list[int], seeds: list[int], sides: list[st
     fig = Figure(figsize=(5 * len(epochs_list), 4), layout="constrained")
     for i, epochs in enumerate(epochs_list):
         ax = fig.add_subplot(1, len(epochs_list), i + 1)
-        curves = [("separate models", lambda s, r: f"separate_{r}")] + [(LABELS[side], lambda s, r, x=side: x)
+        curves = [("separate models", lambda s, r: f"separate_{r}")] + [(LABELS.get(side, side), lambda s, r, x=side: x)
                                                                         for side in sides]
         for label, name in curves:
             per_seed = [[top1(results[(epochs, s, name(s, r))], r) for s in seeds] for r in RESOLUTIONS]
@@ -105,6 +113,8 @@ def main() -> None:
     parser.add_argument("--recipe", default="fashion_mnist")
     parser.add_argument("--subset", type=int, default=0, help="training images (0 = all 60000)")
     parser.add_argument("--paper", action="store_true", help="also the paper's MRED (recipe fashion_mnist_paper)")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME=RECIPE [FLAGS]",
+                        help="another RS-Net side, e.g. 'ramp_all=fashion_mnist --distill-ramp 1' (repeatable)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", default="runs/bench_rsnet")
@@ -119,7 +129,7 @@ def main() -> None:
         epochs_list, seeds, args.subset = [1], [0], 1024
         args.out, args.work = args.out + "_quick", args.work + "_quick"
     runs = configs_for(args)
-    sides = ["rsnet"] + (["paper"] if args.paper else [])
+    sides = ["rsnet"] + (["paper"] if args.paper else []) + [spec.partition("=")[0] for spec in args.extra]
     extra = ["--subset", str(args.subset)] + (["--test-subset", "1000"] if args.quick else [])
     # Each run in WORK/e{epochs}_s{seed}/NAME; the longest first, so the pool's last minutes are not
     # one long run alone.
