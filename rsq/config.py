@@ -25,6 +25,7 @@ from .quantize import FIRST_LAST_POLICIES, QUANTIZERS
 DATA_SETS = ("fashion_mnist", "imagefolder")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_SETTINGS = ("auto", "bf16", "off")
+HEAD_GRADS = ("sum", "mean")
 AUGMENT_POLICIES = ("auto", "small", "imagenet")
 NORMALIZE_CHOICES = ("auto", "estimate", "imagenet")
 MAX_SEED = 2**63 - 1  # what torch.manual_seed and the data generators accept
@@ -104,6 +105,10 @@ class TrainConfig:
     distill_ramp: float = setting(0.5, "fraction of the training steps over which the MRED distillation weight "
                                   "rises linearly from 0 to distill_weight (the paper: 0, full weight from the "
                                   "first step)", range=Range(0, high=1))
+    head_grad: str = setting("mean", "how the classifier (the model's Linear layers, shared by every mode and "
+                             "followed by no BN) takes its modes' gradients: mean (its learning rate divided by "
+                             "the number of modes: a single model's step) or sum (the paper's summed loss: n "
+                             "times a single model's step)", choices=HEAD_GRADS, what="head-grad setting")
     seed: int = setting(0, "random seed (a run repeats exactly on the CPU)", range=Range(0, high=MAX_SEED))
     # quantization (32/32 = full precision)
     weight_bits: int = setting(32, "weight bits: 2-8, or 32 for full precision", bits=True)
@@ -255,6 +260,11 @@ def save_config(config: TrainConfig, path: Path) -> None:
     write_text_atomic(tomli_w.dumps(config.to_dict()), path)
 
 
+# Settings added after runs were saved whose default now differs from what those runs did: a saved
+# config without the key ran (and resumes) the old way.
+BEFORE_THE_SETTING = {"distill_ramp": 0.0, "head_grad": "sum"}
+
+
 def config_from_dict(values: dict[str, Any], source: str = "saved config") -> TrainConfig:
     """A saved config (checkpoint, config.toml); a key this rsq does not know is an error, never dropped."""
-    return TrainConfig(**check_keys(dict(values), source, kind="config"))
+    return TrainConfig(**{**BEFORE_THE_SETTING, **check_keys(dict(values), source, kind="config")})

@@ -151,7 +151,9 @@ class TrainJob:
         runner = AllResolutions(model, config.resolutions, config.channels_last, config.bit_widths)
         if config.compile:
             runner.compile_per_resolution()
-        optimizer = torch.optim.SGD(param_groups([model, ensemble], config.weight_decay), lr=config.lr,
+        # head_grad mean: the classifier, shared and followed by no BN, moves as one model's would.
+        head_lr_scale = 1.0 / len(runner.modes()) if config.head_grad == "mean" else 1.0
+        optimizer = torch.optim.SGD(param_groups([model, ensemble], config.weight_decay, head_lr_scale), lr=config.lr,
                                     momentum=config.momentum)
         # Side-by-side modes need one process on the CPU in fp32 and eager mode, 2+ threads to share,
         # and forwards that only read shared state (LQ-Nets refits its shared levels in every forward).
@@ -189,7 +191,7 @@ def train_step(job: TrainJob, x: torch.Tensor, y: torch.Tensor, lr: float, kd_we
     """
     config, info = job.config, job.info
     for group in job.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     threads = job.threads_for_step()
     with autocast_for(job.device, config.amp):
         logits = job.runner(x, threads) if threads is not None else job.runner(x)

@@ -93,16 +93,30 @@ def start_run_dir(out: Path, overwrite: bool, config: TrainConfig) -> None:
         raise RsqError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
 
 
-def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
-    """Parameters marked ``_rsq_no_weight_decay`` (alpha, quantizer steps) get none."""
-    decay, no_decay, seen = [], [], set()
+def param_groups(modules: list[nn.Module], weight_decay: float, head_lr_scale: float = 1.0) -> list[dict]:
+    """Parameters marked ``_rsq_no_weight_decay`` (alpha, quantizer steps) get none.
+
+    With ``head_lr_scale`` != 1 the weights and biases of the Linear layers (the classifier) form a
+    third group whose ``lr_scale`` the training step multiplies its learning rate by.
+    """
+    head_ids = set()
+    if head_lr_scale != 1.0:
+        head_ids = {id(p) for module in modules for m in module.modules() if isinstance(m, nn.Linear)
+                    for p in (m.weight, m.bias) if p is not None}
+    decay, no_decay, head, seen = [], [], [], set()
     for module in modules:
         for p in module.parameters():
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            (no_decay if getattr(p, "_rsq_no_weight_decay", False) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            if getattr(p, "_rsq_no_weight_decay", False):
+                no_decay.append(p)
+            else:
+                (head if id(p) in head_ids else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if head:
+        groups.append({"params": head, "weight_decay": weight_decay, "lr_scale": head_lr_scale})
+    return groups
 
 
 def load_source(flag: str, path: str, config: TrainConfig, num_classes: int, in_chans: int) -> dict:

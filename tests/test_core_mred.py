@@ -4,8 +4,10 @@ import math
 import pytest
 import torch
 
+import rsq
+from rsq.config import TrainConfig
 from rsq.distill import EnsembleWeights, kd_loss, mred_loss
-from rsq.train import param_groups
+from rsq.train import TrainJob, param_groups, train_step
 
 # Three resolutions (largest first), batch of 2, 3 classes.
 LOGITS3 = [
@@ -263,3 +265,24 @@ def test_distill_ramp_rises_linearly_then_holds():
     paper = TrainConfig(distill_ramp=0.0)
     assert distill_weight_at(0, 100, paper) == 1.0
     assert TrainConfig().distill_ramp == 0.5  # the default recipe ramps; fashion_mnist_paper does not
+
+
+@pytest.mark.parametrize("resolutions, head_grad, scale", [([20, 16, 12], "mean", 1 / 3), ([20, 16, 12], "sum", None),
+                                                            ([20], "mean", 1.0)])
+def test_head_grad_mean_gives_the_classifier_a_single_models_step(resolutions, head_grad, scale):
+    config = TrainConfig(model="resnet20", resolutions=resolutions, batch_size=8, lr=0.05, device="cpu",
+                         head_grad=head_grad)
+    model = rsq.create_model("resnet20", 10, 1, resolutions=resolutions)
+    job = TrainJob.create(config, model)
+    head = [g for g in job.optimizer.param_groups if "lr_scale" in g]
+    if scale is None or scale == 1.0:  # the paper's sum, and a single model: no group of its own
+        assert head == []
+    else:
+        assert [id(p) for p in head[0]["params"]] == [id(model.fc.weight), id(model.fc.bias)]
+        assert head[0]["lr_scale"] == pytest.approx(scale)
+        assert head[0]["weight_decay"] == config.weight_decay
+    g = torch.Generator().manual_seed(0)
+    train_step(job, torch.randn(8, 1, 20, 20, generator=g), torch.randint(0, 10, (8,), generator=g), 0.05)
+    lrs = {id(p): group["lr"] for group in job.optimizer.param_groups for p in group["params"]}
+    assert lrs[id(model.fc.weight)] == pytest.approx(0.05 * (scale or 1.0))
+    assert lrs[id(model.conv1.weight)] == pytest.approx(0.05)

@@ -39,8 +39,10 @@ def invoke(*argv):
 # ----------------------------------------------------------------------------- one config schema
 def test_default_config_is_the_embedded_default_recipe():
     assert build_config("fashion_mnist", {}) == TrainConfig()
-    # The paper's MRED is the default recipe without the distillation ramp, and nothing else.
-    assert build_config("fashion_mnist_paper", {}) == TrainConfig(distill_ramp=0.0, out="runs/fashion_mnist_paper")
+    # The paper's training is the default recipe without the distillation ramp and with the summed
+    # loss's gradient on the classifier, and nothing else.
+    assert build_config("fashion_mnist_paper", {}) == TrainConfig(distill_ramp=0.0, head_grad="sum",
+                                                                  out="runs/fashion_mnist_paper")
 
 
 def test_every_setting_is_a_train_option_with_its_help_and_choices():
@@ -272,3 +274,14 @@ def test_a_run_cleans_the_temporaries_a_killed_run_left(tmp_path, one_thread):
     results = json.loads((out / "results.json").read_text())
     assert list(results["alpha_weights"]) == ["16", "12"]
     assert results["quant"]["left_full_precision"] == []
+
+
+def test_a_config_saved_before_a_setting_existed_resumes_the_old_way():
+    from rsq.config import config_from_dict
+
+    saved = dataclasses.asdict(TrainConfig())
+    assert config_from_dict(saved) == TrainConfig()  # a config with every key is read as written
+    for key in ("distill_ramp", "head_grad"):
+        del saved[key]
+    old = config_from_dict(saved)
+    assert (old.distill_ramp, old.head_grad) == (0.0, "sum")
