@@ -6,15 +6,16 @@ trains, each as one `rsq train` process on Fashion-MNIST:
 - ``rsnet``: the shipped recipe (``--recipe``, default ``fashion_mnist``) as it stands;
 - ``separate_R`` for every resolution R: the same recipe at R alone, without distillation
   (a single model's loss is its cross-entropy; every other setting is the recipe's);
-- ``paper`` (with ``--paper``): the RS-Net with the paper's MRED as rsq first shipped it
-  (recipe ``fashion_mnist_paper``);
+- ``paper`` (with ``--paper``): the RS-Net trained as the paper does (recipe
+  ``fashion_mnist_paper``: MRED at full weight from the first step, the summed gradient);
 - any ``--extra NAME=RECIPE FLAGS``: another RS-Net variant (a recipe setting under test).
 The tables give each side's mean over seeds with its range, the RS-Net's gap per seed, and the
 training time of each side (the RS-Net's one run against the sum of the five separate runs).
 
-    python tools/bench_rsnet.py --epochs 2,4 --seeds 0,1     # the committed setting
-    python tools/bench_rsnet.py --epochs 2 --seeds 0 --extra 'ramp_all=fashion_mnist --distill-ramp 1' \
-        --extra 'paper_lr005=fashion_mnist_paper --lr 0.05' --out tools/results/bench_rsnet_variants
+    python tools/bench_rsnet.py --epochs 2 --seeds 0,1,2,3 --extra 'head_sum=fashion_mnist --head-grad sum'
+    python tools/bench_rsnet.py --epochs 2 --seeds 0,1 --paper --extra 'head_sum=fashion_mnist --head-grad sum' \
+        --out tools/results/bench_rsnet_paper
+    python tools/bench_rsnet.py --epochs 4 --seeds 0,1 --out tools/results/bench_rsnet_4ep
     python tools/bench_rsnet.py --quick                      # a smoke run
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from benchlib import cpu_name, run_configs, top1, write_outputs
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
 LABELS = {"rsnet": "RS-Net (recipe)", "paper": "RS-Net, paper's MRED", "ramp_all": "RS-Net, ramp over all steps",
-          "paper_lr005": "RS-Net, paper's MRED, lr 0.05"}
+          "paper_lr005": "RS-Net, paper's MRED, lr 0.05", "head_sum": "RS-Net, summed classifier gradient"}
 
 
 def configs_for(args) -> dict[str, list[str]]:
@@ -144,7 +145,7 @@ def main() -> None:
              f"test set); separate models: the same recipe at one resolution with `--distill none`. Seeds "
              f"{', '.join(map(str, seeds))}; each run one process, {args.threads} thread(s), {args.jobs} at a time "
              f"(times are comparable within this table only).",
-             "Command: `" + " ".join(["python tools/bench_rsnet.py", *sys.argv[1:]]) + "`", ""]
+             "Command: `" + "python tools/bench_rsnet.py " + shlex.join(sys.argv[1:]) + "`", ""]
     for epochs in epochs_list:
         lines += [f"## {epochs} epochs", ""] + table(epochs, results, seeds, sides) + [""]
     plot(results, epochs_list, seeds, sides, Path(args.out + ".png"))
