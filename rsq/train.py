@@ -157,8 +157,8 @@ class TrainJob:
                                     momentum=config.momentum)
         # Side-by-side modes need one process on the CPU in fp32 and eager mode, 2+ threads to share,
         # and forwards that only read shared state (LQ-Nets refits its shared levels in every forward).
-        # Compiled modes side by side were measured slower than either alone (0.83x of a plain loop
-        # against 0.78x compiled and 0.80x eager side by side): Dynamo guards on the calling thread's
+        # Compiled modes side by side ran slower than either alone in a one-off probe (0.83x of a plain
+        # loop against 0.78x compiled and 0.80x eager side by side): Dynamo guards on the calling thread's
         # torch thread count, so each thread compiles its own graphs, and its settings are per thread.
         threads = None
         lqnet = config.quantized and config.quantizer == "lqnet"
