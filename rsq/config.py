@@ -105,6 +105,9 @@ class TrainConfig:
     distill_ramp: float = setting(0.5, "fraction of the training steps over which the MRED distillation weight "
                                   "rises linearly from 0 to distill_weight (the paper: 0, full weight from the "
                                   "first step)", range=Range(0, high=1))
+    distill_temperature: float = setting(1.0, "temperature of the MRED distillation terms: KL between the teacher's "
+                                         "and the student's softmax at T, times T^2 so its gradient keeps its "
+                                         "size (the paper: 1)", range=Range(0, open=True))
     head_grad: str = setting("mean", "how the classifier (the model's Linear layers, shared by every mode and "
                              "followed by no BN) takes its modes' gradients: mean (its learning rate divided by "
                              "the number of modes: a single model's step) or sum (the paper's summed loss: n "

@@ -4,7 +4,7 @@ Given the logits z_1..z_n of one batch at resolutions S_1 > ... > S_n:
 - the ensemble teacher is sum_j softmax(alpha)_j * stopgrad(z_j); its cross-entropy trains alpha only;
 - vanilla: KD from the ensemble to every resolution;
 - full: also KD from every higher resolution to every lower one, the KD sum scaled by 2/(n+1).
-KD is KL(softmax(teacher) || softmax(student)) at temperature 1, batch mean, teacher detached.
+KD is KL(softmax(teacher/T) || softmax(student/T)) * T^2 (T = 1 in the paper), batch mean, teacher detached.
 """
 from __future__ import annotations
 
@@ -19,11 +19,16 @@ from .errors import choices_error
 DISTILL_MODES = ("full", "vanilla", "none")
 
 
-def kd_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(t) || softmax(s)), mean over the batch, teacher detached."""
-    teacher_log_p = F.log_softmax(teacher_logits.detach().float(), dim=-1)
-    student_log_p = F.log_softmax(student_logits.float(), dim=-1)
-    return F.kl_div(student_log_p, teacher_log_p, reduction="batchmean", log_target=True)
+def kd_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 KL(softmax(t/T) || softmax(s/T)), mean over the batch, teacher detached.
+
+    The T^2 keeps the gradient's size as T changes (Hinton et al. 2015): d/ds of the KL at T is
+    (softmax(s/T) - softmax(t/T)) / T.
+    """
+    teacher_log_p = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    student_log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(student_log_p, teacher_log_p, reduction="batchmean", log_target=True)
+    return kl if temperature == 1.0 else kl * temperature**2
 
 
 class EnsembleWeights(nn.Module):
@@ -59,13 +64,14 @@ def mred_loss(
     label_smoothing: float = 0.0,
     teacher_logits: list[torch.Tensor] | None = None,
     kd_weight: float = 1.0,
+    temperature: float = 1.0,
 ) -> LossParts:
     """The RS-Net loss for logits ordered from the largest resolution to the smallest.
 
     ``teacher_logits`` (optional, one per resolution) adds KD from an external full-precision
     RS-Net at each resolution, on top of MRED. ``kd_weight`` scales the MRED KD terms (a ramp
     keeps an ensemble of untrained students from teaching early on); the ensemble's own
-    cross-entropy, which trains alpha only, is never scaled.
+    cross-entropy, which trains alpha only, is never scaled. ``temperature`` is the MRED KD terms'.
     """
     n = len(logits)
     ce = sum(F.cross_entropy(z.float(), target, label_smoothing=label_smoothing) for z in logits)
@@ -75,9 +81,9 @@ def mred_loss(
     else:
         z_ens = ensemble.ensemble(logits)
         ens = F.cross_entropy(z_ens, target)
-        kd = sum(kd_loss(z_ens, z) for z in logits)
+        kd = sum(kd_loss(z_ens, z, temperature) for z in logits)
         if mode == "full":
-            kd = kd + sum(kd_loss(logits[k], logits[j]) for j in range(n) for k in range(j))
+            kd = kd + sum(kd_loss(logits[k], logits[j], temperature) for j in range(n) for k in range(j))
             kd = kd * (2.0 / (n + 1))
         elif mode != "vanilla":
             raise choices_error("distill mode", mode, DISTILL_MODES)
@@ -108,6 +114,7 @@ def joint_loss(
     teacher_logits: list[torch.Tensor] | None = None,
     bit_distill: bool = True,
     kd_weight: float = 1.0,
+    temperature: float = 1.0,
 ) -> LossParts:
     """The loss of a model that switches resolution and bit width (docs/methods.md §5).
 
@@ -115,7 +122,7 @@ def joint_loss(
     widest bit width to every narrower one at the same resolution (the teacher detached, as in MRED).
     """
     widest = max(logits_by_bits)
-    parts = [mred_loss(logits, target, ensembles[bits], mode, label_smoothing, teacher_logits, kd_weight)
+    parts = [mred_loss(logits, target, ensembles[bits], mode, label_smoothing, teacher_logits, kd_weight, temperature)
              for bits, logits in logits_by_bits.items()]
     bit_kd = 0.0
     if bit_distill:

@@ -207,9 +207,10 @@ def train_step(job: TrainJob, x: torch.Tensor, y: torch.Tensor, lr: float, kd_we
                         teacher_logits.append(job.teacher(resize_batch(x, r)))
     if config.joint:
         parts = joint_loss(job.all_modes.by_bits(logits), y, job.ensemble, config.distill, config.label_smoothing,
-                           teacher_logits, config.bit_distill, kd_weight)
+                           teacher_logits, config.bit_distill, kd_weight, config.distill_temperature)
     else:
-        parts = mred_loss(logits, y, job.ensemble, config.distill, config.label_smoothing, teacher_logits, kd_weight)
+        parts = mred_loss(logits, y, job.ensemble, config.distill, config.label_smoothing, teacher_logits, kd_weight,
+                          config.distill_temperature)
     # The mean over ranks: what one process would log, and a NaN on any rank stops all of them
     # at the same step. Checking it costs one device sync per step.
     stats = torch.stack([parts.total.detach(), parts.ce, parts.ens, parts.kd]).float()

@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .allocator import keep_freed_memory
 from .checkpoint import checkpoint_config, load_model
 from .convert import using_mode
 from .errors import RsqError
@@ -145,6 +146,8 @@ def verify_export(export_dir, test_subset: Optional[int] = None, data_dir: Optio
     gemm: rsq.runtime's matmul ("float": exact float32 BLAS where provably exact, several times
     faster; "int32": int32 throughout). Both give the same integers (tests/test_export_models.py).
     """
+    # Before anything is timed, so every format runs with the allocator the PT2E server path sets.
+    keep_freed_memory()
     export_dir = Path(export_dir)
     info = read_export_info(export_dir)
     model, ckpt = load_model(export_dir / info.get("checkpoint", CHECKPOINT_COPY))

@@ -238,6 +238,27 @@ def test_kd_loss_gives_no_gradient_to_the_teacher():
     torch.testing.assert_close(s.grad, torch.tensor(_grad_kd_student(LOGITS3[0], LOGITS3[1]), dtype=torch.float32))
 
 
+@pytest.mark.parametrize("temperature", [2.0, 0.5])
+def test_distill_temperature_is_kl_of_softened_logits_times_t_squared(temperature):
+    """Every MRED KD term at T is T^2 KL(softmax(t/T) || softmax(s/T)); its gradient on the student
+    is T (p_s - p_t) / B at the softened distributions; CE and the ensemble's loss are unchanged."""
+    div = lambda z: [[v / temperature for v in row] for row in z]  # noqa: E731
+    n, alpha = 3, [0.0, 0.0, 0.0]
+    z_ens = ensemble(LOGITS3, alpha)
+    pairs = [(k, j) for j in range(n) for k in range(j)]
+    expected = 2.0 / (n + 1) * temperature**2 * (sum(kd(div(z_ens), div(z)) for z in LOGITS3)
+                                                 + sum(kd(div(LOGITS3[k]), div(LOGITS3[j])) for k, j in pairs))
+    plain = mred_loss(_tensors(LOGITS3), torch.tensor(TARGET), _ensemble(n), "full")
+    soft = mred_loss(_tensors(LOGITS3), torch.tensor(TARGET), _ensemble(n), "full", temperature=temperature)
+    assert soft.kd.item() == pytest.approx(expected, rel=REL)
+    assert soft.kd.item() != pytest.approx(plain.kd.item(), rel=1e-3)
+    assert (soft.ce.item(), soft.ens.item()) == (plain.ce.item(), plain.ens.item())
+    s = torch.tensor(LOGITS3[1], dtype=torch.float32, requires_grad=True)
+    kd_loss(torch.tensor(LOGITS3[0]), s, temperature).backward()
+    grad = [[temperature * g for g in row] for row in _grad_kd_student(div(LOGITS3[0]), div(LOGITS3[1]))]
+    torch.testing.assert_close(s.grad, torch.tensor(grad, dtype=torch.float32))
+
+
 def test_kd_weight_scales_mred_kd_only():
     """The ramp's weight multiplies MRED's KD; the cross-entropies, the ensemble's loss (alpha) and
     an external teacher's KD keep weight 1."""

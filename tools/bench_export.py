@@ -145,6 +145,9 @@ def main() -> None:
     torch.set_num_threads(1)
     from bench_export_extra import R18_RESOLUTIONS, resnet18_checkpoint
 
+    from rsq.allocator import keep_freed_memory
+    keep_freed_memory()  # what rsq verify and the PT2E loader set, before anything is timed
+
     from rsq.data import fashion_mnist
     work = Path(tempfile.mkdtemp(prefix="bench_export."))
     models, sizes_only = [], {}
