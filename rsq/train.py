@@ -159,7 +159,9 @@ class TrainJob:
         # and forwards that only read shared state (LQ-Nets refits its shared levels in every forward).
         # Compiled modes side by side ran slower than either alone in a one-off probe (0.83x of a plain
         # loop against 0.78x compiled and 0.80x eager side by side): Dynamo guards on the calling thread's
-        # torch thread count, so each thread compiles its own graphs, and its settings are per thread.
+        # torch thread count, so each thread compiles its own graphs, and its settings are per thread;
+        # compiled inside the pool threads with per-thread settings it was no faster than eager side by
+        # side (0.776x against 0.777x, tools/results/probe_step_variants.md) after a 124 s first step.
         threads = None
         lqnet = config.quantized and config.quantizer == "lqnet"
         if (config.mode_threads and device.type == "cpu" and info.world_size == 1 and not config.compile

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -118,12 +119,15 @@ def child(allocator: str, threads: int, repeats: int, resolutions) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_pt2e_server."))
     sources = {MODELS[0]: rsq_pairs(8, resolutions, work), MODELS[1]: rsq_pairs(4, resolutions, work),
                MODELS[2]: stock_pairs(resolutions)}
-    for model, pairs in sources.items():
-        for r, eager, compiled in pairs:
-            x = torch.randn(32, 3, r, r)
-            eager_ms, compiled_ms = median_pair(eager, compiled, x, repeats)
-            print(json.dumps({"model": model, "allocator": allocator, "resolution": r, "eager_ms": eager_ms,
-                              "compiled_ms": compiled_ms}), flush=True)
+    try:
+        for model, pairs in sources.items():
+            for r, eager, compiled in pairs:
+                x = torch.randn(32, 3, r, r)
+                eager_ms, compiled_ms = median_pair(eager, compiled, x, repeats)
+                print(json.dumps({"model": model, "allocator": allocator, "resolution": r, "eager_ms": eager_ms,
+                                  "compiled_ms": compiled_ms}), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # two ResNet-18 checkpoints and ten programs
 
 
 def main() -> None:
