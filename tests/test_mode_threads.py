@@ -113,3 +113,23 @@ def test_each_thread_has_its_own_mode():
         t.join()
     assert seen == {20: (20, (1, 10)), 12: (12, (1, 10))}
     assert mode_state(model).current.resolution == 20  # this thread never switched
+
+
+def test_the_main_thread_steps_on_one_thread_beside_the_mode_threads_and_evaluates_on_all(two_threads, tmp_path,
+                                                                                          monkeypatch):
+    import rsq.train
+
+    seen = {"step": [], "eval": []}
+    step, evaluate = rsq.train.train_step, rsq.train.evaluate_modes
+    monkeypatch.setattr(rsq.train, "train_step", lambda *a, **k: seen["step"].append(torch.get_num_threads())
+                        or step(*a, **k))
+    monkeypatch.setattr(rsq.train, "evaluate_modes", lambda *a, **k: seen["eval"].append(torch.get_num_threads())
+                        or evaluate(*a, **k))
+    rsq.train.train(TrainConfig(subset=128, test_subset=64, resolutions=[16, 12], epochs=1, batch_size=64, workers=0,
+                                out=str(tmp_path / "run")))
+    assert seen["step"] == [1, 1] and seen["eval"] and set(seen["eval"]) == {2}
+    assert torch.get_num_threads() == 2
+    job = _job(True)
+    job.teacher = job.model  # a teacher's forward runs on the main thread: it keeps its threads
+    with job.main_thread_for_steps():
+        assert torch.get_num_threads() == 2

@@ -77,7 +77,12 @@ def make_step(variant: str, x, y):
         mode_threads=variant == "rsq_default")
     model = build_training_model(config, 10, 1, x, torch.device("cpu"))
     job = TrainJob.create(config, model)
-    return lambda: train_step(job, x, y, LR)
+
+    def step():
+        with job.main_thread_for_steps():  # as rsq train's epoch loop runs its steps
+            train_step(job, x, y, LR)
+
+    return step
 
 
 def batch(size: int):
