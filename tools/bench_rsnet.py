@@ -30,7 +30,8 @@ from benchlib import cpu_name, run_configs, top1, write_outputs
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
 LABELS = {"rsnet": "RS-Net (recipe)", "paper": "RS-Net, paper's MRED", "ramp_all": "RS-Net, ramp over all steps",
-          "paper_lr005": "RS-Net, paper's MRED, lr 0.05", "head_sum": "RS-Net, summed classifier gradient"}
+          "paper_lr005": "RS-Net, paper's MRED, lr 0.05", "head_sum": "RS-Net, summed classifier gradient",
+          "kd2": "RS-Net, MRED weight 2"}
 
 
 def configs_for(args) -> dict[str, list[str]]:
