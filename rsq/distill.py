@@ -28,7 +28,7 @@ def kd_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperat
     teacher_log_p = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     student_log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
     kl = F.kl_div(student_log_p, teacher_log_p, reduction="batchmean", log_target=True)
-    return kl if temperature == 1.0 else kl * temperature**2
+    return kl * temperature**2
 
 
 class EnsembleWeights(nn.Module):
