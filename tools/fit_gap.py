@@ -22,8 +22,9 @@ from benchlib import cpu_name, write_outputs
 RESOLUTIONS = [28, 24, 20, 16, 12]
 
 
-def measure(run: Path, images, labels, resolutions: list[int]) -> dict[int, tuple[float, float]]:
-    """{resolution: (mean cross-entropy, top-1 %)} of a finished run on ``images``."""
+def measure(run: Path, sets: dict, resolutions: list[int]) -> dict[str, dict[int, tuple[float, float]]]:
+    """{split: {resolution: (mean cross-entropy, top-1 %)}} of a finished run, loaded once, on every
+    ``sets[split] = (images, labels)``."""
     import torch
     import torch.nn.functional as F
 
@@ -35,18 +36,19 @@ def measure(run: Path, images, labels, resolutions: list[int]) -> dict[int, tupl
     model, ckpt = load_model(run)
     model.eval()
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in input_normalization(checkpoint_config(ckpt)))
-    out = {}
+    out = {split: {} for split in sets}
     with torch.no_grad():
         for r in resolutions:
             rsq.set_mode(model, r)
-            loss = correct = 0.0
-            for i in range(0, len(images), 500):
-                x = (images[i:i + 500].float() / 255.0 - mean) / std
-                z = model(resize_batch(x, r))
-                y = labels[i:i + 500]
-                loss += F.cross_entropy(z, y, reduction="sum").item()
-                correct += (z.argmax(1) == y).sum().item()
-            out[r] = (loss / len(images), 100.0 * correct / len(images))
+            for split, (images, labels) in sets.items():
+                loss = correct = 0.0
+                for i in range(0, len(images), 500):
+                    x = (images[i:i + 500].float() / 255.0 - mean) / std
+                    z = model(resize_batch(x, r))
+                    y = labels[i:i + 500]
+                    loss += F.cross_entropy(z, y, reduction="sum").item()
+                    correct += (z.argmax(1) == y).sum().item()
+                out[split][r] = (loss / len(images), 100.0 * correct / len(images))
     return out
 
 
@@ -71,10 +73,11 @@ def main() -> None:
     rows = {}  # (seed, side, split) -> {r: (ce, top1)}
     for seed in seeds:
         folder = Path(args.work) / f"e{args.epochs}_s{seed}"
-        for split, (x, y) in sets.items():
-            rows[(seed, "rsnet", split)] = measure(folder / args.side, x, y, RESOLUTIONS)
-            rows[(seed, "separate", split)] = {
-                r: measure(folder / f"separate_{r}", x, y, [r])[r] for r in RESOLUTIONS}
+        rsnet = measure(folder / args.side, sets, RESOLUTIONS)
+        separate = {r: measure(folder / f"separate_{r}", sets, [r]) for r in RESOLUTIONS}
+        for split in sets:
+            rows[(seed, "rsnet", split)] = rsnet[split]
+            rows[(seed, "separate", split)] = {r: separate[r][split][r] for r in RESOLUTIONS}
         print(f"seed {seed} measured", file=sys.stderr, flush=True)
 
     def column(side: str, split: str, r: int, k: int) -> list[float]:

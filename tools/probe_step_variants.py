@@ -1,8 +1,10 @@
 """Step-speed candidates that `bench_step_speed.py` does not carry, round-robin against its plain loop.
 
-- ``default``: rsq's default step (channels_last, modes side by side on two threads);
-- ``main_one_thread``: the same with the main thread's own work (loss, gradient sums, optimizer)
-  on one intra-op thread, so that OpenMP's second main thread does not spin beside the pool;
+- ``default``: `rsq.train.train_step` called on its own (channels_last, modes side by side on two
+  threads; the main thread keeps its two intra-op threads, as every step did before `rsq train`'s
+  epoch loop ran them inside `TrainJob.main_thread_for_steps`);
+- ``main_one_thread``: the same inside `TrainJob.main_thread_for_steps` (the main thread's own work,
+  loss, gradient sums and optimizer, on one intra-op thread): how `rsq train` runs it now;
 - ``pinned``: the default with each pool thread kept on its own core (os.sched_setaffinity);
 - ``inplace_add``: the same with each block's residual add in place (``out += identity``);
 - ``nchw``: modes side by side without channels_last;
@@ -77,11 +79,8 @@ def make_step(variant: str, x, y):
         job.mode_threads.pool = ThreadPoolExecutor(2, initializer=setup[0], initargs=setup[1])
     if variant == "main_one_thread":
         def step():
-            torch.set_num_threads(1)  # the main thread's; the pool threads keep their own
-            try:
+            with job.main_thread_for_steps():
                 train_step(job, x, y, 0.01)
-            finally:
-                torch.set_num_threads(2)
         return step
     return lambda: train_step(job, x, y, 0.01)
 
