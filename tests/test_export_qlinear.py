@@ -19,8 +19,8 @@ ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.usefixtures("one_thread")
 RESOLUTIONS = [16, 12]
 # Every op the QLinear graph may hold: 8-bit kernels, integer glue, and the float edges.
-ALLOWED_OPS = {"QuantizeLinear", "QLinearConv", "Clip", "QLinearMul", "QLinearAdd", "QLinearGlobalAveragePool",
-               "MaxPool", "Flatten", "Transpose", "MatMulInteger", "Add", "DequantizeLinear"}
+ALLOWED_OPS = {"QuantizeLinear", "QLinearConv", "Clip", "QLinearAdd", "QLinearGlobalAveragePool", "MaxPool",
+               "Flatten", "QGemm"}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_qlinear_graph_is_8bit_and_stores_the_weights_once(export, images):
         assert {node.op_type for node in proto.graph.node} <= ALLOWED_OPS
         assert sum(node.op_type == "QLinearConv" for node in proto.graph.node) == 21  # ResNet-20: 19 + 2 shortcuts
         # A requantize of the (>= 0) residual onto a 4-bit grid clamps by uint8 saturation: no Clip after it.
-        rescaled = {node.output[0] for node in proto.graph.node if node.op_type == "QLinearMul"}
+        rescaled = {node.output[0] for node in proto.graph.node if node.op_type == "QLinearAdd" and node.input[3] == "zero"}
         assert len(rescaled) == 11 and not [n for n in proto.graph.node if n.op_type == "Clip" and n.input[0] in rescaled]
         external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
         assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"weights.bin"}

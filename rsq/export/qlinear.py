@@ -191,15 +191,15 @@ class _QLinearGraph(OnnxGraph):
         self.clamped(op, lambda out: self.node("QuantizeLinear", [op.inputs[0], scale, zero], out))
 
     def _requantize(self, op, table):
-        # A multiplication by an exact 1 (integer 1, step 1): onnxruntime's vectorized QLinearMul rescales
-        # onto the reader's grid (measured faster than the 256-entry lookup of QLinearLeakyRelu).
-        if "one" not in self.declared:
-            self.declared.add("one")
-            self.const("one", np.array(1, np.uint8))
-            self.const("one.scale", np.array(1.0, np.float32))
-            self.const("one.zero", np.array(0, np.uint8))
-        args = [op.inputs[0], *self.grid(op.inputs[0]), "one", "one.scale", "one.zero", *self.grid(op.output)]
-        self.clamped(op, lambda out: self.node("QLinearMul", args, out, domain=MS))
+        # Adding an exact 0 (integer 0, step 1) rescales onto the reader's grid in one pass: onnxruntime's
+        # QLinearAdd with a scalar took half the time of QLinearMul by an exact 1 and a third less than the
+        # 256-entry lookup of QLinearLeakyRelu (a [32, 16, 28, 28] tensor, one thread), with the same integers.
+        if "zero" not in self.declared:
+            self.declared.add("zero")
+            self.const("zero", np.array(0, np.uint8))
+            self.const("zero.scale", np.array(1.0, np.float32))
+        args = [op.inputs[0], *self.grid(op.inputs[0]), "zero", "zero.scale", "zero", *self.grid(op.output)]
+        self.clamped(op, lambda out: self.node("QLinearAdd", args, out, domain=MS))
 
     def _weight_scales(self, op, table) -> tuple[np.ndarray, np.ndarray]:
         """(real value of one accumulator unit per channel, int32 bias in accumulator units)."""
@@ -223,14 +223,18 @@ class _QLinearGraph(OnnxGraph):
                                                strides=attrs["stride"], pads=[ph, pw, ph, pw], group=attrs["groups"]))
 
     def _linear(self, op, table):
-        """The logits: int32 accumulators plus bias, dequantized per class (no 8-bit rounding of the output)."""
+        """The logits: int32 accumulators plus bias, scaled per class in float (no 8-bit rounding of the output).
+
+        One QGemm without an output grid: it computes (acc + bias) x a_scale x b_scale[class] in float32,
+        the same numbers as MatMulInteger + Add + DequantizeLinear at a quarter of the nodes (batch 1 pays
+        per node)."""
         unit, bias = self._weight_scales(op, table)
         x = self.flatten(op.inputs[0])
-        weight = self.node("Transpose", [self.weight(op.attrs["weight"])], f"{op.name}.weight_t", perm=[1, 0])
-        acc = self.node("MatMulInteger", [x, weight, self.grid(op.inputs[0])[1]], f"{op.name}.acc")
-        total = self.node("Add", [acc, self.const(f"{op.name}.bias", bias)], f"{op.name}.acc_biased")
-        self.node("DequantizeLinear", [total, self.const(f"{op.name}.unit", unit.astype(np.float32))], "logits",
-                  axis=1)
+        x_scale, x_zero = self.grid(op.inputs[0])
+        w_scale = self.const(f"{op.name}.w_scale", (unit / self.grids[op.inputs[0]][0]).astype(np.float32))
+        w_zero = self.const(f"{op.name}.w_zero", np.zeros(len(unit), np.int8))
+        self.node("QGemm", [x, x_scale, x_zero, self.weight(op.attrs["weight"]), w_scale, w_zero,
+                            self.const(f"{op.name}.bias", bias)], "logits", domain=MS, transB=1)
 
     def _add(self, op, table):
         a, b = op.inputs
