@@ -26,6 +26,7 @@ DATA_SETS = ("fashion_mnist", "imagefolder")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_SETTINGS = ("auto", "bf16", "off")
 HEAD_GRADS = ("sum", "mean")
+CONV_DECAYS = ("single", "sum")
 AUGMENT_POLICIES = ("auto", "small", "imagenet")
 NORMALIZE_CHOICES = ("auto", "estimate", "imagenet")
 MAX_SEED = 2**63 - 1  # what torch.manual_seed and the data generators accept
@@ -112,6 +113,12 @@ class TrainConfig:
                              "followed by no BN) takes its modes' gradients: mean (its learning rate divided by "
                              "the number of modes: a single model's step) or sum (the paper's summed loss: n "
                              "times a single model's step)", choices=HEAD_GRADS, what="head-grad setting")
+    conv_decay: str = setting("sum", "weight decay of the convolutions (shared by every mode, each followed by "
+                              "its mode's BN): sum (the decay times the number of modes, as the summed loss "
+                              "multiplies their gradient: the steps of a mean loss at n times the learning rate; "
+                              "full-precision weights only) or single (one model's decay: the paper)",
+                              choices=CONV_DECAYS,
+                              what="conv-decay setting")
     seed: int = setting(0, "random seed (a run repeats exactly on the CPU)", range=Range(0, high=MAX_SEED))
     # quantization (32/32 = full precision)
     weight_bits: int = setting(32, "weight bits: 2-8, or 32 for full precision", bits=True)
@@ -265,7 +272,7 @@ def save_config(config: TrainConfig, path: Path) -> None:
 
 # Settings added after runs were saved whose default now differs from what those runs did: a saved
 # config without the key ran (and resumes) the old way.
-BEFORE_THE_SETTING = {"distill_ramp": 0.0, "head_grad": "sum"}
+BEFORE_THE_SETTING = {"distill_ramp": 0.0, "head_grad": "sum", "conv_decay": "single"}
 
 
 def config_from_dict(values: dict[str, Any], source: str = "saved config") -> TrainConfig:

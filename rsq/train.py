@@ -175,8 +175,13 @@ class TrainJob:
             runner.compile_per_resolution()
         # head_grad mean: the classifier, shared and followed by no BN, moves as one model's would.
         head_lr_scale = 1.0 / len(runner.modes()) if config.head_grad == "mean" else 1.0
-        optimizer = torch.optim.SGD(param_groups([model, ensemble], config.weight_decay, head_lr_scale), lr=config.lr,
-                                    momentum=config.momentum)
+        # conv_decay sum: the convolutions take n modes' gradients, so n times the decay keeps the balance
+        # of a single model between the two (behind a BN it sets their norm, and so their effective step).
+        # Float weights only: a quantized weight's scale is not free, its quantizer's grid depends on it.
+        float_weights = config.weight_bits >= 32 and not config.joint
+        conv_decay_scale = float(len(runner.modes())) if config.conv_decay == "sum" and float_weights else 1.0
+        optimizer = torch.optim.SGD(param_groups([model, ensemble], config.weight_decay, head_lr_scale,
+                                                 conv_decay_scale), lr=config.lr, momentum=config.momentum)
         # Side-by-side modes need one process on the CPU in fp32 and eager mode, 2+ threads to share,
         # and forwards that only read shared state (LQ-Nets refits its shared levels in every forward).
         # Compiled modes side by side ran slower than either alone in a one-off probe (0.83x of a plain

@@ -93,17 +93,22 @@ def start_run_dir(out: Path, overwrite: bool, config: TrainConfig) -> None:
         raise RsqError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
 
 
-def param_groups(modules: list[nn.Module], weight_decay: float, head_lr_scale: float = 1.0) -> list[dict]:
+def param_groups(modules: list[nn.Module], weight_decay: float, head_lr_scale: float = 1.0,
+                 conv_decay_scale: float = 1.0) -> list[dict]:
     """Parameters marked ``_rsq_no_weight_decay`` (alpha, quantizer steps) get none.
 
     With ``head_lr_scale`` != 1 the weights and biases of the Linear layers (the classifier) form a
-    third group whose ``lr_scale`` the training step multiplies its learning rate by.
+    group whose ``lr_scale`` the training step multiplies its learning rate by; with
+    ``conv_decay_scale`` != 1 the convolution weights form one whose weight decay is that many times
+    ``weight_decay``.
     """
-    head_ids = set()
-    if head_lr_scale != 1.0:
-        head_ids = {id(p) for module in modules for m in module.modules() if isinstance(m, nn.Linear)
-                    for p in (m.weight, m.bias) if p is not None}
-    decay, no_decay, head, seen = [], [], [], set()
+    def ids(kind, names):
+        return {id(p) for module in modules for m in module.modules() if isinstance(m, kind)
+                for p in (getattr(m, name) for name in names) if p is not None}
+
+    head_ids = ids(nn.Linear, ("weight", "bias")) if head_lr_scale != 1.0 else set()
+    conv_ids = ids(nn.Conv2d, ("weight",)) if conv_decay_scale != 1.0 else set()
+    decay, no_decay, head, conv, seen = [], [], [], [], set()
     for module in modules:
         for p in module.parameters():
             if id(p) in seen or not p.requires_grad:
@@ -111,11 +116,15 @@ def param_groups(modules: list[nn.Module], weight_decay: float, head_lr_scale: f
             seen.add(id(p))
             if getattr(p, "_rsq_no_weight_decay", False):
                 no_decay.append(p)
+            elif id(p) in head_ids:
+                head.append(p)
             else:
-                (head if id(p) in head_ids else decay).append(p)
+                (conv if id(p) in conv_ids else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if head:
         groups.append({"params": head, "weight_decay": weight_decay, "lr_scale": head_lr_scale})
+    if conv:
+        groups.append({"params": conv, "weight_decay": weight_decay * conv_decay_scale})
     return groups
 
 

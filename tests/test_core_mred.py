@@ -288,6 +288,34 @@ def test_distill_ramp_rises_linearly_then_holds():
     assert TrainConfig().distill_ramp == 0.5  # the default recipe ramps; fashion_mnist_paper does not
 
 
+@pytest.mark.parametrize("conv_decay, resolutions, scale", [("sum", [20, 16, 12], 3.0), ("single", [20, 16, 12], None),
+                                                             ("sum", [20], None)])
+def test_conv_decay_sum_scales_the_convolutions_decay_by_the_number_of_modes(conv_decay, resolutions, scale):
+    config = TrainConfig(model="resnet20", resolutions=resolutions, batch_size=8, lr=0.05, device="cpu",
+                         conv_decay=conv_decay)
+    model = rsq.create_model("resnet20", 10, 1, resolutions=resolutions)
+    job = TrainJob.create(config, model)
+    decay = {id(p): group["weight_decay"] for group in job.optimizer.param_groups for p in group["params"]}
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 21 and all(decay[id(w)] == pytest.approx(config.weight_decay * (scale or 1.0)) for w in convs)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert decay[id(bn.weight)] == config.weight_decay  # private to a mode: one model's gradient, one model's decay
+    assert decay[id(model.fc.weight)] == config.weight_decay
+    if scale is None:  # a single mode, or single: the param groups of a plain run
+        assert len(job.optimizer.param_groups) == (2 if len(resolutions) == 1 else 3)
+    quantized = TrainJob.create(config.replace(weight_bits=4, act_bits=4), rsq.quantize_(
+        rsq.create_model("resnet20", 10, 1, resolutions=resolutions), rsq.QuantConfig(weight_bits=4, act_bits=4)))
+    assert len(quantized.optimizer.param_groups) == (2 if len(resolutions) == 1 else 3)  # a weight's scale is not free
+    # one step: SGD applies each group's decay (a conv weight with zero gradient shrinks by lr * decay)
+    g = torch.Generator().manual_seed(0)
+    conv = model.layer3[2].conv2.weight
+    before = conv.detach().clone()
+    train_step(job, torch.randn(8, 1, 20, 20, generator=g), torch.randint(0, 10, (8,), generator=g), 0.05)
+    moved = before - conv.detach()
+    expected_decay = 0.05 * config.weight_decay * (scale or 1.0) * before
+    assert torch.allclose(moved - 0.05 * conv.grad, expected_decay, atol=1e-7)
+
+
 @pytest.mark.parametrize("resolutions, head_grad, scale", [([20, 16, 12], "mean", 1 / 3), ([20, 16, 12], "sum", None),
                                                             ([20], "mean", 1.0)])
 def test_head_grad_mean_gives_the_classifier_a_single_models_step(resolutions, head_grad, scale):

@@ -39,9 +39,10 @@ def invoke(*argv):
 # ----------------------------------------------------------------------------- one config schema
 def test_default_config_is_the_embedded_default_recipe():
     assert build_config("fashion_mnist", {}) == TrainConfig()
-    # The paper's training is the default recipe without the distillation ramp and with the summed
-    # loss's gradient on the classifier, and nothing else.
+    # The paper's training is the default recipe without the distillation ramp, with the summed loss's
+    # gradient on the classifier and one model's decay on the convolutions, and nothing else.
     assert build_config("fashion_mnist_paper", {}) == TrainConfig(distill_ramp=0.0, head_grad="sum",
+                                                                  conv_decay="single",
                                                                   out="runs/fashion_mnist_paper")
 
 
@@ -281,7 +282,7 @@ def test_a_config_saved_before_a_setting_existed_resumes_the_old_way():
 
     saved = dataclasses.asdict(TrainConfig())
     assert config_from_dict(saved) == TrainConfig()  # a config with every key is read as written
-    for key in ("distill_ramp", "head_grad"):
+    for key in ("distill_ramp", "head_grad", "conv_decay"):
         del saved[key]
     old = config_from_dict(saved)
-    assert (old.distill_ramp, old.head_grad) == (0.0, "sum")
+    assert (old.distill_ramp, old.head_grad, old.conv_decay) == (0.0, "sum", "single")

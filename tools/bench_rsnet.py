@@ -31,7 +31,8 @@ from benchlib import cpu_name, run_configs, top1, write_outputs
 RESOLUTIONS = [28, 24, 20, 16, 12]
 LABELS = {"rsnet": "RS-Net (recipe)", "paper": "RS-Net, paper's MRED", "ramp_all": "RS-Net, ramp over all steps",
           "paper_lr005": "RS-Net, paper's MRED, lr 0.05", "head_sum": "RS-Net, summed classifier gradient",
-          "kd2": "RS-Net, MRED weight 2"}
+          "kd2": "RS-Net, MRED weight 2", "conv_sum": "RS-Net, conv decay x n modes",
+          "conv_single": "RS-Net, conv decay single (the recipe before conv_decay)"}
 
 
 def configs_for(args) -> dict[str, list[str]]:
