@@ -36,6 +36,7 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TOR
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+REWARM_BELOW_S = 0.5  # engines faster than this are timed warm (median_ms)
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
 
 
@@ -47,7 +48,7 @@ def cpu_description() -> str:
     return f"{name}; SIMD flags: {' '.join(f for f in SIMD_FLAGS if f in flags) or 'none found'}"
 
 
-def median_ms(engines: dict, repeats: dict, rewarm_below_s: float = 0.5) -> dict:
+def median_ms(engines: dict, repeats: dict, rewarm_below_s: float = REWARM_BELOW_S) -> dict:
     """Median ms per engine; the engines take turns within each round, so a busy machine slows all alike.
 
     Every engine is timed warm: the other engines' calls between its turns evict its caches (the exact
@@ -315,7 +316,7 @@ def _torch_forward(model, x, resolution, using_mode):
 
 HEAD_TO_HEAD = ("rsq QLinear", "ORT QOperator")
 # label: (numerator engine, denominator engine) of a ratio of median times
-RATIOS = {"rsq QLinear time / ORT QOperator time": ("rsq QLinear", "ORT QOperator"),
+RATIOS = {"rsq QLinear time / ORT QOperator time": HEAD_TO_HEAD,
           "speed-up of rsq QLinear over ORT fp32": ("ORT fp32", "rsq QLinear"),
           "speed-up of PT2E+Inductor over torch fp32": ("torch fp32", "PT2E+Inductor"),
           "speed-up of ExecuTorch over torch fp32": ("torch fp32", "ExecuTorch XNNPACK")}
@@ -326,7 +327,7 @@ def write_report(args, models, sizes_only) -> None:
     cpu = cpu_description()
     settings = (f"one thread per engine (OMP/OpenBLAS/MKL = 1, torch.set_num_threads(1), onnxruntime intra/inter-op 1, "
                 f"XNNPACK threadpool 1, Inductor compile threads 1), run under nice; median ms per batch; the engines "
-                f"take turns within each round, and an engine whose call takes under 0.5 s is called once untimed before "
+                f"take turns within each round, and an engine whose call takes under {REWARM_BELOW_S} s is called once untimed before "
                 f"each timed call (timed warm); onnxruntime {ort.__version__}, torch {torch.__version__}; load average "
                 f"{os.getloadavg()[0]:.1f} at the end (other jobs share the machine: compare within a row)")
     lines = ["# Integer export: latency and size", "", f"`tools/bench_export.py {' '.join(_argv())}`", "",

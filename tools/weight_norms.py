@@ -22,8 +22,8 @@ from benchlib import cpu_name, write_outputs
 
 def conv_norms(run: Path) -> dict[str, float]:
     """{conv name: ||weight||} of a finished run's checkpoint (the 4-D weights: every convolution)."""
-    import torch
-    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    from rsq.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(run)
     return {k: v.norm().item() for k, v in ckpt["model"].items() if k.endswith(".weight") and v.dim() == 4}
 
 

@@ -209,16 +209,21 @@ class _QLinearGraph(OnnxGraph):
         bias = np.rint(table["bias"].astype(np.float64) * finer / shift).astype(np.int32)
         return unit, bias
 
+    def _integer_inputs(self, op, table, x: str) -> tuple[list[str], np.ndarray]:
+        """QLinearConv's and QGemm's first six inputs (x, its grid, the int8 weights, their per-channel
+        scale and zero point) and the int32 bias. The kernel multiplies by x_scale * w_scale: w_scale
+        carries BN's gain (and its sign)."""
+        unit, bias = self._weight_scales(op, table)
+        x_scale, x_zero = self.grid(op.inputs[0])
+        w_scale = self.const(f"{op.name}.w_scale", (unit / self.grids[op.inputs[0]][0]).astype(np.float32))
+        w_zero = self.const(f"{op.name}.w_zero", np.zeros(len(unit), np.int8))
+        return [x, x_scale, x_zero, self.weight(op.attrs["weight"]), w_scale, w_zero], bias
+
     def _conv(self, op, table):
         attrs = op.attrs
         ph, pw = attrs["padding"]
-        unit, bias = self._weight_scales(op, table)
-        x_scale, x_zero = self.grid(op.inputs[0])
-        # QLinearConv multiplies by x_scale * w_scale / y_scale: w_scale carries BN's gain (and its sign).
-        w_scale = self.const(f"{op.name}.w_scale", (unit / self.grids[op.inputs[0]][0]).astype(np.float32))
-        w_zero = self.const(f"{op.name}.w_zero", np.zeros(len(unit), np.int8))
-        args = [op.inputs[0], x_scale, x_zero, self.weight(attrs["weight"]), w_scale, w_zero,
-                *self.grid(op.output), self.const(f"{op.name}.bias", bias)]
+        inputs, bias = self._integer_inputs(op, table, op.inputs[0])
+        args = [*inputs, *self.grid(op.output), self.const(f"{op.name}.bias", bias)]
         self.clamped(op, lambda out: self.node("QLinearConv", args, out, kernel_shape=attrs["kernel"],
                                                strides=attrs["stride"], pads=[ph, pw, ph, pw], group=attrs["groups"]))
 
@@ -228,13 +233,8 @@ class _QLinearGraph(OnnxGraph):
         One QGemm without an output grid: it computes (acc + bias) x a_scale x b_scale[class] in float32,
         the same numbers as MatMulInteger + Add + DequantizeLinear at a quarter of the nodes (batch 1 pays
         per node)."""
-        unit, bias = self._weight_scales(op, table)
-        x = self.flatten(op.inputs[0])
-        x_scale, x_zero = self.grid(op.inputs[0])
-        w_scale = self.const(f"{op.name}.w_scale", (unit / self.grids[op.inputs[0]][0]).astype(np.float32))
-        w_zero = self.const(f"{op.name}.w_zero", np.zeros(len(unit), np.int8))
-        self.node("QGemm", [x, x_scale, x_zero, self.weight(op.attrs["weight"]), w_scale, w_zero,
-                            self.const(f"{op.name}.bias", bias)], "logits", domain=MS, transB=1)
+        inputs, bias = self._integer_inputs(op, table, self.flatten(op.inputs[0]))
+        self.node("QGemm", [*inputs, self.const(f"{op.name}.bias", bias)], "logits", domain=MS, transB=1)
 
     def _add(self, op, table):
         a, b = op.inputs
