@@ -191,9 +191,9 @@ class _QLinearGraph(OnnxGraph):
         self.clamped(op, lambda out: self.node("QuantizeLinear", [op.inputs[0], scale, zero], out))
 
     def _requantize(self, op, table):
-        # Adding an exact 0 (integer 0, step 1) rescales onto the reader's grid in one pass: onnxruntime's
-        # QLinearAdd with a scalar took half the time of QLinearMul by an exact 1 and a third less than the
-        # 256-entry lookup of QLinearLeakyRelu (a [32, 16, 28, 28] tensor, one thread), with the same integers.
+        # Adding an exact 0 (integer 0, step 1) rescales onto the reader's grid in one pass, with the same
+        # integers as QLinearMul by an exact 1 (1.8x its time) or QLinearLeakyRelu's 256-entry lookup (2.0x):
+        # tools/results/probe_qlinear_rescale.md, a [32, 16, 28, 28] tensor on one thread.
         if "zero" not in self.declared:
             self.declared.add("zero")
             self.const("zero", np.array(0, np.uint8))
