@@ -51,6 +51,18 @@ def run_key(epochs: int, seed: int, name: str) -> str:
     return f"e{epochs}_s{seed}/{name}"
 
 
+# Student's t, two-sided 95 %, by degrees of freedom (seeds - 1): the paired gap's confidence interval.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def ci95(values: list[float]) -> float | None:
+    """Half-width of the 95 % confidence interval of the mean (None for one value)."""
+    if len(values) < 2:
+        return None
+    t = T95.get(len(values) - 1, 1.96 + 2.4 / (len(values) - 1))  # the normal limit beyond the table
+    return t * statistics.stdev(values) / len(values) ** 0.5
+
+
 def mean_range(values: list[float], fmt: str = "{:.2f}") -> str:
     if len(values) == 1:
         return fmt.format(values[0])
@@ -62,18 +74,22 @@ def table(epochs: int, results: dict, seeds: list[int], sides: list[str]) -> lis
     def acc(name, seed, r):
         return top1(results[(epochs, seed, name)], r)
 
-    header = "| resolution | separate models |" + "".join(f" {LABELS.get(s, s)} | - separate: mean (per seed) |"
+    header = "| resolution | separate models |" + "".join(f" {LABELS.get(s, s)} | - separate: mean ± 95% CI (per seed) |"
                                                         for s in sides)
     lines = [header, "|---:|---:|" + "---:|---:|" * len(sides)]
     wins = {s: 0 for s in sides}
+    behind = {s: 0 for s in sides}  # the whole interval below zero: behind beyond the seeds' noise
     for r in RESOLUTIONS:
         sep = [acc(f"separate_{r}", s, r) for s in seeds]
         row = f"| {r} | {mean_range(sep)} |"
         for side in sides:
             mine = [acc(side, s, r) for s in seeds]
             gaps = [m - p for m, p in zip(mine, sep)]
-            wins[side] += statistics.mean(gaps) >= 0
-            row += f" {mean_range(mine)} | {statistics.mean(gaps):+.2f} ({', '.join(f'{g:+.2f}' for g in gaps)}) |"
+            mean, half = statistics.mean(gaps), ci95(gaps)
+            wins[side] += mean >= 0
+            behind[side] += half is not None and mean + half < 0
+            spread = f" ± {half:.2f}" if half is not None else ""
+            row += f" {mean_range(mine)} | {mean:+.2f}{spread} ({', '.join(f'{g:+.2f}' for g in gaps)}) |"
         lines.append(row)
     lines.append("")
     sep_time = [sum(results[(epochs, s, f"separate_{r}")]["train_time_s"] for r in RESOLUTIONS) for s in seeds]
@@ -83,7 +99,8 @@ def table(epochs: int, results: dict, seeds: list[int], sides: list[str]) -> lis
         ens = [results[(epochs, s, side)]["ensemble"]["top1"] for s in seeds]
         lines.append(f"- {LABELS.get(side, side)}: {statistics.mean(t):.0f} s ({statistics.mean(t) / statistics.mean(sep_time):.2f}x); "
                      f"ensemble top-1 {mean_range(ens)}; mean gap >= 0 at {wins[side]} of {len(RESOLUTIONS)} "
-                     f"resolutions.")
+                     f"resolutions" + (f", behind beyond the 95% interval at {behind[side]}" if len(seeds) > 1 else "")
+                     + ".")
     return lines
 
 

@@ -10,6 +10,12 @@ a trained model's margins, where a from-scratch epoch leaves many near-ties betw
 
     python tools/bench_verify.py --init-epochs 1 --subset 20000 --reuse   # W8A8, W4A4, W2A2
     python tools/bench_verify.py --bits 4 --quick
+
+With --recipes the models are the shipped recipes' own: the main job (`rsq train`, the
+full-precision fashion_mnist recipe), then `rsq train fashion_mnist_w4a4 --bits B --init` its
+checkpoint, every resolution, the whole test set (the issue's goal is stated on these):
+
+    python tools/bench_verify.py --recipes --bits 8,4 --reuse --out tools/results/bench_verify_recipes
 """
 from __future__ import annotations
 
@@ -34,10 +40,24 @@ def main() -> None:
     parser.add_argument("--init-epochs", type=int, default=0, help="start from a full-precision RS-Net "
                         "trained this many epochs on all images (0: train from scratch)")
     parser.add_argument("--reuse", action="store_true", help="keep runs already finished in --work")
+    parser.add_argument("--recipes", action="store_true", help="the recipes' models: fashion_mnist (4 epochs), "
+                        "then fashion_mnist_w4a4 --bits B from it; all images, all resolutions, the whole test set")
     args = parser.parse_args()
     if args.quick:
         args.subset, args.test_subset, args.out = 1024, 128, args.out + "_quick"
     bits = [int(b) for b in args.bits.split(",")]
+    if args.recipes:
+        args.work = args.work if args.work != "runs/bench_verify" else "runs/bench_verify_recipes"
+        run_configs({"fp": []}, ["fashion_mnist", "--seed", "0"], args.work, 1, 1, reuse=args.reuse)
+        common = ["fashion_mnist_w4a4", "--init", str(Path(args.work) / "fp" / "checkpoint.pt")]
+        runs = run_configs({f"w{b}": ["--bits", str(b)] for b in bits}, common, args.work, 1, args.jobs,
+                           reuse=args.reuse)
+        heading = (f"Each model: `rsq train fashion_mnist_w4a4 --bits B --init {args.work}/fp/checkpoint.pt` "
+                   "(the W4A4 recipe, 4 epochs on all 60k images, from the main job's full-precision RS-Net, "
+                   "`rsq train fashion_mnist --seed 0`), then every format of `rsq export` and `rsq verify` on "
+                   "all 10k test images (qonnx: its first 64)")
+        verify_all(bits, runs, args, None, heading, "after the recipe")
+        return
     common = ["fashion_mnist", "--resolutions", "28,20,12", "--epochs", "1", "--subset", str(args.subset),
               "--test-subset", str(args.test_subset), "--seed", "0", "--workers", "0"]
     quantized = {f"w{b}": ["--bits", str(b)] for b in bits}
@@ -49,14 +69,18 @@ def main() -> None:
         quantized = {name: flags + ["--init", str(Path(args.work) / "fp" / "checkpoint.pt")]
                      for name, flags in quantized.items()}
     runs = run_configs(quantized, common, args.work, 1, args.jobs, reuse=args.reuse)
+    heading = (f"Each model: `rsq train {' '.join(common)} --bits B`"
+               + (f" (--init: `rsq train {' '.join(fp)}`)" if args.init_epochs else "") + ", then every format of "
+               f"`rsq export` and `rsq verify` on the first {args.test_subset} test images (qonnx: its first 64)")
+    verify_all(bits, runs, args, args.test_subset, heading, "after the short run")
 
+
+def verify_all(bits: list[int], runs: dict, args, test_subset, heading: str, when: str) -> None:
+    """Export every format of each bit width's run, verify it, write the table."""
     from rsq.export import FORMATS, export_checkpoint
     from rsq.verify import format_verify_table, verify_export
 
-    lines = ["# Every export format against the fake-quantized model", "",
-             f"CPU: {cpu_name()}. Each model: `rsq train {' '.join(common)} --bits B`"
-             + (f" (--init: `rsq train {' '.join(fp)}`)" if args.init_epochs else "") + ", then every format of "
-             f"`rsq export` and `rsq verify` on the first {args.test_subset} test images (qonnx: its first 64).", ""]
+    lines = ["# Every export format against the fake-quantized model", "", f"CPU: {cpu_name()}. {heading}.", ""]
     payload = {"settings": vars(args), "cpu": cpu_name(), "verify": {}}
     for b in bits:
         folder = Path(args.work) / f"export_w{b}"
@@ -64,9 +88,11 @@ def main() -> None:
         for fmt in FORMATS:
             export_checkpoint(Path(args.work) / f"w{b}", fmt, folder)
         with contextlib.redirect_stdout(io.StringIO()):
-            result = verify_export(folder, quiet=True)
-        top1 = " / ".join(f"{row['top1']:.2f}" for row in runs[f"w{b}"]["rows"])
-        lines += [f"## W{b}A{b} (fake-quant top-1 at 28/20/12 after the short run: {top1})", "",
+            result = verify_export(folder, test_subset=test_subset, quiet=True)
+        rows = runs[f"w{b}"]["rows"]
+        top1 = " / ".join(f"{row['top1']:.2f}" for row in rows)
+        at = "/".join(str(row["resolution"]) for row in rows)
+        lines += [f"## W{b}A{b} (fake-quant top-1 at {at} {when}: {top1})", "",
                   format_verify_table(result), ""]
         payload["verify"][f"W{b}A{b}"] = result
     write_outputs(args.out, lines, payload)
