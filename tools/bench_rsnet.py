@@ -79,6 +79,7 @@ def table(epochs: int, results: dict, seeds: list[int], sides: list[str]) -> lis
     lines = [header, "|---:|---:|" + "---:|---:|" * len(sides)]
     wins = {s: 0 for s in sides}
     behind = {s: 0 for s in sides}  # the whole interval below zero: behind beyond the seeds' noise
+    ahead = {s: 0 for s in sides}  # the whole interval above zero
     for r in RESOLUTIONS:
         sep = [acc(f"separate_{r}", s, r) for s in seeds]
         row = f"| {r} | {mean_range(sep)} |"
@@ -88,6 +89,7 @@ def table(epochs: int, results: dict, seeds: list[int], sides: list[str]) -> lis
             mean, half = statistics.mean(gaps), ci95(gaps)
             wins[side] += mean >= 0
             behind[side] += half is not None and mean + half < 0
+            ahead[side] += half is not None and mean - half > 0
             spread = f" ± {half:.2f}" if half is not None else ""
             row += f" {mean_range(mine)} | {mean:+.2f}{spread} ({', '.join(f'{g:+.2f}' for g in gaps)}) |"
         lines.append(row)
@@ -99,7 +101,8 @@ def table(epochs: int, results: dict, seeds: list[int], sides: list[str]) -> lis
         ens = [results[(epochs, s, side)]["ensemble"]["top1"] for s in seeds]
         lines.append(f"- {LABELS.get(side, side)}: {statistics.mean(t):.0f} s ({statistics.mean(t) / statistics.mean(sep_time):.2f}x); "
                      f"ensemble top-1 {mean_range(ens)}; mean gap >= 0 at {wins[side]} of {len(RESOLUTIONS)} "
-                     f"resolutions" + (f", behind beyond the 95% interval at {behind[side]}" if len(seeds) > 1 else "")
+                     f"resolutions" + (f"; beyond the 95% interval ahead at {ahead[side]}, behind at {behind[side]}"
+                                       if len(seeds) > 1 else "")
                      + ".")
     return lines
 
