@@ -33,7 +33,8 @@ def main() -> None:
     parser.add_argument("--bits", default="8,4,2")
     parser.add_argument("--subset", type=int, default=6000)
     parser.add_argument("--test-subset", type=int, default=1000)
-    parser.add_argument("--work", default="runs/bench_verify")
+    parser.add_argument("--work", default=None,
+                        help="run folder (default runs/bench_verify; with --recipes runs/bench_verify_recipes)")
     parser.add_argument("--out", default="tools/results/bench_verify")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
@@ -46,33 +47,32 @@ def main() -> None:
     if args.quick:
         args.subset, args.test_subset, args.out = 1024, 128, args.out + "_quick"
     bits = [int(b) for b in args.bits.split(",")]
-    if args.recipes:
-        args.work = args.work if args.work != "runs/bench_verify" else "runs/bench_verify_recipes"
-        run_configs({"fp": []}, ["fashion_mnist", "--seed", "0"], args.work, 1, 1, reuse=args.reuse)
-        common = ["fashion_mnist_w4a4", "--init", str(Path(args.work) / "fp" / "checkpoint.pt")]
-        runs = run_configs({f"w{b}": ["--bits", str(b)] for b in bits}, common, args.work, 1, args.jobs,
-                           reuse=args.reuse)
+    if args.recipes:  # the shipped recipes: the main job, then the W4A4 recipe at each bit width from it
+        args.work = args.work or "runs/bench_verify_recipes"
+        fp, fp_threads, common, test_subset = ["fashion_mnist", "--seed", "0"], 1, ["fashion_mnist_w4a4"], None
         heading = (f"Each model: `rsq train fashion_mnist_w4a4 --bits B --init {args.work}/fp/checkpoint.pt` "
                    "(the W4A4 recipe, 4 epochs on all 60k images, from the main job's full-precision RS-Net, "
                    "`rsq train fashion_mnist --seed 0`), then every format of `rsq export` and `rsq verify` on "
                    "all 10k test images (qonnx: its first 64)")
-        verify_all(bits, runs, args, None, heading, "after the recipe")
-        return
-    common = ["fashion_mnist", "--resolutions", "28,20,12", "--epochs", "1", "--subset", str(args.subset),
-              "--test-subset", str(args.test_subset), "--seed", "0", "--workers", "0"]
-    quantized = {f"w{b}": ["--bits", str(b)] for b in bits}
-    if args.init_epochs:
-        fp = ["fashion_mnist", "--resolutions", "28,20,12", "--epochs", str(args.init_epochs), "--test-subset",
-              str(args.test_subset), "--seed", "0", "--workers", "0"]
-        run_configs({"fp": []}, fp, args.work, 2, 1, reuse=args.reuse)
-        common += ["--lr", "0.02"]
-        quantized = {name: flags + ["--init", str(Path(args.work) / "fp" / "checkpoint.pt")]
-                     for name, flags in quantized.items()}
-    runs = run_configs(quantized, common, args.work, 1, args.jobs, reuse=args.reuse)
-    heading = (f"Each model: `rsq train {' '.join(common)} --bits B`"
-               + (f" (--init: `rsq train {' '.join(fp)}`)" if args.init_epochs else "") + ", then every format of "
-               f"`rsq export` and `rsq verify` on the first {args.test_subset} test images (qonnx: its first 64)")
-    verify_all(bits, runs, args, args.test_subset, heading, "after the short run")
+    else:  # short runs at 28/20/12 px, from scratch or (--init-epochs) from a briefly trained FP RS-Net
+        args.work = args.work or "runs/bench_verify"
+        common = ["fashion_mnist", "--resolutions", "28,20,12", "--epochs", "1", "--subset", str(args.subset),
+                  "--test-subset", str(args.test_subset), "--seed", "0", "--workers", "0"]
+        fp = (["fashion_mnist", "--resolutions", "28,20,12", "--epochs", str(args.init_epochs), "--test-subset",
+               str(args.test_subset), "--seed", "0", "--workers", "0"] if args.init_epochs else None)
+        fp_threads, test_subset = 2, args.test_subset
+        if fp:
+            common += ["--lr", "0.02"]
+        heading = (f"Each model: `rsq train {' '.join(common)} --bits B`"
+                   + (f" (--init: `rsq train {' '.join(fp)}`)" if fp else "") + ", then every format of "
+                   f"`rsq export` and `rsq verify` on the first {args.test_subset} test images (qonnx: its first 64)")
+    init = []
+    if fp:
+        run_configs({"fp": []}, fp, args.work, fp_threads, 1, reuse=args.reuse)
+        init = ["--init", str(Path(args.work) / "fp" / "checkpoint.pt")]
+    runs = run_configs({f"w{b}": ["--bits", str(b), *init] for b in bits}, common, args.work, 1, args.jobs,
+                       reuse=args.reuse)
+    verify_all(bits, runs, args, test_subset, heading, "after the recipe" if args.recipes else "after the short run")
 
 
 def verify_all(bits: list[int], runs: dict, args, test_subset, heading: str, when: str) -> None:
