@@ -179,7 +179,9 @@ class TrainJob:
         # of a single model between the two (behind a BN it sets their norm, and so their effective step).
         # Float weights only: a quantized weight's scale is not free, its quantizer's grid depends on it.
         float_weights = config.weight_bits >= 32 and not config.joint
-        conv_decay_scale = float(len(runner.modes())) if config.conv_decay == "sum" and float_weights else 1.0
+        n_modes = len(runner.modes())
+        conv_decay_scale = (n_modes * config.conv_decay_factor if config.conv_decay == "sum" and float_weights
+                            and n_modes > 1 else 1.0)
         optimizer = torch.optim.SGD(param_groups([model, ensemble], config.weight_decay, head_lr_scale,
                                                  conv_decay_scale), lr=config.lr, momentum=config.momentum)
         # Side-by-side modes need one process on the CPU in fp32 and eager mode, 2+ threads to share,

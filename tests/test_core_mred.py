@@ -288,11 +288,12 @@ def test_distill_ramp_rises_linearly_then_holds():
     assert TrainConfig().distill_ramp == 0.5  # the default recipe ramps; fashion_mnist_paper does not
 
 
-@pytest.mark.parametrize("conv_decay, resolutions, scale", [("sum", [20, 16, 12], 3.0), ("single", [20, 16, 12], None),
-                                                             ("sum", [20], None)])
-def test_conv_decay_sum_scales_the_convolutions_decay_by_the_number_of_modes(conv_decay, resolutions, scale):
+@pytest.mark.parametrize("conv_decay, factor, resolutions, scale", [
+    ("sum", 1.0, [20, 16, 12], 3.0), ("sum", 2.0, [20, 16, 12], 6.0), ("single", 1.0, [20, 16, 12], None),
+    ("single", 2.0, [20, 16, 12], None), ("sum", 1.0, [20], None), ("sum", 2.0, [20], None)])
+def test_conv_decay_sum_scales_the_convolutions_decay_by_the_number_of_modes(conv_decay, factor, resolutions, scale):
     config = TrainConfig(model="resnet20", resolutions=resolutions, batch_size=8, lr=0.05, device="cpu",
-                         conv_decay=conv_decay)
+                         conv_decay=conv_decay, conv_decay_factor=factor)
     model = rsq.create_model("resnet20", 10, 1, resolutions=resolutions)
     job = TrainJob.create(config, model)
     decay = {id(p): group["weight_decay"] for group in job.optimizer.param_groups for p in group["params"]}

@@ -32,7 +32,8 @@ RESOLUTIONS = [28, 24, 20, 16, 12]
 LABELS = {"rsnet": "RS-Net (recipe)", "paper": "RS-Net, paper's MRED", "ramp_all": "RS-Net, ramp over all steps",
           "paper_lr005": "RS-Net, paper's MRED, lr 0.05", "head_sum": "RS-Net, summed classifier gradient",
           "kd2": "RS-Net, MRED weight 2", "conv_sum": "RS-Net, conv decay x n modes",
-          "conv_single": "RS-Net, conv decay single (the recipe before conv_decay)"}
+          "conv_single": "RS-Net, conv decay single (the recipe before conv_decay)",
+          "nokd": "RS-Net without MRED (distill none)", "decay2n": "RS-Net, conv decay x 2n (conv_decay_factor 2)"}
 
 
 def configs_for(args) -> dict[str, list[str]]:
