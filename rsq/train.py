@@ -173,13 +173,14 @@ class TrainJob:
         runner = AllResolutions(model, config.resolutions, config.channels_last, config.bit_widths)
         if config.compile:
             runner.compile_per_resolution()
+        n_modes = len(runner.modes())
         # head_grad mean: the classifier, shared and followed by no BN, moves as one model's would.
-        head_lr_scale = 1.0 / len(runner.modes()) if config.head_grad == "mean" else 1.0
+        head_lr_scale = 1.0 / n_modes if config.head_grad == "mean" else 1.0
         # conv_decay sum: the convolutions take n modes' gradients, so n times the decay keeps the balance
         # of a single model between the two (behind a BN it sets their norm, and so their effective step).
         # Float weights only: a quantized weight's scale is not free, its quantizer's grid depends on it.
+        # conv_decay_factor scales that shared decay; a single mode shares nothing and keeps one model's.
         float_weights = config.weight_bits >= 32 and not config.joint
-        n_modes = len(runner.modes())
         conv_decay_scale = (n_modes * config.conv_decay_factor if config.conv_decay == "sum" and float_weights
                             and n_modes > 1 else 1.0)
         optimizer = torch.optim.SGD(param_groups([model, ensemble], config.weight_decay, head_lr_scale,
@@ -194,7 +195,7 @@ class TrainJob:
         threads = None
         lqnet = config.quantized and config.quantizer == "lqnet"
         if (config.mode_threads and device.type == "cpu" and info.world_size == 1 and not config.compile
-                and config.amp != "bf16" and not lqnet and torch.get_num_threads() >= 2 and len(runner.modes()) > 1):
+                and config.amp != "bf16" and not lqnet and torch.get_num_threads() >= 2 and n_modes > 1):
             threads = ModeThreads()
         return cls(config, model, runner, ensemble, optimizer, teacher, info, device, threads)
 
