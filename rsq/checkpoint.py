@@ -99,7 +99,8 @@ def quant_config(config: TrainConfig):
     from .quantize import QuantConfig
 
     return QuantConfig(weight_bits=config.weight_bits, act_bits=config.act_bits, quantizer=config.quantizer,
-                       first_last=config.first_last, act_per_mode=config.act_per_resolution)
+                       first_last=config.first_last, act_per_mode=config.act_per_resolution,
+                       quantized_shortcut=config.quantized_shortcut)
 
 
 def load_model(path) -> tuple[nn.Module, dict]:

@@ -136,6 +136,10 @@ class TrainConfig:
                               choices=FIRST_LAST_POLICIES, what="first/last layer policy")
     act_per_resolution: bool = setting(False, "one activation quantizer per resolution (default: shared)",
                                        cli="flag")
+    quantized_shortcut: bool = setting(False, "every residual block quantizes its input once, on its first conv's "
+                                       "grid, and its shortcut adds that quantized tensor: an integer residual "
+                                       "stream, which int8 backends fuse into each block's second conv (the paper: "
+                                       "float shortcuts)", cli="flag")
     init: str = setting("", "start from this full-precision checkpoint")
     teacher: str = setting("", "also distil from this full-precision RS-Net checkpoint at each resolution")
     # running
@@ -172,6 +176,8 @@ class TrainConfig:
             if (self.weight_bits, self.act_bits) != (32, 32):
                 raise RsqError(f"bit widths {self.bit_widths} give every mode its own weight and activation bits; "
                                f"drop weight_bits/act_bits ({self.weight_bits}/{self.act_bits})")
+        if self.quantized_shortcut and not self.quantized:
+            raise RsqError("quantized_shortcut needs quantized activations: add --bits")
         if self.in_chans not in (0, 1, 3):
             raise RsqError(f"in_chans must be 0 (as the images are), 1 or 3, got {self.in_chans}")
         if not self.resolutions:

@@ -14,6 +14,7 @@ from .errors import RsqError, choices_error
 from .nn.quant_layers import QuantConv2d, QuantLinear
 from .nn.quantizers import (FULL_PRECISION, LQNetQuantizer, LSQQuantizer, QuantizationWarning, SwitchableQuantizer,
                             check_bits)
+from .nn.residual import plain_shortcuts_, quantize_shortcuts_
 
 QUANTIZERS = {"lsq": LSQQuantizer, "lqnet": LQNetQuantizer}
 FIRST_LAST_POLICIES = ("8", "fp", "same")
@@ -28,6 +29,8 @@ class QuantConfig:
     first_last: bits of the first conv and the last linear: "8" (8-bit wherever the rest is
     quantized), "fp" (full precision) or "same" (the bits of every other layer).
     act_per_mode: one activation quantizer per resolution instead of one shared by all.
+    quantized_shortcut: every residual block quantizes its input once, on its conv1's grid, and
+    its shortcut adds that quantized tensor (rsq/nn/residual.py); default: float shortcuts.
     """
 
     weight_bits: int = 4
@@ -35,6 +38,7 @@ class QuantConfig:
     quantizer: str = "lsq"
     first_last: str = "8"
     act_per_mode: bool = False
+    quantized_shortcut: bool = False
 
     def __post_init__(self):
         check_bits(self.weight_bits, "weight_bits")
@@ -43,8 +47,9 @@ class QuantConfig:
             raise choices_error("quantizer", self.quantizer, sorted(QUANTIZERS))
         if self.first_last not in FIRST_LAST_POLICIES:
             raise choices_error("first_last policy", self.first_last, FIRST_LAST_POLICIES)
-        if not isinstance(self.act_per_mode, bool):
-            raise choices_error("act_per_mode", self.act_per_mode, (True, False))
+        for name in ("act_per_mode", "quantized_shortcut"):
+            if not isinstance(getattr(self, name), bool):
+                raise choices_error(name, getattr(self, name), (True, False))
 
     @property
     def full_precision(self) -> bool:
@@ -228,11 +233,16 @@ def quantize_(model: nn.Module, config: QuantConfig, example_input: Optional[tor
         else:
             replacements[id(layer)] = QuantLinear.from_linear(layer, weight_q, act_q)
     _replace_children(model, replacements)
+    if config.quantized_shortcut:
+        if config.act_bits == FULL_PRECISION and not _joint_bit_widths(model):
+            raise RsqError("quantized_shortcut needs quantized activations (act_bits below 32)")
+        quantize_shortcuts_(model)
     return model
 
 
 def dequantize_(model: nn.Module) -> nn.Module:
     """Undo ``quantize_`` in place: plain Conv2d / Linear on the same Parameters, quantizers dropped."""
+    plain_shortcuts_(model)
     replacements: dict[int, nn.Module] = {}
     for module in model.modules():
         if isinstance(module, QuantConv2d):

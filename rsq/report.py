@@ -87,7 +87,8 @@ def _quant_text(run: dict) -> str:
     quant = run.get("quant") or {}
     text = quant.get("label", "?")
     if quant.get("quantizer"):
-        text += f" ({quant['quantizer']}, first/last at {quant.get('first_last')})"
+        text += f" ({quant['quantizer']}, first/last at {quant.get('first_last')}"
+        text += ", quantized shortcut)" if quant.get("quantized_shortcut") else ")"
     return text
 
 

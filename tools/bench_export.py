@@ -87,6 +87,8 @@ def float_onnx(model, integer_model, path: Path, resolution: int) -> None:
     for op in trace_float_ops(model, trace_graph(model)):
         if op.kind == "output":
             nodes.append(helper.make_node("Identity", [op.inputs[0]], ["logits"]))
+        elif op.kind == "quantize":  # a quantized shortcut's block input: nothing to do in float
+            nodes.append(helper.make_node("Identity", op.inputs, [op.output]))
         elif op.kind in ("conv", "linear"):
             weight = integer_model.weights[op.name]
             w = weight.values.astype(np.float32) * weight.step.reshape((-1,) + (1,) * (weight.values.ndim - 1))
@@ -152,6 +154,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--r18-repeats", type=int, default=5, help="timed runs per engine for ResNet-18")
     parser.add_argument("--r18-pt2e", default="224,192,160,128,96", help="ResNet-18 resolutions compiled with Inductor")
+    parser.add_argument("--r18-bits", type=int, default=4, help="the ResNet-18's W/A bits (first/last 8)")
+    parser.add_argument("--r18-shortcut", action="store_true", help="the ResNet-18 with --quantized-shortcut")
     parser.add_argument("--sizes-of", nargs="*", default=[], help="more checkpoints: sizes on disk only")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -171,7 +175,8 @@ def main() -> None:
                                       pt2e_resolutions=None, int32_runtime=True, runtime_batches=(1, 32)))
         if args.resnet18:
             (work / "r18").mkdir()
-            ckpt = resnet18_checkpoint(work / "r18" / "checkpoint.pt", R18_RESOLUTIONS)
+            ckpt = resnet18_checkpoint(work / "r18" / "checkpoint.pt", R18_RESOLUTIONS, args.r18_bits,
+                                       args.r18_shortcut)
             images = torch.randn(64, 3, R18_RESOLUTIONS[0], R18_RESOLUTIONS[0])
             pt2e = [int(r) for r in args.r18_pt2e.split(",") if r]
             models.append(bench_model(ckpt, images, work / "b", args.r18_repeats, 1, pt2e_resolutions=pt2e,
@@ -302,6 +307,8 @@ def bench_model(checkpoint, images, work: Path, repeats: int, runtime_repeats: i
     sizes["ORT QOperator graphs (all resolutions)"] = sum(v for k, v in sizes.items()
                                                           if k.startswith("ORT QOperator graph ("))
     bits = f"W{config.weight_bits}A{config.act_bits} (first/last {config.first_last})"
+    if config.quantized_shortcut:
+        bits += ", quantized shortcut"
     return {"label": label or config.model, "checkpoint": str(checkpoint), "bits": bits, "repeats": repeats,
             "runtime_repeats": runtime_repeats, "rows": rows, "sizes": sizes, "build_s": build_s, "notes": notes}
 

@@ -11,7 +11,8 @@ import torch
 R18_RESOLUTIONS = [224, 192, 160, 128, 96]
 
 
-def resnet18_checkpoint(path: Path, resolutions=R18_RESOLUTIONS, bits: int = 4) -> Path:
+def resnet18_checkpoint(path: Path, resolutions=R18_RESOLUTIONS, bits: int = 4,
+                        quantized_shortcut: bool = False) -> Path:
     """An ImageNet-shaped torchvision ResNet-18 RS-Net, W{bits}A{bits} (first/last 8), untrained but with its
     quantizers and BN statistics initialised by training-mode forwards on random images: latency and
     size do not depend on the weights' values, and export needs initialised steps."""
@@ -28,7 +29,8 @@ def resnet18_checkpoint(path: Path, resolutions=R18_RESOLUTIONS, bits: int = 4) 
             (path.parent / "data" / split / label).mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (256, 256), (120, 60, 200)).save(path.parent / "data" / split / label / "0.png")
     config = TrainConfig(model="resnet18", data="imagefolder", data_dir=str(path.parent / "data"), in_chans=3,
-                         normalize="imagenet", resolutions=list(resolutions), weight_bits=bits, act_bits=bits)
+                         normalize="imagenet", resolutions=list(resolutions), weight_bits=bits, act_bits=bits,
+                         quantized_shortcut=quantized_shortcut)
     torch.manual_seed(0)
     # Built as rsq.checkpoint.build_model rebuilds it, so the state dict loads back.
     model = create_model("resnet18", 1000, 3, resolutions=list(resolutions))

@@ -29,7 +29,8 @@ from pathlib import Path
 from benchlib import cpu_name, write_outputs
 
 RESOLUTIONS = [224, 192, 160, 128, 96]
-MODELS = ["rsq R18 W8A8", "rsq R18 W4A4", "stock R18 (torchao x86 int8)"]
+MODELS = ["rsq R18 W8A8", "rsq R18 W4A4", "rsq R18 W8A8, quantized shortcut", "rsq R18 W4A4, quantized shortcut",
+          "stock R18 (torchao x86 int8)"]
 ALLOCATORS = {"default": "glibc's default", "kept": "freed memory kept (rsq/allocator.py)"}
 
 
@@ -51,8 +52,9 @@ def median_pair(eager, compiled, x, repeats: int) -> tuple[float, float]:
     return statistics.median(times["eager"]), statistics.median(times["compiled"])
 
 
-def rsq_pairs(bits: int, resolutions, work: Path):
-    """(resolution, eager, compiled) for rsq's PT2E programs of a W{bits}A{bits} ResNet-18 RS-Net."""
+def rsq_pairs(bits: int, resolutions, work: Path, shortcut: bool = False):
+    """(resolution, eager, compiled) for rsq's PT2E programs of a W{bits}A{bits} ResNet-18 RS-Net (``shortcut``:
+    trained with --quantized-shortcut)."""
     import copy
 
     import torch
@@ -63,10 +65,11 @@ def rsq_pairs(bits: int, resolutions, work: Path):
     from rsq.export.pt2e import load_pt2e, write_pt2e
     from rsq.quantize import dequantize_
 
-    model, _ = load_model(resnet18_checkpoint(work / f"w{bits}" / "checkpoint.pt", resolutions, bits))
+    folder = work / f"w{bits}{'_shortcut' if shortcut else ''}"
+    model, _ = load_model(resnet18_checkpoint(folder / "checkpoint.pt", resolutions, bits, shortcut))
     float_model = dequantize_(copy.deepcopy(model)).eval()
     for r in resolutions:
-        path = write_pt2e(model, r, 3, work / f"w{bits}" / f"r{r}.pt2")
+        path = write_pt2e(model, r, 3, folder / f"r{r}.pt2")
 
         def eager(x, r=r):
             with using_mode(float_model, r):
@@ -107,7 +110,7 @@ def stock_pairs(resolutions):
         torch._dynamo.reset()
 
 
-def child(allocator: str, threads: int, repeats: int, resolutions) -> None:
+def child(allocator: str, threads: int, repeats: int, resolutions, models) -> None:
     """One allocator setting: print one JSON row per model and resolution."""
     import torch
 
@@ -117,11 +120,13 @@ def child(allocator: str, threads: int, repeats: int, resolutions) -> None:
     if allocator == "kept" and not keep_freed_memory():
         raise SystemExit("could not set glibc's allocator (not Linux/glibc, or MALLOC_*_ already set)")
     work = Path(tempfile.mkdtemp(prefix="bench_pt2e_server."))
-    sources = {MODELS[0]: rsq_pairs(8, resolutions, work), MODELS[1]: rsq_pairs(4, resolutions, work),
-               MODELS[2]: stock_pairs(resolutions)}
+    sources = {MODELS[0]: lambda: rsq_pairs(8, resolutions, work), MODELS[1]: lambda: rsq_pairs(4, resolutions, work),
+               MODELS[2]: lambda: rsq_pairs(8, resolutions, work, shortcut=True),
+               MODELS[3]: lambda: rsq_pairs(4, resolutions, work, shortcut=True),
+               MODELS[4]: lambda: stock_pairs(resolutions)}
     try:
-        for model, pairs in sources.items():
-            for r, eager, compiled in pairs:
+        for model in models:
+            for r, eager, compiled in sources[model]():
                 x = torch.randn(32, 3, r, r)
                 eager_ms, compiled_ms = median_pair(eager, compiled, x, repeats)
                 print(json.dumps({"model": model, "allocator": allocator, "resolution": r, "eager_ms": eager_ms,
@@ -137,18 +142,21 @@ def main() -> None:
     parser.add_argument("--resolutions", default=",".join(map(str, RESOLUTIONS)))
     parser.add_argument("--out", default="tools/results/bench_pt2e_server")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", default=",".join(str(i) for i in range(len(MODELS))),
+                        help="which models, by index: " + "; ".join(f"{i} {m}" for i, m in enumerate(MODELS)))
     parser.add_argument("--child", choices=list(ALLOCATORS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.resolutions, args.out = 1, "96", args.out + "_quick"
     resolutions = [int(r) for r in args.resolutions.split(",")]
+    models = [MODELS[int(i)] for i in args.models.split(",")]
     if args.child:
-        child(args.child, args.threads, args.repeats, resolutions)
+        child(args.child, args.threads, args.repeats, resolutions, models)
         return
     rows = []
     for allocator in ALLOCATORS:
         cmd = [sys.executable, __file__, "--child", allocator, "--threads", str(args.threads),
-               "--repeats", str(args.repeats), "--resolutions", args.resolutions]
+               "--repeats", str(args.repeats), "--resolutions", args.resolutions, "--models", args.models]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{allocator}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
@@ -162,14 +170,14 @@ def main() -> None:
              f"Command: `python tools/bench_pt2e_server.py {' '.join(sys.argv[1:])}`.", "",
              "| model | px | eager fp32, default (ms) | PT2E, default (ms) | speed-up | eager fp32, kept (ms) | "
              "PT2E, kept (ms) | speed-up |", "|:---|---:|---:|---:|---:|---:|---:|---:|"]
-    for model in MODELS:
+    for model in models:
         for r in resolutions:
             d, k = at[model, "default", r], at[model, "kept", r]
             lines.append(f"| {model} | {r} | {d['eager_ms']:.1f} | {d['compiled_ms']:.1f} | "
                          f"{d['eager_ms'] / d['compiled_ms']:.2f}x | {k['eager_ms']:.1f} | {k['compiled_ms']:.1f} | "
                          f"{k['eager_ms'] / k['compiled_ms']:.2f}x |")
     lines += ["", "Speed-up of PT2E + Inductor over eager fp32 (range over resolutions; goal on AMX/VNNI CPUs: 8x):", ""]
-    for model in MODELS:
+    for model in models:
         for allocator, label in ALLOCATORS.items():
             ups = [at[model, allocator, r]["eager_ms"] / at[model, allocator, r]["compiled_ms"] for r in resolutions]
             lines.append(f"- {model}, {label}: {min(ups):.2f}-{max(ups):.2f}x")

@@ -16,6 +16,10 @@ full-precision fashion_mnist recipe), then `rsq train fashion_mnist_w4a4 --bits 
 checkpoint, every resolution, the whole test set (the issue's goal is stated on these):
 
     python tools/bench_verify.py --recipes --bits 8,4 --reuse --out tools/results/bench_verify_recipes
+
+With --shortcut the quantized runs add --quantized-shortcut (runs w{B}_shortcut, from the same --init):
+
+    python tools/bench_verify.py --recipes --bits 8,4 --shortcut --reuse --out tools/results/bench_verify_shortcut
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ def main() -> None:
     parser.add_argument("--init-epochs", type=int, default=0, help="start from a full-precision RS-Net "
                         "trained this many epochs on all images (0: train from scratch)")
     parser.add_argument("--reuse", action="store_true", help="keep runs already finished in --work")
+    parser.add_argument("--shortcut", action="store_true", help="train the quantized runs with --quantized-shortcut")
     parser.add_argument("--recipes", action="store_true", help="the recipes' models: fashion_mnist (4 epochs), "
                         "then fashion_mnist_w4a4 --bits B from it; all images, all resolutions, the whole test set")
     args = parser.parse_args()
@@ -70,12 +75,18 @@ def main() -> None:
     if fp:
         run_configs({"fp": []}, fp, args.work, fp_threads, 1, reuse=args.reuse)
         init = ["--init", str(Path(args.work) / "fp" / "checkpoint.pt")]
-    runs = run_configs({f"w{b}": ["--bits", str(b), *init] for b in bits}, common, args.work, 1, args.jobs,
-                       reuse=args.reuse)
+    suffix = "_shortcut" if args.shortcut else ""
+    extra = ["--quantized-shortcut"] if args.shortcut else []
+    if args.shortcut:
+        heading += "; with `--quantized-shortcut`"
+    runs = run_configs({f"w{b}{suffix}": ["--bits", str(b), *init, *extra] for b in bits}, common, args.work, 1,
+                       args.jobs, reuse=args.reuse)
+    runs = {name.removesuffix(suffix): run for name, run in runs.items()}
     verify_all(bits, runs, args, test_subset, heading, "after the recipe" if args.recipes else "after the short run")
 
 
 def verify_all(bits: list[int], runs: dict, args, test_subset, heading: str, when: str) -> None:
+    suffix = "_shortcut" if getattr(args, "shortcut", False) else ""
     """Export every format of each bit width's run, verify it, write the table."""
     from rsq.export import FORMATS, export_checkpoint
     from rsq.verify import format_verify_table, verify_export
@@ -83,10 +94,10 @@ def verify_all(bits: list[int], runs: dict, args, test_subset, heading: str, whe
     lines = ["# Every export format against the fake-quantized model", "", f"CPU: {cpu_name()}. {heading}.", ""]
     payload = {"settings": vars(args), "cpu": cpu_name(), "verify": {}}
     for b in bits:
-        folder = Path(args.work) / f"export_w{b}"
+        folder = Path(args.work) / f"export_w{b}{suffix}"
         shutil.rmtree(folder, ignore_errors=True)  # a fresh export of every format (a run may be reused)
         for fmt in FORMATS:
-            export_checkpoint(Path(args.work) / f"w{b}", fmt, folder)
+            export_checkpoint(Path(args.work) / f"w{b}{suffix}", fmt, folder)
         with contextlib.redirect_stdout(io.StringIO()):
             result = verify_export(folder, test_subset=test_subset, quiet=True)
         rows = runs[f"w{b}"]["rows"]

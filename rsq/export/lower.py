@@ -19,7 +19,7 @@ from ..nn.quant_layers import QuantConv2d, QuantLinear
 from ..nn.quantizers import integer_range
 from ..runtime.fixedpoint import quantize_multipliers
 from ..runtime.model import IntegerModel, Op, QuantWeight, TensorInfo
-from .steps import act_quantizer, act_step, bn_affine, integer_weight
+from .steps import act_quantizer, bn_affine, grid_quantizer, integer_weight
 from .trace import INPUT, FloatOp, trace_float_ops, trace_graph
 
 # A wide tensor's step is its consumers' smallest clip value (Qp * step) / 2**24: rounding to it
@@ -67,6 +67,9 @@ class _Lowering:
         # them from the largest resolution's mode (at the bit width a joint model is switched to).
         self.first_key = state.find(state.resolutions[0]).key
         self.float_ops = [op for op in float_ops if op.kind != "output"]
+        # A quantize op whose input is already on its grid (the only reader of a conv's or add's output)
+        # adds no op: its output is that tensor.
+        self.alias: dict[str, str] = {}
         self.output = next(op for op in float_ops if op.kind == "output").inputs[0]
         self.producer = {op.output: op for op in self.float_ops}
         self.consumers: dict[str, list[FloatOp]] = {}
@@ -91,11 +94,26 @@ class _Lowering:
         return value
 
     def _narrow_consumer(self, value: str) -> Optional[FloatOp]:
-        """The one quantized layer that reads ``value`` (through max poolings), if it is its only reader."""
+        """The one quantized layer or quantize op that reads ``value`` (through max poolings), if it is its
+        only reader: ``value`` is then computed on that reader's grid."""
         readers = self.consumers.get(self._pooled(value), [])
-        if value != INPUT and len(readers) == 1 and readers[0].kind in ("conv", "linear"):
-            return readers[0]
-        return None
+        if value == INPUT or len(readers) != 1 or readers[0].kind not in ("conv", "linear", "quantize"):
+            return None
+        producer = self.producer.get(value)
+        if readers[0].kind == "quantize" and producer is not None and producer.kind == "add":
+            # An add rounds each input onto its output's grid: onto a narrow grid that is two roundings, not
+            # the fake-quant model's one, so its sum stays wide and a requantization follows.
+            return None
+        return readers[0]
+
+    def _grid(self, op: FloatOp, key: str):
+        """The LSQ quantizer whose grid ``op`` (a conv / linear, or a quantize op) reads its input on."""
+        if op.kind == "quantize":
+            return grid_quantizer(op.module, op.name, key)
+        return act_quantizer(op.module, op.name, key)
+
+    def _source(self, value: str) -> str:
+        return self.alias.get(value, value)
 
     def _tensor_info(self, value: str, channels: int) -> TensorInfo:
         if value == self.output:
@@ -109,8 +127,10 @@ class _Lowering:
                 raise RsqError(f"integer export: max pooling {producer.name} must follow a conv, add or pooling")
             return TensorInfo(value, source.kind, source.bits, source.signed, channels)
         reader = self._narrow_consumer(value)
+        if producer is not None and producer.kind == "quantize":
+            reader = producer
         if reader is not None:
-            quantizer = act_quantizer(reader.module, reader.name, self.first_key)
+            quantizer = self._grid(reader, self.first_key)
             return TensorInfo(value, "narrow", quantizer.bits, quantizer.signed, channels)
         return TensorInfo(value, "wide", 32, True, channels)
 
@@ -121,32 +141,67 @@ class _Lowering:
         self.int_input: dict[str, str] = {}  # float op name -> the integer tensor it reads
         channels: dict[str, int] = {INPUT: _in_chans(self.float_ops)}
         self.tensors[INPUT] = TensorInfo(INPUT, "float", 8, True, channels[INPUT])
+        self.grid_owner: dict[str, nn.Module] = {}  # narrow tensor -> the quantizer module of its grid
         for op in self.float_ops:
             if op.kind in ("conv", "linear"):
                 self._build_layer(op, channels)
+            elif op.kind == "quantize":
+                if self._build_quantize(op, channels):
+                    continue
             elif op.kind == "add":
-                a, b = op.inputs
+                a, b = (self._source(name) for name in op.inputs)
                 if channels[a] != channels[b]:
                     raise RsqError(f"add {op.name}: inputs have {channels[a]} and {channels[b]} channels")
                 channels[op.output] = channels[a]
                 self.ops.append(Op("add", op.name, (a, b), op.output))
             elif op.kind == "max_pool":
-                channels[op.output] = channels[op.inputs[0]]
-                self.ops.append(Op("max_pool", op.name, (op.inputs[0],), op.output, dict(op.attrs)))
+                source = self._source(op.inputs[0])
+                channels[op.output] = channels[source]
+                self.ops.append(Op("max_pool", op.name, (source,), op.output, dict(op.attrs)))
             else:  # global_avg_pool
-                channels[op.output] = channels[op.inputs[0]]
-                self.ops.append(Op("global_avg_pool", op.name, (op.inputs[0],), op.output))
+                source = self._source(op.inputs[0])
+                channels[op.output] = channels[source]
+                self.ops.append(Op("global_avg_pool", op.name, (source,), op.output))
             self.tensors[op.output] = self._tensor_info(op.output, channels[op.output])
+            if self.tensors[op.output].kind == "narrow":
+                reader = self._narrow_consumer(op.output) if op.kind != "quantize" else op
+                if reader is None:  # a max pooling keeps its input's grid
+                    self.grid_owner[op.output] = self.grid_owner[self._source(op.inputs[0])]
+                else:
+                    owner = reader.module if reader.kind == "quantize" else reader.module.act_quantizer
+                    self.grid_owner[op.output] = owner
         for op in self.ops:
             for name in op.inputs:
-                if self.tensors[name].kind == "narrow" and op.kind not in ("conv", "linear", "max_pool"):
+                if self.tensors[name].kind != "narrow" or op.kind in ("conv", "linear", "max_pool"):
+                    continue
+                if not (op.kind == "add" and self._quantized_on_purpose(name)):  # only a quantized shortcut
                     raise RsqError(f"integer export: {name} is quantized but read by {op.kind} {op.name}")
 
+    def _quantized_on_purpose(self, name: str) -> bool:
+        """Whether a narrow tensor is a quantize op's output (a quantized shortcut an add may read)."""
+        return any(op.kind == "quantize" and self._source(op.output) == name for op in self.float_ops)
+
+    def _build_quantize(self, op: FloatOp, channels: dict[str, int]) -> bool:
+        """A quantize op: nothing when its input is already on its grid (True), else a requantization."""
+        source = self._source(op.inputs[0])
+        channels[op.output] = channels[source]
+        if self.tensors[source].kind == "narrow":
+            owner = self.grid_owner.get(source)
+            if owner is not op.module:
+                raise RsqError(f"integer export: {op.name} quantizes {source}, which is already on another grid")
+            self.alias[op.output] = source
+            return True
+        kind = "quantize_input" if self.tensors[source].kind == "float" else "requantize"
+        self.ops.append(Op(kind, op.name, (source,), op.output))
+        return False
+
     def _build_layer(self, op: FloatOp, channels: dict[str, int]) -> None:
-        source = op.inputs[0]
+        source = self._source(op.inputs[0])
         kind = self.tensors[source].kind
         quantizer = act_quantizer(op.module, op.name, self.first_key)
         if kind == "narrow":
+            if self.grid_owner.get(source) is not op.module.act_quantizer:
+                raise RsqError(f"integer export: layer {op.name} reads {source}, which is on another layer's grid")
             read = source
         else:
             read = f"{op.name}.input"
@@ -179,7 +234,8 @@ class _Lowering:
     def _tables_at(self, resolution: int, key: str):
         spatial = self._pool_sizes(resolution, key)
         scales: dict[str, float] = {}
-        steps = {op.name: act_step(op.module, op.name, key) for op in self.float_ops if op.kind in ("conv", "linear")}
+        steps = {op.name: float(self._grid(op, key).step.detach().float().item())
+                 for op in self.float_ops if op.kind in ("conv", "linear", "quantize")}
         for name, step in steps.items():
             if not step > 0:
                 raise RsqError(f"layer {name}: its activation step is {step} at resolution {resolution}; integer "
@@ -187,6 +243,8 @@ class _Lowering:
         for op in self.float_ops:
             if op.kind in ("conv", "linear"):
                 scales[self.int_input[op.name]] = steps[op.name]
+            elif op.kind == "quantize":
+                scales[self._source(op.output)] = steps[op.name]
         ref = self._reference_steps(steps)
         for name, info in self.tensors.items():
             if info.kind == "wide":
@@ -235,6 +293,9 @@ class _Lowering:
             for value in op.inputs:
                 if op.kind in ("conv", "linear"):
                     info = self.tensors[self.int_input[op.name]]
+                    candidate = steps[op.name] * integer_range(info.bits, info.signed)[1]
+                elif op.kind == "quantize":
+                    info = self.tensors[self._source(op.output)]
                     candidate = steps[op.name] * integer_range(info.bits, info.signed)[1]
                 else:
                     candidate = ref.get(op.output)

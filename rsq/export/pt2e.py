@@ -15,7 +15,10 @@ Grid mapping (8-bit containers; the integers stay rsq's, shifted by the zero poi
   [-Qn, Qp]; convs declare [-128, 127] (see _fold_layer). Backend "xnnpack" stores each channel's
   integers shifted left by k bits, scale / 2**k, range [-128, 127] (xnnpack_weight_scale): the same
   real weights, a finer accumulator unit for the bias XNNPACK rounds to int32, positive scales only.
-Residual adds, pooling and the logits stay float, exactly as in the fake-quant model.
+Residual adds, pooling and the logits stay float, exactly as in the fake-quant model. With quantized
+shortcuts (rsq/nn/residual.py) a block's input is one quantized tensor: its conv1 owns the grid, and the
+downsample conv and the add's shortcut input share that one q/dq (SharedQuantizationSpec), so Inductor
+fuses the second conv, the add and the ReLU into one int8 conv, as in torchao's own recipe.
 
 Every reader of a tensor gets its own q/dq with its own step (allow_implicit_sharing=False): torchao
 otherwise shares the first reader's observer with every other reader whose spec has the same dtype
@@ -39,6 +42,7 @@ from ..deps import require
 from ..errors import RsqError
 from ..nn.quant_layers import QuantConv2d, QuantLinear
 from ..nn.quantizers import FULL_PRECISION, LQNetQuantizer, LSQQuantizer, quantizer_in_mode
+from ..nn.residual import has_quantized_input, plain_class, residual_blocks
 from ..nn.switchable_bn import SwitchableBatchNorm2d
 
 PURPOSE = "PT2E export"
@@ -102,6 +106,10 @@ class LayerGrid:
         self.weight_int = weight_int
         self.weight_scale = weight_scale  # [out_channels]: rsq step times |BN gain|
         self.weight_range = weight_range
+        # Quantized shortcuts: a block's conv1 owns its input's grid (``shortcut``), which the shortcut add
+        # reads too; its downsample conv reads the same quantized tensor (``input_owner``: conv1's name).
+        self.shortcut = False
+        self.input_owner: Optional[str] = None
 
 
 def _outermost_bn(root: nn.Module, bn_name: str) -> str:
@@ -126,6 +134,7 @@ def float_model_for(model: nn.Module, resolution: int, in_chans: int) -> tuple[n
     """
     mode_key = mode_state(model).find(resolution).key
     float_model = copy.deepcopy(model).eval()
+    owners = _shortcut_owners(float_model)
     example = torch.zeros(1, in_chans, resolution, resolution)
     with using_mode(float_model, resolution):
         bn_of_conv = {conv: bn for bn, conv in _conv_feeding_each_bn(float_model, example).items()}
@@ -135,6 +144,11 @@ def float_model_for(model: nn.Module, resolution: int, in_chans: int) -> tuple[n
             grids[name] = _fold_layer(float_model, name, layer, bn_of_conv.get(name), mode_key)
         elif isinstance(layer, (nn.Conv2d, nn.Linear)) and type(layer) not in (nn.Conv2d, nn.Linear):
             raise RsqError(f"layer {name} ({type(layer).__name__}) is not a plain or rsq quantized layer")
+    for reader, owner in owners.items():
+        if reader == owner:
+            grids[owner].shortcut = True
+        else:
+            grids[reader].input_owner = owner
     for bn in bn_of_conv.values():
         _swap_in(float_model, _outermost_bn(float_model, bn), nn.Identity())
     leftover = [n for n, m in float_model.named_modules()
@@ -142,6 +156,23 @@ def float_model_for(model: nn.Module, resolution: int, in_chans: int) -> tuple[n
     if leftover:
         raise RsqError(f"BatchNorm {leftover[0]} could not be folded into a conv")
     return float_model, grids
+
+
+def _shortcut_owners(model: nn.Module) -> dict[str, str]:
+    """Quantized shortcuts: {conv1 or downsample conv name: its block's conv1 name}, and every block back to
+    its own class (the plain forward; the float model has no quantizers to call)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    owners = {}
+    for name, block in residual_blocks(model):
+        if not has_quantized_input(block):
+            continue
+        conv1 = names[id(block.conv1)]
+        owners[conv1] = conv1
+        downsample = getattr(block, "downsample", None)
+        if downsample is not None:
+            owners[names[id(downsample[0] if isinstance(downsample, nn.Sequential) else downsample)]] = conv1
+        block.__class__ = plain_class(block)
+    return owners
 
 
 def _fold_layer(root: nn.Module, name: str, layer: nn.Module, bn_name: Optional[str], mode_key: str) -> LayerGrid:
@@ -309,13 +340,34 @@ def make_quantizer(grids: dict[str, LayerGrid], backend: str = "x86", int8_weigh
 
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             self.done = set()
+            # A quantized shortcut's readers share the q/dq of the first of them in the graph (torchao can
+            # only share an edge it has already seen): conv1, or the downsample conv that runs before it.
+            first_reader: dict[str, torch.fx.Node] = {}
             for node in model.graph.nodes:
+                name = _layer_of(node)
+                if name in grids and (grids[name].shortcut or grids[name].input_owner is not None):
+                    first_reader.setdefault(grids[name].input_owner or name, node)
+            for node in model.graph.nodes:
+                if node.op == "call_function" and node.target in _MAX_POOLS and len(node.args[0].users) == 1:
+                    reader = _pooled_reader(node, grids)
+                    if reader is not None:
+                        # Max commutes with rounding and clamping, so pooling the integers of the reader's
+                        # grid gives its input exactly, and the conv before the pool writes uint8, not float.
+                        node.meta["quantization_annotation"] = spec_mod.QuantizationAnnotation(
+                            input_qspec_map={node.args[0]: act_spec(reader.act)}, allow_implicit_sharing=False,
+                            _annotated=True)
+                    continue
                 name = _layer_of(node)
                 if name is None or name not in grids:
                     continue
                 grid, qspecs = grids[name], {}
-                if grid.act is not None:
-                    qspecs[node.args[0]] = act_spec(grid.act)
+                first = first_reader.get(grid.input_owner or name)
+                if first is not None and first is not node:
+                    qspecs[node.args[0]] = spec_mod.SharedQuantizationSpec((first.args[0], first))
+                elif grid.act is not None:
+                    qspecs[node.args[0]] = act_spec(grids[grid.input_owner or name].act)
+                if grid.shortcut:
+                    _annotate_shortcut(node, first, spec_mod)
                 if grid.weight_scale is not None and int8_weights and (
                         not requantized_outputs_only
                         or (_requantized(node, grids) and xnnpack_weight_scale(grid) is not None)):
@@ -339,6 +391,41 @@ def make_quantizer(grids: dict[str, LayerGrid], backend: str = "x86", int8_weigh
 
 _GEMMS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
 _RELUS = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
+_ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+_MAX_POOLS = (torch.ops.aten.max_pool2d.default,)
+
+
+def _pooled_reader(pool: torch.fx.Node, grids: dict[str, "LayerGrid"]) -> Optional["LayerGrid"]:
+    """The grid every quantized reader of a max pooling's output reads it on (through a clamp), if one grid."""
+    readers, adds = [], 0
+    for user in pool.users:
+        users = list(user.users) if user.target is torch.ops.aten.hardtanh.default else [user]
+        for reader in users:
+            name = _layer_of(reader)
+            if name is not None:
+                grid = grids.get(name)
+                if grid is None or grid.act is None:
+                    return None
+                readers.append(grids[grid.input_owner] if grid.input_owner else grid)
+            elif reader.op == "call_function" and reader.target in _ADDS:
+                adds += 1
+            else:
+                return None
+    steps = {(float(g.act.step.detach()), g.act.bits, g.act.signed) for g in readers}
+    # An add reads the pooled values on the grid only through a quantized shortcut.
+    if len(steps) != 1 or (adds and not readers[0].shortcut):
+        return None
+    return readers[0]
+
+
+def _annotate_shortcut(conv1: torch.fx.Node, first: torch.fx.Node, spec_mod) -> None:
+    """The add that reads a block's input (its identity shortcut) reads it through the block's one q/dq."""
+    source = conv1.args[0]
+    for user in source.users:
+        if user.op == "call_function" and user.target in _ADDS:
+            user.meta["quantization_annotation"] = spec_mod.QuantizationAnnotation(
+                input_qspec_map={source: spec_mod.SharedQuantizationSpec((source, first))},
+                allow_implicit_sharing=False, _annotated=True)
 
 
 def _requantized(node: torch.fx.Node, grids: dict[str, LayerGrid]) -> bool:
@@ -366,8 +453,8 @@ def clamp_to_grids(model: torch.fx.GraphModule, grids: dict[str, LayerGrid],
     """
     for node in list(model.graph.nodes):
         name = _layer_of(node)
-        if name is None or name not in grids or grids[name].act is None:
-            continue
+        if name is None or name not in grids or grids[name].act is None or grids[name].input_owner is not None:
+            continue  # a downsample conv on a quantized shortcut reads what its conv1's clamp made
         act = grids[name].act
         _, _, low, high = activation_qparams(act, dtype)
         if (low, high) == container_range(dtype):
@@ -375,13 +462,18 @@ def clamp_to_grids(model: torch.fx.GraphModule, grids: dict[str, LayerGrid],
         step = float(act.step.detach())
         lo, hi = (-act.qn * step, act.qp * step) if act.signed else (0.0, act.qp * step)
         source = node.args[0]
-        if source.op == "call_function" and source.target in _RELUS and len(source.users) == 1 and not act.signed:
+        # On a quantized shortcut every reader of the block input (conv1, downsample, add) reads the clamp.
+        only_reader = len(source.users) == 1 or grids[name].shortcut
+        if source.op == "call_function" and source.target in _RELUS and only_reader and not act.signed:
             source.target, source.args = torch.ops.aten.hardtanh.default, (source.args[0], lo, hi)
             continue
-        with model.graph.inserting_before(node):
+        with model.graph.inserting_after(source):
             clip = model.graph.call_function(torch.ops.aten.hardtanh.default, (source, lo, hi))
         clip.meta.update({k: v for k, v in source.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")})
-        node.replace_input_with(source, clip)
+        if grids[name].shortcut:
+            source.replace_all_uses_with(clip, delete_user_cb=lambda user: user is not clip)
+        else:
+            node.replace_input_with(source, clip)
     model.graph.lint()
     model.recompile()
     return model

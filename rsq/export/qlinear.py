@@ -17,6 +17,7 @@ Not bit-exact with rsq.runtime (docs/export.md §8a says where and measures it):
 from __future__ import annotations
 
 import json
+from typing import Optional
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +92,23 @@ def _producer(model: IntegerModel, tensor: str):
     return next(op for op in model.ops if op.output == tensor)
 
 
+def fused_requantize(model: IntegerModel, op) -> bool:
+    """Whether a requantize reads an add that nothing else reads: QLinearAdd then writes the requantize's grid
+    directly (one rounding of the float sum, as the fake-quant model quantizes its sum, and one op fewer).
+    With quantized shortcuts every block ends this way."""
+    if op.kind != "requantize":
+        return False
+    source = _producer(model, op.inputs[0])
+    readers = [other for other in model.ops if source.output in other.inputs]
+    return source.kind == "add" and len(readers) == 1 and source.output != model.output
+
+
 def clamp_by_saturation(model: IntegerModel, resolution: int, op) -> bool:
     """A requantize of a value >= 0 onto a grid [0, Qp] narrower than 8 bits needs no Clip: with zero point
     255 - Qp, uint8's own saturation at 255 is the clamp at Qp, and 0 is never crossed."""
     table = model.tables[resolution][op.name]
-    return (op.kind == "requantize" and int(table["lo"][0]) == 0 and int(table["hi"][0]) < 255
-            and zero_point(model, resolution, _producer(model, op.inputs[0])) == 0)
+    return (op.kind == "requantize" and not fused_requantize(model, op) and int(table["lo"][0]) == 0
+            and int(table["hi"][0]) < 255 and zero_point(model, resolution, _producer(model, op.inputs[0])) == 0)
 
 
 def zero_point(model: IntegerModel, resolution: int, op) -> int:
@@ -128,6 +140,8 @@ class _QLinearGraph(OnnxGraph):
         self.shifts = shifts
         self.flat: dict[str, str] = {}
         self.declared: set[str] = set()  # shared constants already added (grids, the exact 1)
+        # add output -> the requantize that QLinearAdd writes instead (fused_requantize)
+        self.fused = {op.inputs[0]: op for op in model.ops if fused_requantize(model, op)}
 
     def _grids(self, ranges: dict[str, int]) -> dict[str, tuple[float, int]]:
         """(real step, zero point) of every integer tensor's uint8 form at this resolution."""
@@ -154,11 +168,12 @@ class _QLinearGraph(OnnxGraph):
             self.const(f"{tensor}.q_zero", np.array(zero, np.uint8))
         return scale, f"{tensor}.q_zero"
 
-    def clamped(self, op, produce) -> None:
+    def clamped(self, op, produce, lo_at_least: Optional[int] = None) -> None:
         """``produce(name)`` writes op's uint8 output; a Clip follows where rsq's range is narrower than uint8's."""
         table = self.tables[op.name]
         zero = self.grids[op.output][1]
-        lo, hi = max(int(table["lo"][0]) + zero, 0), min(int(table["hi"][0]) + zero, 255)
+        low = int(table["lo"][0]) if lo_at_least is None else max(int(table["lo"][0]), lo_at_least)
+        lo, hi = max(low + zero, 0), min(int(table["hi"][0]) + zero, 255)
         if clamp_by_saturation(self.model, self.r, op):
             lo = 0  # the input is >= 0 (see clamp_by_saturation)
         if (lo, hi) == (0, 255):
@@ -191,6 +206,8 @@ class _QLinearGraph(OnnxGraph):
         self.clamped(op, lambda out: self.node("QuantizeLinear", [op.inputs[0], scale, zero], out))
 
     def _requantize(self, op, table):
+        if fused_requantize(self.model, op):
+            return  # written by its add
         # Adding an exact 0 (integer 0, step 1) rescales onto the reader's grid in one pass, with the same
         # integers as QLinearMul by an exact 1 (1.8x its time) or QLinearLeakyRelu's 256-entry lookup (2.0x):
         # tools/results/probe_qlinear_rescale.md, a [32, 16, 28, 28] tensor on one thread.
@@ -238,8 +255,11 @@ class _QLinearGraph(OnnxGraph):
 
     def _add(self, op, table):
         a, b = op.inputs
-        args = [a, *self.grid(a), b, *self.grid(b), *self.grid(op.output)]
-        self.clamped(op, lambda out: self.node("QLinearAdd", args, out, domain=MS))
+        target = self.fused.get(op.output, op)  # the requantize this add writes, if fused
+        args = [a, *self.grid(a), b, *self.grid(b), *self.grid(target.output)]
+        relu = 0 if int(table["lo"][0]) >= 0 else None  # the add's ReLU, kept on the requantize's grid
+        self.clamped(target, lambda out: self.node("QLinearAdd", args, out, domain=MS),
+                     lo_at_least=relu if target is not op else None)
 
     def _global_avg_pool(self, op, table):
         args = [op.inputs[0], *self.grid(op.inputs[0]), *self.grid(op.output)]

@@ -27,6 +27,11 @@ def act_quantizer(layer: nn.Module, name: str, mode_key: str) -> LSQQuantizer:
     return _lsq(quantizer_in_mode(layer.act_quantizer, mode_key), name, "activation")
 
 
+def grid_quantizer(quantizer: nn.Module, name: str, mode_key: str) -> LSQQuantizer:
+    """The LSQ quantizer a standalone quantize op ``name`` (a quantized shortcut) applies in mode ``mode_key``."""
+    return _lsq(quantizer_in_mode(quantizer, mode_key), name, "activation")
+
+
 def weight_quantizer(layer: nn.Module, name: str) -> LSQQuantizer:
     quantizer = layer.weight_quantizer
     if isinstance(quantizer, SwitchableQuantizer):

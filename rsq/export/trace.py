@@ -1,8 +1,9 @@
 """The fake-quant model as a short list of float ops (conv+BN+ReLU fused), found with torch.fx.
 
 Only what integer export can lower is accepted: quantized conv / linear, BatchNorm right after a
-conv, ReLU / ReLU6 right after a conv, linear or add, residual adds, max pooling, global
-average pooling, flatten and dropout. Anything else is an RsqError naming the layer.
+conv, ReLU / ReLU6 right after a conv, linear or add, residual adds, a quantizer applied to a
+block's input (quantized shortcuts, rsq/nn/residual.py), max pooling, global average pooling,
+flatten and dropout. Anything else is an RsqError naming the layer.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from ..errors import RsqError
 from ..nn.quant_layers import QuantConv2d, QuantLinear
+from ..nn.quantizers import LQNetQuantizer, LSQQuantizer, SwitchableQuantizer
 from ..nn.switchable_bn import SwitchableBatchNorm2d
 
 INPUT = "input"
@@ -24,11 +26,12 @@ _BN_TYPES = (SwitchableBatchNorm2d, nn.BatchNorm2d)
 _RELU_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 _ADD_FUNCTIONS = (operator.add, torch.add)
 _FLATTEN_FUNCTIONS = (torch.flatten,)
+_QUANTIZER_TYPES = (LSQQuantizer, LQNetQuantizer, SwitchableQuantizer)
 
 
 @dataclass
 class FloatOp:
-    kind: str                 # conv, linear, add, max_pool, global_avg_pool
+    kind: str                 # conv, linear, quantize, add, max_pool, global_avg_pool
     name: str                 # the module's qualified name, or the fx node's name
     inputs: list[str]
     output: str
@@ -43,7 +46,7 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # Our layers keep their mode lookups inside (a traced SwitchableBatchNorm2d would bake in
         # the current mode's key).
-        if isinstance(m, (QuantConv2d, QuantLinear, nn.Conv2d, nn.Linear) + _BN_TYPES):
+        if isinstance(m, (QuantConv2d, QuantLinear, nn.Conv2d, nn.Linear) + _BN_TYPES + _QUANTIZER_TYPES):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -107,6 +110,9 @@ def _module_node(node, module, ops, value_of, producer, value, fuse_into) -> Non
     if isinstance(module, (QuantConv2d, QuantLinear)):
         kind = "conv" if isinstance(module, QuantConv2d) else "linear"
         _new_op(FloatOp(kind, name, [value(arg)], name, module=module), node, ops, value_of, producer)
+    elif isinstance(module, _QUANTIZER_TYPES):
+        # A block input quantized once for all its readers; the layers among them skip their own quantizer.
+        _new_op(FloatOp("quantize", name, [value(arg)], name, module=module), node, ops, value_of, producer)
     elif isinstance(module, (nn.Conv2d, nn.Linear)):
         raise RsqError(f"layer {name} is not quantized (full precision); integer export needs every conv and linear "
                        f"quantized (train with --first-last 8 or same)")

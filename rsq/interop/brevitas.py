@@ -5,7 +5,9 @@
 (a learned-scale parameter, so the result can be trained further; sign included, see
 _quantizer_classes), with the same integer range (signed weights -2^(b-1)..2^(b-1)-1, unsigned
 inputs after a ReLU 0..2^b-1) and the same half-to-even rounding; each SwitchableBatchNorm2d
-becomes that resolution's own BatchNorm2d.
+becomes that resolution's own BatchNorm2d. A block with a quantized shortcut (rsq/nn/residual.py) gets a
+brevitas QuantIdentity on its input with conv1's step, so its shortcut adds the quantized tensor too
+(conv1's own input quantizer then leaves those values as they are).
 The brevitas model computes what rsq's model computes at that resolution (a test checks it).
 brevitas's ``export_qonnx`` then writes QONNX with the true bit widths, which FINN reads.
 """
@@ -23,6 +25,7 @@ from ..deps import require
 from ..errors import RsqError
 from ..nn import LQNetQuantizer, QuantConv2d, QuantLinear, SwitchableBatchNorm2d
 from ..nn.quantizers import FULL_PRECISION, quantizer_in_mode
+from ..nn.residual import has_quantized_input, plain_class
 
 
 class _StepIsTheScale(nn.Module):
@@ -105,12 +108,42 @@ def _brevitas_layer(layer: nn.Module, key: str, name: str) -> nn.Module:
     return new
 
 
+_TWIN_CLASSES: dict[type, type] = {}
+
+
+def _shortcut_twin_class(base: type) -> type:
+    """``base`` (a plain block class) with its input passed through ``self.shortcut_quant`` first."""
+    if base not in _TWIN_CLASSES:
+        class BrevitasQuantizedInputBlock(base):
+            def forward(self, x, *args, **kwargs):
+                return super().forward(self.shortcut_quant(x), *args, **kwargs)
+
+        BrevitasQuantizedInputBlock.__name__ = BrevitasQuantizedInputBlock.__qualname__ = f"Brevitas{base.__name__}"
+        _TWIN_CLASSES[base] = BrevitasQuantizedInputBlock
+    return _TWIN_CLASSES[base]
+
+
+def _shortcut_quant(quantizer: nn.Module, name: str) -> nn.Module:
+    """A brevitas QuantIdentity on rsq's grid ``quantizer`` (LSQ, one mode)."""
+    qnn = require("brevitas.nn", "the brevitas bridge (QONNX export)", "brevitas")
+    kwargs = _quant_kwargs(nn.Identity(), quantizer, name)
+    if kwargs["input_quant"] is None:
+        return nn.Identity()
+    return qnn.QuantIdentity(act_quant=kwargs["input_quant"], bit_width=kwargs["input_bit_width"],
+                             scaling_init=kwargs["input_scaling_init"], return_quant_tensor=False)
+
+
 def to_brevitas(model: nn.Module, resolution: int) -> nn.Module:
     """The brevitas equivalent of ``model`` at ``resolution`` (a new model in eval mode; ``model`` is unchanged)."""
     key = mode_state(model).find(resolution).key
     if not any(isinstance(m, (QuantConv2d, QuantLinear)) for m in model.modules()):
         raise RsqError("the model is not quantized (a full-precision checkpoint); brevitas export needs --bits")
     twin = copy.deepcopy(model)
+    for name, block in list(twin.named_modules()):
+        if has_quantized_input(block):
+            shortcut_quant = _shortcut_quant(quantizer_in_mode(block.input_quantizer, key), f"{name}.input")
+            block.__class__ = _shortcut_twin_class(plain_class(block))
+            block.shortcut_quant = shortcut_quant
 
     def swap(parent: nn.Module, prefix: str) -> None:
         for name, child in parent.named_children():

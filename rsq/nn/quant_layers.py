@@ -19,7 +19,14 @@ def _bits_of(quantizer: nn.Module) -> int:
 
 
 class QuantConv2d(nn.Conv2d):
-    """nn.Conv2d whose forward is conv(act_quantizer(x), weight_quantizer(weight))."""
+    """nn.Conv2d whose forward is conv(act_quantizer(x), weight_quantizer(weight)).
+
+    ``reads_quantized_input`` (set by rsq.nn.residual): the caller has already applied
+    ``act_quantizer`` to x (a residual block's input, quantized once for every reader), so the
+    forward skips it; the quantizer stays here for counting and export.
+    """
+
+    reads_quantized_input = False
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
@@ -55,7 +62,8 @@ class QuantConv2d(nn.Conv2d):
         return conv.train(self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.act_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        x = x if self.reads_quantized_input else self.act_quantizer(x)
+        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
 
 
 class QuantLinear(nn.Linear):

@@ -1,0 +1,90 @@
+"""Quantized shortcuts: a residual block's input quantized once, on the grid its first conv reads,
+and that same tensor carried by the shortcut (``QuantConfig(quantized_shortcut=True)``).
+
+By default (as in RS-Nets and LQ-Nets) each conv quantizes its own input and the shortcut adds the
+float block input, so an integer graph keeps a wide (int32) residual stream and int8 kernels cannot
+fuse a block's add. With quantized shortcuts, conv1, the downsample conv and the identity shortcut
+all read one quantized tensor (one quantizer, one step): a block's output is the sum of its second
+conv and a tensor on a known integer grid, which an int8 backend computes inside that conv.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import RsqError
+from .quant_layers import QuantConv2d
+
+_CLASSES: dict[type, type] = {}
+
+
+def quantized_input_class(base: type) -> type:
+    """``base`` (a block class whose forward(x) feeds x to conv1 and to the shortcut) with x quantized first."""
+    if base not in _CLASSES:
+        class QuantizedInputBlock(base):
+            @property
+            def input_quantizer(self) -> nn.Module:
+                return self.conv1.act_quantizer
+
+            def forward(self, x, *args, **kwargs):
+                return super().forward(self.conv1.act_quantizer(x), *args, **kwargs)
+
+        QuantizedInputBlock.__name__ = QuantizedInputBlock.__qualname__ = f"QuantizedInput{base.__name__}"
+        _CLASSES[base] = QuantizedInputBlock
+    return _CLASSES[base]
+
+
+def plain_class(block: nn.Module) -> type:
+    """The block's own class, before quantize_shortcuts_ (itself when it was never changed)."""
+    return next((base for base, cls in _CLASSES.items() if type(block) is cls), type(block))
+
+
+def has_quantized_input(block: nn.Module) -> bool:
+    return type(block) in _CLASSES.values()
+
+
+def _downsample_conv(block: nn.Module):
+    downsample = getattr(block, "downsample", None)
+    if downsample is None:
+        return None
+    first = downsample[0] if isinstance(downsample, nn.Sequential) and len(downsample) else downsample
+    return first if isinstance(first, QuantConv2d) else False
+
+
+def residual_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, block) of every ResNet-style block: a quantized conv1 and a ``downsample`` attribute that is
+    None or starts with a quantized conv (rsq's CIFAR BasicBlock, torchvision's BasicBlock and Bottleneck)."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(getattr(m, "conv1", None), QuantConv2d) and hasattr(m, "downsample")
+            and _downsample_conv(m) is not False]
+
+
+def quantize_shortcuts_(model: nn.Module) -> int:
+    """Give every residual block of a quantized model one input quantizer (conv1's), shared by its
+    downsample conv and carried by its shortcut; returns how many blocks changed."""
+    blocks = residual_blocks(model)
+    if not blocks:
+        raise RsqError("quantized_shortcut needs residual blocks (a module with a quantized conv1 and a "
+                       "downsample attribute, as in ResNets); this model has none")
+    for name, block in blocks:
+        quantizer = block.conv1.act_quantizer
+        downsample = _downsample_conv(block)
+        if downsample is not None:
+            other = downsample.act_quantizer
+            if (getattr(other, "bits", None), getattr(other, "signed", None)) != (
+                    getattr(quantizer, "bits", None), getattr(quantizer, "signed", None)):
+                raise RsqError(f"block {name}: conv1 and the downsample conv read their input at different bits "
+                               f"or signs; a quantized shortcut needs one grid")
+            downsample.act_quantizer = quantizer
+            downsample.reads_quantized_input = True
+        block.conv1.reads_quantized_input = True
+        block.__class__ = quantized_input_class(type(block))
+    return len(blocks)
+
+
+def plain_shortcuts_(model: nn.Module) -> None:
+    """Undo quantize_shortcuts_'s class change (the shared quantizer stays on each reader)."""
+    for module in model.modules():
+        if has_quantized_input(module):
+            module.__class__ = plain_class(module)
+        if isinstance(module, QuantConv2d):
+            module.__dict__.pop("reads_quantized_input", None)
