@@ -217,3 +217,16 @@ def test_lq_nets_and_joint_bit_widths_train_with_quantized_shortcuts(quantizer):
                     fake = model(x).numpy()
             logits = dequantize_logits(integer_model, Runtime(integer_model).run(x.numpy(), 16), 16)
             assert np.abs(logits - fake).max() < 0.05 * np.abs(fake).max() + 1e-3, bits
+
+
+def test_a_model_with_quantized_shortcuts_pickles_and_deep_copies(tmp_path):
+    import copy
+
+    model = _initialised(shortcut=True)
+    torch.save(model, tmp_path / "model.pt")
+    for twin in (torch.load(tmp_path / "model.pt", weights_only=False), copy.deepcopy(model)):
+        assert all(has_quantized_input(block) for block in twin.layer2)
+        assert twin.layer2[0].downsample[0].act_quantizer is twin.layer2[0].conv1.act_quantizer
+        x = torch.randn(4, 1, 12, 12)
+        with torch.no_grad(), using_mode(model, 12), using_mode(twin, 12):
+            assert torch.equal(twin(x), model(x))

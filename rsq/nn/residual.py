@@ -28,9 +28,20 @@ def quantized_input_class(base: type) -> type:
             def forward(self, x, *args, **kwargs):
                 return super().forward(self.conv1.act_quantizer(x), *args, **kwargs)
 
+            def __reduce_ex__(self, protocol):
+                # Pickled as its importable base class; loading applies this subclass again.
+                return _restore, (base, self.__getstate__())
+
         QuantizedInputBlock.__name__ = QuantizedInputBlock.__qualname__ = f"QuantizedInput{base.__name__}"
         _CLASSES[base] = QuantizedInputBlock
     return _CLASSES[base]
+
+
+def _restore(base: type, state: dict) -> nn.Module:
+    block = base.__new__(base)
+    block.__setstate__(state)
+    block.__class__ = quantized_input_class(base)
+    return block
 
 
 def plain_class(block: nn.Module) -> type:
