@@ -106,11 +106,14 @@ class _Lowering:
             return None
         return readers[0]
 
+    @staticmethod
+    def _grid_module(op: FloatOp) -> nn.Module:
+        """The activation quantizer module ``op`` (a conv / linear, or a quantize op) reads its input through."""
+        return op.module if op.kind == "quantize" else op.module.act_quantizer
+
     def _grid(self, op: FloatOp, key: str):
-        """The LSQ quantizer whose grid ``op`` (a conv / linear, or a quantize op) reads its input on."""
-        if op.kind == "quantize":
-            return grid_quantizer(op.module, op.name, key)
-        return act_quantizer(op.module, op.name, key)
+        """That quantizer's LSQ grid in mode ``key``."""
+        return grid_quantizer(self._grid_module(op), op.name, key)
 
     def _source(self, value: str) -> str:
         return self.alias.get(value, value)
@@ -168,8 +171,7 @@ class _Lowering:
                 if reader is None:  # a max pooling keeps its input's grid
                     self.grid_owner[op.output] = self.grid_owner[self._source(op.inputs[0])]
                 else:
-                    owner = reader.module if reader.kind == "quantize" else reader.module.act_quantizer
-                    self.grid_owner[op.output] = owner
+                    self.grid_owner[op.output] = self._grid_module(reader)
         for op in self.ops:
             for name in op.inputs:
                 if self.tensors[name].kind != "narrow" or op.kind in ("conv", "linear", "max_pool"):

@@ -42,7 +42,7 @@ from ..deps import require
 from ..errors import RsqError
 from ..nn.quant_layers import QuantConv2d, QuantLinear
 from ..nn.quantizers import FULL_PRECISION, LQNetQuantizer, LSQQuantizer, quantizer_in_mode
-from ..nn.residual import has_quantized_input, plain_class, residual_blocks
+from ..nn.residual import downsample_conv, has_quantized_input, plain_class, residual_blocks
 from ..nn.switchable_bn import SwitchableBatchNorm2d
 
 PURPOSE = "PT2E export"
@@ -168,9 +168,9 @@ def _shortcut_owners(model: nn.Module) -> dict[str, str]:
             continue
         conv1 = names[id(block.conv1)]
         owners[conv1] = conv1
-        downsample = getattr(block, "downsample", None)
+        downsample = downsample_conv(block)
         if downsample is not None:
-            owners[names[id(downsample[0] if isinstance(downsample, nn.Sequential) else downsample)]] = conv1
+            owners[names[id(downsample)]] = conv1
         block.__class__ = plain_class(block)
     return owners
 

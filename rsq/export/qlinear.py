@@ -17,8 +17,8 @@ Not bit-exact with rsq.runtime (docs/export.md §8a says where and measures it):
 from __future__ import annotations
 
 import json
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -206,7 +206,7 @@ class _QLinearGraph(OnnxGraph):
         self.clamped(op, lambda out: self.node("QuantizeLinear", [op.inputs[0], scale, zero], out))
 
     def _requantize(self, op, table):
-        if fused_requantize(self.model, op):
+        if op.inputs[0] in self.fused:
             return  # written by its add
         # Adding an exact 0 (integer 0, step 1) rescales onto the reader's grid in one pass, with the same
         # integers as QLinearMul by an exact 1 (1.8x its time) or QLinearLeakyRelu's 256-entry lookup (2.0x):

@@ -22,14 +22,14 @@ def _lsq(quantizer: nn.Module, layer: str, role: str) -> LSQQuantizer:
     return quantizer
 
 
+def grid_quantizer(quantizer: nn.Module, name: str, mode_key: str) -> LSQQuantizer:
+    """The LSQ quantizer that activation ``quantizer`` (of layer or quantize op ``name``) is in mode ``mode_key``."""
+    return _lsq(quantizer_in_mode(quantizer, mode_key), name, "activation")
+
+
 def act_quantizer(layer: nn.Module, name: str, mode_key: str) -> LSQQuantizer:
     """The LSQ quantizer that layer ``name`` applies to its input in mode ``mode_key``."""
-    return _lsq(quantizer_in_mode(layer.act_quantizer, mode_key), name, "activation")
-
-
-def grid_quantizer(quantizer: nn.Module, name: str, mode_key: str) -> LSQQuantizer:
-    """The LSQ quantizer a standalone quantize op ``name`` (a quantized shortcut) applies in mode ``mode_key``."""
-    return _lsq(quantizer_in_mode(quantizer, mode_key), name, "activation")
+    return grid_quantizer(layer.act_quantizer, name, mode_key)
 
 
 def weight_quantizer(layer: nn.Module, name: str) -> LSQQuantizer:
@@ -43,10 +43,6 @@ def weight_quantizer(layer: nn.Module, name: str) -> LSQQuantizer:
     if not quantizer.signed or not quantizer.per_channel:
         raise RsqError(f"layer {name}: weights must be signed and per output channel")
     return quantizer
-
-
-def act_step(layer: nn.Module, name: str, mode_key: str) -> float:
-    return float(act_quantizer(layer, name, mode_key).step.detach().float().item())
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from ..deps import require
 from ..errors import RsqError
 from ..nn import LQNetQuantizer, QuantConv2d, QuantLinear, SwitchableBatchNorm2d
 from ..nn.quantizers import FULL_PRECISION, quantizer_in_mode
-from ..nn.residual import has_quantized_input, plain_class
+from ..nn.residual import has_quantized_input, plain_class, quantized_input_class
 
 
 class _StepIsTheScale(nn.Module):
@@ -108,21 +108,6 @@ def _brevitas_layer(layer: nn.Module, key: str, name: str) -> nn.Module:
     return new
 
 
-_TWIN_CLASSES: dict[type, type] = {}
-
-
-def _shortcut_twin_class(base: type) -> type:
-    """``base`` (a plain block class) with its input passed through ``self.shortcut_quant`` first."""
-    if base not in _TWIN_CLASSES:
-        class BrevitasQuantizedInputBlock(base):
-            def forward(self, x, *args, **kwargs):
-                return super().forward(self.shortcut_quant(x), *args, **kwargs)
-
-        BrevitasQuantizedInputBlock.__name__ = BrevitasQuantizedInputBlock.__qualname__ = f"Brevitas{base.__name__}"
-        _TWIN_CLASSES[base] = BrevitasQuantizedInputBlock
-    return _TWIN_CLASSES[base]
-
-
 def _shortcut_quant(quantizer: nn.Module, name: str) -> nn.Module:
     """A brevitas QuantIdentity on rsq's grid ``quantizer`` (LSQ, one mode)."""
     qnn = require("brevitas.nn", "the brevitas bridge (QONNX export)", "brevitas")
@@ -142,7 +127,7 @@ def to_brevitas(model: nn.Module, resolution: int) -> nn.Module:
     for name, block in list(twin.named_modules()):
         if has_quantized_input(block):
             shortcut_quant = _shortcut_quant(quantizer_in_mode(block.input_quantizer, key), f"{name}.input")
-            block.__class__ = _shortcut_twin_class(plain_class(block))
+            block.__class__ = quantized_input_class(plain_class(block), via="shortcut_quant")
             block.shortcut_quant = shortcut_quant
 
     def swap(parent: nn.Module, prefix: str) -> None:

@@ -9,51 +9,59 @@ conv and a tensor on a known integer grid, which an int8 backend computes inside
 """
 from __future__ import annotations
 
+from operator import attrgetter
+
 from torch import nn
 
 from ..errors import RsqError
 from .quant_layers import QuantConv2d
 
-_CLASSES: dict[type, type] = {}
+CONV1_GRID = "conv1.act_quantizer"
+_CLASSES: dict[tuple[type, str], type] = {}
 
 
-def quantized_input_class(base: type) -> type:
-    """``base`` (a block class whose forward(x) feeds x to conv1 and to the shortcut) with x quantized first."""
-    if base not in _CLASSES:
+def quantized_input_class(base: type, via: str = CONV1_GRID) -> type:
+    """``base`` (a block class whose forward(x) feeds x to conv1 and to the shortcut) with x passed through
+    the quantizer at attribute path ``via`` first: conv1's own by default; the brevitas bridge gives its
+    twin a QuantIdentity there instead."""
+    if (base, via) not in _CLASSES:
+        quantizer_of = attrgetter(via)
+
         class QuantizedInputBlock(base):
             @property
             def input_quantizer(self) -> nn.Module:
-                return self.conv1.act_quantizer
+                return quantizer_of(self)
 
             def forward(self, x, *args, **kwargs):
-                return super().forward(self.conv1.act_quantizer(x), *args, **kwargs)
+                return super().forward(quantizer_of(self)(x), *args, **kwargs)
 
             def __reduce_ex__(self, protocol):
                 # Pickled as its importable base class; loading applies this subclass again.
-                return _restore, (base, self.__getstate__())
+                return _restore, (base, via, self.__getstate__())
 
         QuantizedInputBlock.__name__ = QuantizedInputBlock.__qualname__ = f"QuantizedInput{base.__name__}"
-        _CLASSES[base] = QuantizedInputBlock
-    return _CLASSES[base]
+        _CLASSES[base, via] = QuantizedInputBlock
+    return _CLASSES[base, via]
 
 
-def _restore(base: type, state: dict) -> nn.Module:
+def _restore(base: type, via: str, state: dict) -> nn.Module:
     block = base.__new__(base)
     block.__setstate__(state)
-    block.__class__ = quantized_input_class(base)
+    block.__class__ = quantized_input_class(base, via)
     return block
 
 
 def plain_class(block: nn.Module) -> type:
     """The block's own class, before quantize_shortcuts_ (itself when it was never changed)."""
-    return next((base for base, cls in _CLASSES.items() if type(block) is cls), type(block))
+    return next((base for (base, _), cls in _CLASSES.items() if type(block) is cls), type(block))
 
 
 def has_quantized_input(block: nn.Module) -> bool:
     return type(block) in _CLASSES.values()
 
 
-def _downsample_conv(block: nn.Module):
+def downsample_conv(block: nn.Module):
+    """A block's downsample conv: None without a downsample, False when it does not start with a quantized conv."""
     downsample = getattr(block, "downsample", None)
     if downsample is None:
         return None
@@ -66,7 +74,7 @@ def residual_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     None or starts with a quantized conv (rsq's CIFAR BasicBlock, torchvision's BasicBlock and Bottleneck)."""
     return [(name, m) for name, m in model.named_modules()
             if isinstance(getattr(m, "conv1", None), QuantConv2d) and hasattr(m, "downsample")
-            and _downsample_conv(m) is not False]
+            and downsample_conv(m) is not False]
 
 
 def quantize_shortcuts_(model: nn.Module) -> int:
@@ -78,7 +86,7 @@ def quantize_shortcuts_(model: nn.Module) -> int:
                        "downsample attribute, as in ResNets); this model has none")
     for name, block in blocks:
         quantizer = block.conv1.act_quantizer
-        downsample = _downsample_conv(block)
+        downsample = downsample_conv(block)
         if downsample is not None:
             other = downsample.act_quantizer
             if (getattr(other, "bits", None), getattr(other, "signed", None)) != (
