@@ -1,9 +1,10 @@
 """ONNX writer: one graph per resolution, integers from the input's QuantizeLinear to the logits' DequantizeLinear.
 
 Convs (and the final linear, as a 1x1 conv on [N, C, 1, 1]) are ConvInteger with int8 operands;
-every requantization is spelled out in int64 ops (Mul, Add, Div, Sub, then Clip and Cast), the
-same integers as rsq.runtime's floor((x * m0 + 2**(n-1)) / 2**n), n = 31 + shift (see requant).
-So onnxruntime reproduces rsq.runtime bit for bit. The integer weights are written once, to weights.bin, and every
+every requantization is a call of one model-local function, Requantize, made of int64 ops (Mul,
+Add, Pow, Div, Sub; then Clip and Cast), the same integers as rsq.runtime's
+floor((x * m0 + 2**(n-1)) / 2**n), n = 31 + shift (see requantize_function). So onnxruntime
+reproduces rsq.runtime bit for bit. The integer weights are written once, to weights.bin, and every
 resolution's graph points into it (ONNX external data).
 """
 from __future__ import annotations
@@ -65,6 +66,13 @@ def write_weights(model: IntegerModel, path: Path, shifts: Optional[dict[str, in
     return locations
 
 
+def _is_default(name: str, value) -> bool:
+    """Whether a conv/pool attribute holds its ONNX default (stride 1, no padding, one group)."""
+    if name in ("strides", "pads"):
+        return all(v == (1 if name == "strides" else 0) for v in value)
+    return name == "group" and value == 1
+
+
 class OnnxGraph:
     """What every rsq ONNX graph builder shares: constants, nodes, the shared external weights."""
 
@@ -74,16 +82,29 @@ class OnnxGraph:
         self.nodes, self.initializers = [], []
         self.tables = model.tables[resolution]
         self.scales = model.scales[resolution]
-        self.count = 0
+        self.shared: set[str] = set()
 
     def const(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(self.onnx.numpy_helper.from_array(np.asarray(array), name))
         return name
 
+    def scalar(self, value, dtype) -> str:
+        """A small constant shared by every reader of the same value and type, named by both (``uint8 128``,
+        ``int64 [2, 3]``).
+
+        Each resolution's graph repeats its constants, so sharing the small ones keeps five graphs near
+        the size of one (the weights are stored once either way)."""
+        array = np.array(value, dtype=dtype)
+        name = f"{array.dtype} {array.tolist()!r}"
+        if name not in self.shared:
+            self.shared.add(name)
+            self.const(name, array)
+        return name
+
     def node(self, op: str, inputs: list[str], output: str, domain: str = "", **attrs) -> str:
-        self.count += 1
-        self.nodes.append(self.helper.make_node(op, inputs, [output], name=f"{op}_{self.count}", domain=domain,
-                                                **attrs))
+        """A node, unnamed (the tensors carry the names), with its attributes' ONNX defaults left out."""
+        attrs = {k: v for k, v in attrs.items() if not _is_default(k, v)}
+        self.nodes.append(self.helper.make_node(op, inputs, [output], domain=domain, **attrs))
         return output
 
     def weight(self, name: str) -> str:
@@ -100,52 +121,78 @@ class OnnxGraph:
         self.initializers.append(tensor)
         return tensor.name
 
-    def finish(self, inputs, outputs, doc: str, domains=()):
+    def finish(self, inputs, outputs, doc: str, domains=(), functions=()):
         """The ModelProto of the nodes built so far (opset OPSET, plus ``domains`` at version 1)."""
         graph = self.helper.make_graph(self.nodes, f"{self.model.model}_r{self.r}", inputs, outputs,
                                        self.initializers)
         opsets = [self.helper.make_opsetid("", OPSET)] + [self.helper.make_opsetid(d, 1) for d in domains]
-        proto = self.helper.make_model(graph, opset_imports=opsets, producer_name="rsq", doc_string=doc)
+        proto = self.helper.make_model(graph, opset_imports=opsets, producer_name="rsq", doc_string=doc,
+                                   functions=list(functions))
         proto.ir_version = IR_VERSION
         return proto
 
 
+DOMAIN = "ai.rsq"  # the model-local function below
+REQUANTIZE = "Requantize"
+
+
+def requantize_function(onnx):
+    """clamp(rq((x << P) + bias, m0, shift), lo, hi) of rsq.runtime.fixedpoint as one ONNX function,
+    int64 inside, cast to its attribute ``to``.
+
+    Inputs: x (any integer type), m0 (int32), n = 31 + shift (uint8, 1..62), bias (int32) and
+    up = 2**P (int64), the last four per channel or scalar; lo and hi (int64 scalars). With y = x * m0 * up + (bias * m0 +
+    2**(n-1) + 2**62) the result is Div(y, 2**n) - 2**(62-n): lower keeps |((x << P) + bias) * m0| <
+    2**61, so y > 0 and integer Div (which truncates) floors it. The same integers, regrouped.
+    Defined once per graph, called once per requantization: each resolution's graph then holds only
+    its tables (m0, n, bias), not four int64 constants per channel; onnxruntime inlines the function
+    and folds the constant parts when it loads the graph."""
+    h, TP = onnx.helper, onnx.TensorProto
+
+    def constant(name, value):
+        return h.make_node("Constant", [], [name], value=h.make_tensor("", TP.INT64, [], [value]))
+
+    def op(kind, inputs, output, **attrs):
+        return h.make_node(kind, inputs, [output], **attrs)
+
+    body = [
+        constant("two", 2), constant("big", 1 << 62),
+        op("Cast", ["x"], "x64", to=TP.INT64), op("Cast", ["m0"], "m", to=TP.INT64),
+        op("Cast", ["n"], "n64", to=TP.INT64), op("Cast", ["bias"], "b", to=TP.INT64),
+        op("Pow", ["two", "n64"], "divisor"), op("Div", ["divisor", "two"], "half"),
+        op("Mul", ["b", "m"], "bm"), op("Add", ["bm", "half"], "rounding"), op("Add", ["rounding", "big"], "offset"),
+        op("Mul", ["m", "up"], "scale"), op("Mul", ["x64", "scale"], "product"),
+        op("Add", ["product", "offset"], "positive"), op("Div", ["positive", "divisor"], "quotient"),
+        op("Div", ["big", "divisor"], "correction"), op("Sub", ["quotient", "correction"], "rounded"),
+        op("Clip", ["rounded", "lo", "hi"], "clipped"),
+    ]
+    cast = h.make_node("Cast", ["clipped"], ["y"])
+    cast.attribute.append(h.make_attribute_ref("to", onnx.AttributeProto.INT))
+    return h.make_function(DOMAIN, REQUANTIZE, ["x", "m0", "n", "bias", "up", "lo", "hi"], ["y"], body + [cast],
+                           [h.make_opsetid("", OPSET)], attributes=["to"])
+
+
 class _ExactGraph(OnnxGraph):
-    """ConvInteger + int64 requantization: the same integers as rsq.runtime."""
+    """ConvInteger + the Requantize function: the same integers as rsq.runtime."""
 
-    def __init__(self, onnx, model: IntegerModel, resolution: int, locations):
-        super().__init__(onnx, model, resolution, locations)
-        self.widened: dict[str, str] = {}
-
-    def requant(self, x: str, prefix: str, m0, shift, shape, pre_shift: int = 0, bias=None) -> str:
-        """rq((x << pre_shift) + bias, m0, shift) of rsq.runtime.fixedpoint, in four int64 ops.
-
-        With y = x * (m0 << pre_shift) + (bias * m0 + 2**(n-1) + 2**62), n = 31 + shift, the
-        result is Div(y, 2**n) - 2**(62-n): lower keeps |((x << pre_shift) + bias) * m0| < 2**61,
-        so y > 0 and integer Div (which truncates) floors it. The same integers, regrouped.
-        """
-        n = MANTISSA_BITS + np.asarray(shift, dtype=np.int64).reshape(shape)
-        m0 = np.asarray(m0, dtype=np.int64).reshape(shape)
-        bias = np.zeros(shape, np.int64) if bias is None else np.asarray(bias, np.int64).reshape(shape)
-        scale = self.const(f"{prefix}.m0_shifted", m0 << pre_shift)
-        offset = self.const(f"{prefix}.offset", bias * m0 + (np.int64(1) << (n - 1)) + (np.int64(1) << 62))
-        divisor = self.const(f"{prefix}.divisor", np.int64(1) << n)
-        correction = self.const(f"{prefix}.correction", np.int64(1) << (62 - n))
-        y = self.node("Add", [self.node("Mul", [x, scale], f"{prefix}.product"), offset], f"{prefix}.positive")
-        return self.node("Sub", [self.node("Div", [y, divisor], f"{prefix}.quotient"), correction], f"{prefix}.rounded")
-
-    def clamp_cast(self, x: str, prefix: str, table, output: str, dtype: str = "") -> str:
-        lo = self.const(f"{prefix}.lo", np.array(int(table["lo"][0]), dtype=np.int64))
-        hi = self.const(f"{prefix}.hi", np.array(int(table["hi"][0]), dtype=np.int64))
-        clipped = self.node("Clip", [x, lo, hi], f"{prefix}.clipped")
-        dtype = dtype or self.model.tensors[output].dtype
-        return self.node("Cast", [clipped], output, to=self.onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
-
-    def int64(self, x: str) -> str:
-        """``x`` as int64, cast once however many ops read it."""
-        if x not in self.widened:
-            self.widened[x] = self.node("Cast", [x], f"{x}.int64", to=self.onnx.TensorProto.INT64)
-        return self.widened[x]
+    def requant(self, x: str, prefix: str, table, output: str, shape=(), pre_shift: int = 0, bias=None,
+                suffix: str = "", clamp: bool = True, dtype=None) -> str:
+        """clamp(rq((x << pre_shift) + bias, m0, shift), lo, hi) as ``output``: the op's tables (``m0``, ``shift``
+        and ``bias`` entries of ``table``, each name plus ``suffix``) and one Requantize call. Unclamped
+        (``clamp=False``), the int64 result of rq."""
+        n = MANTISSA_BITS + np.asarray(table["shift" + suffix], dtype=np.int64).reshape(shape)
+        assert n.min(initial=1) >= 1 and n.max(initial=1) <= 62, "lower keeps 31 + shift in 1..62"
+        m0 = self.const(f"{prefix}.m0", np.asarray(table["m0" + suffix], dtype=np.int32).reshape(shape))
+        n = self.const(f"{prefix}.n", n.astype(np.uint8))
+        bias = self.scalar(0, np.int32) if bias is None else self.const(f"{prefix}.bias", np.asarray(bias, np.int32).reshape(shape))
+        if clamp:
+            lo, hi = int(table["lo"][0]), int(table["hi"][0])
+            dtype = np.dtype(dtype or self.model.tensors[output].dtype)
+        else:
+            lo, hi, dtype = np.iinfo(np.int64).min, np.iinfo(np.int64).max, np.dtype(np.int64)
+        return self.node(REQUANTIZE, [x, m0, n, bias, self.scalar(1 << pre_shift, np.int64),
+                                      self.scalar(lo, np.int64), self.scalar(hi, np.int64)], output, domain=DOMAIN,
+                         to=self.onnx.helper.np_dtype_to_tensor_dtype(dtype))
 
     # ---- ops ----
 
@@ -160,24 +207,23 @@ class _ExactGraph(OnnxGraph):
         self.node("DequantizeLinear", [logits_int, scale], "logits")
         outputs = [self.helper.make_tensor_value_info("logits", TP.FLOAT, [batch, model.num_classes]),
                    self.helper.make_tensor_value_info(logits_int, TP.INT32, [batch, model.num_classes])]
-        return self.finish([graph_input], outputs, f"rsq integer export, resolution {self.r}")
+        return self.finish([graph_input], outputs, f"rsq integer export, resolution {self.r}", domains=(DOMAIN,),
+                           functions=[requantize_function(self.onnx)])
 
     def _quantize_input(self, op, table):
         info = self.model.tensors[op.output]
         dtype = np.dtype(info.dtype)
         scale = self.const(f"{op.name}.scale", np.array(self.scales[op.output], dtype=np.float32))
-        zero = self.const(f"{op.name}.zero_point", np.array(0, dtype=dtype))
+        zero = self.scalar(0, dtype)
         lo, hi = int(table["lo"][0]), int(table["hi"][0])
         if (lo, hi) == (np.iinfo(dtype).min, np.iinfo(dtype).max):
             self.node("QuantizeLinear", [op.inputs[0], scale, zero], op.output)
             return
         quantized = self.node("QuantizeLinear", [op.inputs[0], scale, zero], f"{op.output}.full")
-        self.node("Clip", [quantized, self.const(f"{op.name}.lo", np.array(lo, dtype=dtype)),
-                           self.const(f"{op.name}.hi", np.array(hi, dtype=dtype))], op.output)
+        self.node("Clip", [quantized, self.scalar(lo, dtype), self.scalar(hi, dtype)], op.output)
 
     def _requantize(self, op, table):
-        y = self.requant(self.int64(op.inputs[0]), op.name, table["m0"], table["shift"], [])
-        self.clamp_cast(y, op.name, table, op.output)
+        self.requant(op.inputs[0], op.name, table, op.output)
 
     def _conv(self, op, table):
         attrs = op.attrs
@@ -187,7 +233,7 @@ class _ExactGraph(OnnxGraph):
 
     def _linear(self, op, table):
         # A 1x1 ConvInteger on [N, C, 1, 1]: the weights keep their stored [out, in] layout (as [out, in, 1, 1]).
-        axes = self.const(f"{op.name}.axes", np.array([2, 3], np.int64))
+        axes = self.scalar([2, 3], np.int64)
         x4 = self.node("Unsqueeze", [op.inputs[0], axes], f"{op.name}.input4d")
         out4 = self._layer(op, table, x4, self.weight_4d(op.attrs["weight"]), f"{op.output}.4d")
         self.node("Flatten", [out4], op.output, axis=1)
@@ -195,10 +241,9 @@ class _ExactGraph(OnnxGraph):
     def _layer(self, op, table, x: str, weight: str, output: str, **conv_attrs) -> str:
         """clamp(rq((acc << bias_shift) + bias, m0, shift), lo, hi), per output channel."""
         acc = self.node("ConvInteger", [x, weight], f"{op.name}.acc", **conv_attrs)
-        shape = [1, len(table["m0"]), 1, 1]
-        y = self.requant(self.int64(acc), op.name, table["m0"], table["shift"], shape,
-                         pre_shift=int(table["bias_shift"][0]), bias=table["bias"])
-        return self.clamp_cast(y, op.name, table, output, self.model.tensors[op.output].dtype)
+        return self.requant(acc, op.name, table, output, [1, len(table["m0"]), 1, 1],
+                            pre_shift=int(table["bias_shift"][0]), bias=table["bias"],
+                            dtype=self.model.tensors[op.output].dtype)
 
     def weight_4d(self, name: str) -> str:
         """A linear's [out, in] weights seen as [out, in, 1, 1]: a Reshape of the same external bytes."""
@@ -208,15 +253,18 @@ class _ExactGraph(OnnxGraph):
 
     def _add(self, op, table):
         a, b = op.inputs
-        ya = self.requant(self.int64(a), f"{op.name}.a", table["m0_a"], table["shift_a"], [])
-        yb = self.requant(self.int64(b), f"{op.name}.b", table["m0_b"], table["shift_b"], [])
-        self.clamp_cast(self.node("Add", [ya, yb], f"{op.name}.sum"), op.name, table, op.output)
+        ya = self.requant(a, f"{op.name}.a", table, f"{op.name}.a.rounded", suffix="_a", clamp=False)
+        yb = self.requant(b, f"{op.name}.b", table, f"{op.name}.b.rounded", suffix="_b", clamp=False)
+        total = self.node("Add", [ya, yb], f"{op.name}.sum")
+        clipped = self.node("Clip", [total, self.scalar(int(table["lo"][0]), np.int64),
+                                     self.scalar(int(table["hi"][0]), np.int64)], f"{op.name}.clipped")
+        self.node("Cast", [clipped], op.output,
+                  to=self.onnx.helper.np_dtype_to_tensor_dtype(np.dtype(self.model.tensors[op.output].dtype)))
 
     def _global_avg_pool(self, op, table):
-        axes = self.const(f"{op.name}.axes", np.array([2, 3], np.int64))
-        total = self.node("ReduceSum", [self.int64(op.inputs[0]), axes], f"{op.name}.total", keepdims=0)
-        y = self.requant(total, op.name, table["m0"], table["shift"], [])
-        self.clamp_cast(y, op.name, table, op.output)
+        axes = self.scalar([2, 3], np.int64)
+        total = self.node("ReduceSum", [self.node("Cast", [op.inputs[0]], f"{op.name}.int64", to=self.onnx.TensorProto.INT64), axes], f"{op.name}.total", keepdims=0)
+        self.requant(total, op.name, table, op.output)
 
     def _max_pool(self, op, table):
         """MaxPool on the integers themselves (no requantization: the output keeps the input's grid).
