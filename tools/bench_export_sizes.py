@@ -100,6 +100,8 @@ def main() -> None:
         for i, ckpt in enumerate(checkpoints):
             (work / str(i)).mkdir()
             results.append(sizes_of(Path(ckpt), work / str(i), synthetic=False))
+            if i >= len(args.checkpoints):
+                results[-1]["checkpoint"] = "trained 8 steps on 512 images, --fmnist-bits"
         if args.resnet18:
             from bench_export_extra import R18_RESOLUTIONS, resnet18_checkpoint
             (work / "r18").mkdir()
