@@ -237,11 +237,25 @@ def test_executorch_matches_fake_quant(model, pte, resolution):
     assert relative_error <= 0.1
 
 
+def test_executorch_methods_share_their_weights(model, pte, tmp_path):
+    """Every resolution's method reads the same weights: two methods cost little more than one, where
+    BN folded into the float-weight convs gave each method its own float32 copy."""
+    from rsq.export.executorch import write_executorch
+    one = write_executorch(model, RESOLUTIONS[:1], 1, tmp_path / "one.pte").stat().st_size
+    folded = write_executorch(model, RESOLUTIONS, 1, tmp_path / "folded.pte", share_weights=False).stat().st_size
+    shared = pte.stat().st_size
+    float_weight_bytes = 4 * sum(p.numel() for name, p in model.named_parameters()
+                                 if name.endswith(".weight") and p.dim() == 4) // 2  # about half the convs stay float
+    print(f"one method {one} B, two shared {shared} B, two folded {folded} B")
+    assert shared - one < 0.1 * one  # the second method: its graph and its tables (BN, steps)
+    assert folded - shared > float_weight_bytes // 2
+
+
 def test_executorch_float_gemms_match_fake_quant(model, tmp_path):
     """int8_gemms=False: no int8 conv, so no bias rounding; equal to the fake-quant model up to float order."""
     from rsq.export.executorch import run_executorch, write_executorch
     resolution = RESOLUTIONS[0]
-    pte = write_executorch(model, [resolution], 1, tmp_path / "float.pte", int8_gemms=False)
+    pte = write_executorch(model, RESOLUTIONS, 1, tmp_path / "float.pte", int8_gemms=False)
     x, _ = _class_images(128, resolution, torch.Generator().manual_seed(3))
     reference = _reference(model, x, resolution)
     logits = torch.from_numpy(run_executorch(pte, f"r{resolution}", x.numpy()))

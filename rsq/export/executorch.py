@@ -20,6 +20,14 @@ still moves about one requantized conv output in a thousand, and the next layers
 model whose top two logits are often close changes a few % of its answers at 2 and 4 bits and under
 1 % at 8 bits. No int8 layout makes the bias exact: the accumulator unit is fixed by the integers.
 
+One program for every resolution, one set of weights: ExecuTorch stores a constant once however many
+methods use it, so the int8 weights (rsq's integers, the same in every mode) are shared as they are.
+The float-weight convs (those before a residual add) would each carry their resolution's BN folded
+in, a float32 copy per method (a ResNet-18 RS-Net's five methods: 136 MB against 33 MB for one);
+instead they keep rsq's weight and apply the BN after it as a 1x1 depthwise conv
+(pt2e.unfold_float_layers), so five methods cost about one. The price is that one extra pass per
+such layer (tools/results/bench_executorch_sharing.md). ``share_weights=False`` folds as before.
+
 ``int8_gemms=False`` is the exact variant: every conv / linear is an XNNPACK float op on the
 dequantized activations (the q/dq pairs still put each activation on rsq's grid), so the program
 equals the fake-quant model up to float32 summation order, as the PT2E program does, at XNNPACK's
@@ -45,11 +53,13 @@ def method_name(resolution: int) -> str:
     return f"r{int(resolution)}"
 
 
-def to_executorch_bytes(model: nn.Module, resolutions: Iterable[int], in_chans: int, int8_gemms: bool = True) -> bytes:
+def to_executorch_bytes(model: nn.Module, resolutions: Iterable[int], in_chans: int, int8_gemms: bool = True,
+                        share_weights: bool = True) -> bytes:
     """The serialised .pte: every resolution's PT2E program, XNNPACK-delegated, in one program.
 
     ``int8_gemms=False``: every conv / linear a float op on the dequantized activations (no int8 conv,
-    so no bias rounding, see the module docstring).
+    so no bias rounding, see the module docstring). ``share_weights=False`` folds each resolution's BN
+    into its float weights: one method per resolution, each with its own copy (see the module docstring).
     """
     exir = require("executorch.exir", PURPOSE, "executorch")
     xnnpack = require("executorch.backends.xnnpack.partition.xnnpack_partitioner", PURPOSE, "executorch")
@@ -58,7 +68,8 @@ def to_executorch_bytes(model: nn.Module, resolutions: Iterable[int], in_chans: 
     resolutions = [int(r) for r in resolutions]
     if not resolutions:
         raise RsqError("ExecuTorch export needs at least one resolution")
-    programs = {method_name(r): to_pt2e(model, r, in_chans, batch=1, backend="xnnpack", int8_weights=int8_gemms)
+    programs = {method_name(r): to_pt2e(model, r, in_chans, batch=1, backend="xnnpack", int8_weights=int8_gemms,
+                                        fold_float_bn=not share_weights)
                 for r in resolutions}
     # One partitioner list per method: a partitioner instance keeps state from the program it saw.
     partitioners = {name: [xnnpack.XnnpackPartitioner()] for name in programs}
@@ -67,10 +78,10 @@ def to_executorch_bytes(model: nn.Module, resolutions: Iterable[int], in_chans: 
 
 
 def write_executorch(model: nn.Module, resolutions: Iterable[int], in_chans: int, path,
-                     int8_gemms: bool = True) -> Path:
+                     int8_gemms: bool = True, share_weights: bool = True) -> Path:
     """Write one .pte with a method ``r<resolution>`` per resolution; returns the path."""
     path = Path(path)
-    path.write_bytes(to_executorch_bytes(model, resolutions, in_chans, int8_gemms))
+    path.write_bytes(to_executorch_bytes(model, resolutions, in_chans, int8_gemms, share_weights))
     return path
 
 

@@ -110,6 +110,8 @@ class LayerGrid:
         # reads too; its downsample conv reads the same quantized tensor (``input_owner``: conv1's name).
         self.shortcut = False
         self.input_owner: Optional[str] = None
+        # rsq's own weight and the BN that follows it, unfolded (None without a BN): see unfold_float_layers.
+        self.unfolded: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
 
 def _outermost_bn(root: nn.Module, bn_name: str) -> str:
@@ -208,7 +210,10 @@ def _fold_layer(root: nn.Module, name: str, layer: nn.Module, bn_name: Optional[
                            f"needs +{weight_q.qn}, which int8 cannot hold")
     plain = _plain_layer(layer, folded, bias)
     _swap_in(root, name, plain)
-    return LayerGrid(act, weight_int, scale, weight_range)
+    grid = LayerGrid(act, weight_int, scale, weight_range)
+    if bn_name is not None:
+        grid.unfolded = (weight, gain.float(), bias.float())
+    return grid
 
 
 def _plain_layer(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
@@ -311,7 +316,6 @@ def make_quantizer(grids: dict[str, LayerGrid], backend: str = "x86", int8_weigh
     keeps float weights everywhere (only the activations are quantized): every gemm is a float op.
     """
     act_dtype = activation_dtype(backend)
-    requantized_outputs_only = backend == "xnnpack"
     spec_mod = require("torchao.quantization.pt2e.quantizer", PURPOSE, "torchao")
     per_tensor, per_channel = _step_observers()
 
@@ -368,9 +372,7 @@ def make_quantizer(grids: dict[str, LayerGrid], backend: str = "x86", int8_weigh
                     qspecs[node.args[0]] = act_spec(grids[grid.input_owner or name].act)
                 if grid.shortcut:
                     _annotate_shortcut(node, first, spec_mod)
-                if grid.weight_scale is not None and int8_weights and (
-                        not requantized_outputs_only
-                        or (_requantized(node, grids) and xnnpack_weight_scale(grid) is not None)):
+                if int8_weighted(node, grids, backend, int8_weights):
                     qspecs[node.args[1]] = weight_spec(grid)
                 # No implicit sharing: torchao would otherwise give every reader of one tensor the
                 # observer of the first reader whose spec matches in dtype and range (the scale
@@ -479,6 +481,60 @@ def clamp_to_grids(model: torch.fx.GraphModule, grids: dict[str, LayerGrid],
     return model
 
 
+def int8_weighted(node: torch.fx.Node, grids: dict[str, LayerGrid], backend: str, int8_weights: bool) -> bool:
+    """Whether a gemm of the exported graph gets int8 weights (else it keeps float ones)."""
+    grid = grids[_layer_of(node)]
+    if grid.weight_scale is None or not int8_weights:
+        return False
+    return backend != "xnnpack" or (_requantized(node, grids) and xnnpack_weight_scale(grid) is not None)
+
+
+@torch.no_grad()
+def unfold_float_layers(model: torch.fx.GraphModule, grids: dict[str, LayerGrid],
+                        int8_weights: bool) -> torch.fx.GraphModule:
+    """Give every float-weight conv of an ExecuTorch program rsq's own weight, with its BN after it as a
+    1x1 depthwise conv (per-channel gain as weights, shift as bias), instead of the weight with that
+    resolution's BN folded in.
+
+    ExecuTorch stores a constant once however many methods of a program use it, so each resolution's
+    method then shares these weights with every other (as the int8 ones are shared: their integers
+    are rsq's in every mode); folded, each method carried its own float32 copy. It is also the fake-quant
+    model's own order of operations. XNNPACK runs the depthwise conv in one pass (a multiply and an add
+    took two, 1.2x the batch-1 time of a ResNet-20); a linear gets the multiply and the add.
+    """
+    for node in list(model.graph.nodes):
+        name = _layer_of(node)
+        if name is None or name not in grids or grids[name].unfolded is None:
+            continue
+        if int8_weighted(node, grids, "xnnpack", int8_weights):
+            continue
+        weight, gain, shift = grids[name].unfolded
+        layer, channels, graph = model.get_submodule(name), weight.shape[0], model.graph
+        layer.weight = nn.Parameter(weight.clone(), requires_grad=False)
+        depthwise = weight.dim() == 4
+        layer.register_buffer("bn_gain", gain.reshape((channels, 1, 1, 1) if depthwise else (channels,)).clone())
+        layer.register_buffer("bn_shift", shift.reshape(channels).clone())
+        node.args = (node.args[0], node.args[1], None) + tuple(node.args[3:])
+        with graph.inserting_after(node):
+            gain_node = graph.get_attr(f"{name}.bn_gain")
+        with graph.inserting_after(gain_node):
+            shift_node = graph.get_attr(f"{name}.bn_shift")
+        with graph.inserting_after(shift_node):
+            if depthwise:
+                added = [graph.call_function(torch.ops.aten.conv2d.default, (
+                    node, gain_node, shift_node, [1, 1], [0, 0], [1, 1], channels))]
+            else:
+                scaled = graph.call_function(torch.ops.aten.mul.Tensor, (node, gain_node))
+                added = [scaled, graph.call_function(torch.ops.aten.add.Tensor, (scaled, shift_node))]
+        node.replace_all_uses_with(added[-1], delete_user_cb=lambda user: user is not added[0])
+        gain_node.meta["val"], shift_node.meta["val"] = layer.bn_gain, layer.bn_shift
+        for new in added:
+            new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")})
+    model.graph.lint()
+    model.recompile()
+    return model
+
+
 def _layer_of(node: torch.fx.Node) -> Optional[str]:
     """The module path of a conv / linear node, read from its weight's get_attr target."""
     if node.op != "call_function" or node.target not in _GEMMS:
@@ -490,12 +546,15 @@ def _layer_of(node: torch.fx.Node) -> Optional[str]:
 
 
 def to_pt2e(model: nn.Module, resolution: int, in_chans: int, batch: Optional[int] = None,
-            backend: str = "x86", int8_weights: bool = True) -> torch.export.ExportedProgram:
+            backend: str = "x86", int8_weights: bool = True,
+            fold_float_bn: bool = True) -> torch.export.ExportedProgram:
     """The converted PT2E program (q/dq + float ops) of ``model`` at ``resolution``.
 
     ``batch=None`` keeps the batch dimension dynamic (the server path); an int fixes it.
     ``backend``: "x86" (Inductor, uint8 activations) or "xnnpack" (ExecuTorch, int8 activations).
     ``int8_weights=False``: float weights (rsq's dequantized ones) everywhere, see make_quantizer.
+    ``fold_float_bn=False`` ("xnnpack" only): float-weight layers keep rsq's weight and apply their BN
+    after it (unfold_float_layers), so every resolution's program holds the same float weights.
     """
     activation_dtype(backend)  # an unknown backend fails before any work
     pt2e = _torchao_pt2e()
@@ -504,6 +563,8 @@ def to_pt2e(model: nn.Module, resolution: int, in_chans: int, batch: Optional[in
     example = (torch.randn(batch or 2, in_chans, resolution, resolution),)
     dynamic = None if batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)
     graph = torch.export.export(float_model, example, dynamic_shapes=dynamic).module()
+    if backend == "xnnpack" and not fold_float_bn:
+        graph = unfold_float_layers(graph, grids, int8_weights)
     prepared = pt2e.prepare_pt2e(graph, make_quantizer(grids, backend, int8_weights))
     converted = pt2e.convert_pt2e(prepared)
     return torch.export.export(converted, example, dynamic_shapes=dynamic)

@@ -1,0 +1,148 @@
+"""One ExecuTorch program for every resolution: bytes and batch-1 latency with the weights shared or folded.
+
+    .venv/bin/python tools/bench_executorch_sharing.py [--out tools/results/bench_executorch_sharing]
+
+Two .pte layouts of the same RS-Net, each with one method per resolution:
+  shared   float-weight convs keep rsq's weight and apply their BN after it (a 1x1 depthwise conv),
+           so every method reads the same constants, which ExecuTorch stores once (the default);
+  folded   each resolution's BN folded into those weights: every method carries its own float32 copy.
+Sizes: one method alone, all methods shared, all methods folded. Latency: batch 1, one XNNPACK thread,
+shared and folded taking turns in each round, with PyTorch eager fp32 (the dequantized model) beside
+them. Models: the Fashion-MNIST ResNet-20 RS-Net (28..12, W4A4, trained 8 steps on 512 images: size and
+speed do not depend on the weights' values) and the ResNet-18 RS-Net of bench_export.py (224..96,
+W4A4, untrained). Writes OUT.md and OUT.json, naming the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_name] = "1"
+
+import torch  # noqa: E402
+
+from bench_export import cpu_description  # noqa: E402
+from bench_export_extra import R18_RESOLUTIONS, executorch_engine, resnet18_checkpoint  # noqa: E402
+
+
+def fashion_mnist_checkpoint(work: Path, bits: int) -> Path:
+    from rsq.config import TrainConfig
+    from rsq.train import train
+    train(TrainConfig(weight_bits=bits, act_bits=bits, subset=512, test_subset=64, epochs=1, batch_size=64,
+                      lr=0.05, out=str(work / "fmnist"), device="cpu"), overwrite=True)
+    return work / "fmnist"
+
+
+def bench(label: str, checkpoint: Path, in_chans: int, work: Path, rounds: int, calls: int) -> dict:
+    from rsq.checkpoint import load_model
+    from rsq.convert import using_mode
+    from rsq.export.executorch import write_executorch
+    from rsq.quantize import dequantize_
+
+    model, ckpt = load_model(checkpoint)
+    resolutions = [int(r) for r in ckpt["resolutions"]]
+    sizes, build_s = {}, {}
+    for name, kwargs, methods in (("one method (shared layout)", {}, resolutions[:1]),
+                                  ("all methods, shared", {}, resolutions),
+                                  ("all methods, folded", {"share_weights": False}, resolutions),
+                                  ("exact: one method", {"int8_gemms": False}, resolutions[:1]),
+                                  ("exact: all methods, shared", {"int8_gemms": False}, resolutions),
+                                  ("exact: all methods, folded", {"int8_gemms": False, "share_weights": False},
+                                   resolutions)):
+        start = time.perf_counter()
+        path = write_executorch(model, methods, in_chans, work / f"{len(sizes)}.pte", **kwargs)
+        build_s[name] = time.perf_counter() - start
+        sizes[name] = path.stat().st_size
+    from executorch.runtime import Runtime
+    runtime = Runtime.get()
+    programs = {"shared": runtime.load_program(work / "1.pte"), "folded": runtime.load_program(work / "2.pte")}
+    float_model = dequantize_(copy.deepcopy(model)).eval()
+    rows = []
+    for r in resolutions:
+        x = torch.randn(1, in_chans, r, r).numpy()
+        engines = {name: executorch_engine(program, r, x) for name, program in programs.items()}
+        image = torch.from_numpy(x)
+
+        def eager(r=r, image=image):
+            with torch.no_grad(), using_mode(float_model, r):
+                return float_model(image)
+        engines["torch fp32"] = eager
+        times = {name: [] for name in engines}
+        for engine in engines.values():
+            engine()
+        for _ in range(rounds):
+            for name, engine in engines.items():
+                start = time.perf_counter()
+                for _ in range(calls):
+                    engine()
+                times[name].append((time.perf_counter() - start) / calls * 1000)
+        rows.append({"resolution": r, "ms": {name: statistics.median(t) for name, t in times.items()}})
+    return {"label": label, "sizes": sizes, "build_s": build_s, "rows": rows, "rounds": rounds, "calls": calls}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="tools/results/bench_executorch_sharing")
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    try:  # XNNPACK's pool would otherwise take every core
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+        _unsafe_reset_threadpool(1)
+    except ImportError:
+        pass
+    work = Path(tempfile.mkdtemp(prefix="bench_executorch_sharing."))
+    try:
+        (work / "a").mkdir()
+        results = [bench("resnet20 W4A4 (Fashion-MNIST, 28..12)", fashion_mnist_checkpoint(work / "a", 4), 1,
+                         work / "a", args.rounds, 20)]
+        (work / "b").mkdir()
+        ckpt = resnet18_checkpoint(work / "b" / "checkpoint.pt", R18_RESOLUTIONS, 4)
+        results.append(bench("resnet18 W4A4 (random weights, 224..96)", ckpt, 3, work / "b",
+                             max(3, args.rounds // 3), 2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_report(args, results)
+
+
+def write_report(args, results) -> None:
+    import sys
+    cpu = cpu_description()
+    lines = ["# ExecuTorch: one program, weights shared by every resolution's method", "",
+             f"`tools/bench_executorch_sharing.py {' '.join(sys.argv[1:])}`", "", f"CPU: {cpu}.", "",
+             "Settings: batch 1; one thread (XNNPACK threadpool 1, torch 1); the engines take turns within each "
+             "round; median over rounds of the mean of several calls; shared = float-weight convs apply their BN "
+             "after rsq's weight as a 1x1 depthwise conv (the default), folded = BN folded into them per method; "
+             "exact = `executorch-exact` (every conv a float op).", ""]
+    for m in results:
+        one = m["sizes"]["one method (shared layout)"]
+        lines += [f"## {m['label']}", "", "| program | bytes | / one method |", "|:---|---:|---:|"]
+        for name, size in m["sizes"].items():
+            base = m["sizes"]["exact: one method"] if name.startswith("exact") else one
+            lines.append(f"| {name} | {size} | {size / base:.2f}x |")
+        lines += ["", f"{m['rounds']} rounds of {m['calls']} calls; ms per image:", "",
+                  "| resolution | shared | folded | torch fp32 | shared / folded | torch fp32 / shared |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for row in m["rows"]:
+            ms = row["ms"]
+            lines.append(f"| {row['resolution']} | {ms['shared']:.3f} | {ms['folded']:.3f} | {ms['torch fp32']:.3f} | "
+                         f"{ms['shared'] / ms['folded']:.2f}x | {ms['torch fp32'] / ms['shared']:.2f}x |")
+        lines.append("")
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    flags = next((ln.split(":", 1)[1].split() for ln in lscpu.splitlines() if ln.startswith("Flags:")), [])
+    Path(args.out + ".json").write_text(json.dumps({"cpu": cpu, "cpu_flags": flags, "results": results}, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
