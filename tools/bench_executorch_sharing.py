@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import torch  # noqa: E402
 
-from bench_export import cpu_description  # noqa: E402
+from bench_export import cpu_description, save_results  # noqa: E402
 from bench_export_extra import R18_RESOLUTIONS, executorch_engine, resnet18_checkpoint  # noqa: E402
 
 
@@ -137,11 +135,7 @@ def write_report(args, results) -> None:
             lines.append(f"| {row['resolution']} | {ms['shared']:.3f} | {ms['folded']:.3f} | {ms['torch fp32']:.3f} | "
                          f"{ms['shared'] / ms['folded']:.2f}x | {ms['torch fp32'] / ms['shared']:.2f}x |")
         lines.append("")
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    flags = next((ln.split(":", 1)[1].split() for ln in lscpu.splitlines() if ln.startswith("Flags:")), [])
-    Path(args.out + ".json").write_text(json.dumps({"cpu": cpu, "cpu_flags": flags, "results": results}, indent=1) + "\n")
-    print("\n".join(lines))
+    save_results(args.out, lines, cpu, results=results)
 
 
 if __name__ == "__main__":

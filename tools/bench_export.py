@@ -48,6 +48,16 @@ def cpu_description() -> str:
     return f"{name}; SIMD flags: {' '.join(f for f in SIMD_FLAGS if f in flags) or 'none found'}"
 
 
+def save_results(out: str, lines: list[str], cpu: str, **payload) -> None:
+    """OUT.md from ``lines`` and OUT.json with the CPU, its lscpu flags and ``payload``; prints the table."""
+    Path(out + ".md").parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".md").write_text("\n".join(lines) + "\n")
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    flags = next((ln.split(":", 1)[1].split() for ln in lscpu.splitlines() if ln.startswith("Flags:")), [])
+    Path(out + ".json").write_text(json.dumps({"cpu": cpu, "cpu_flags": flags, **payload}, indent=1) + "\n")
+    print("\n".join(lines))
+
+
 def median_ms(engines: dict, repeats: dict, rewarm_below_s: float = REWARM_BELOW_S) -> dict:
     """Median ms per engine; the engines take turns within each round, so a busy machine slows all alike.
 
@@ -369,15 +379,7 @@ def write_report(args, models, sizes_only) -> None:
     for ckpt, sizes in sizes_only.items():
         lines += [f"## Sizes of `{ckpt}`", "", "| artifact | bytes |", "|:---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in sizes.items()] + [""]
-    path = Path(args.out + ".md")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    flags = next((ln.split(":", 1)[1].split() for ln in lscpu.splitlines() if ln.startswith("Flags:")), [])
-    Path(args.out + ".json").write_text(json.dumps({"cpu": cpu, "cpu_flags": flags, "settings": settings,
-                                                    "models": models,
-                                                    "sizes_only": sizes_only}, indent=1) + "\n")
-    print("\n".join(lines))
+    save_results(args.out, lines, cpu, settings=settings, models=models, sizes_only=sizes_only)
 
 
 def _argv() -> list[str]:

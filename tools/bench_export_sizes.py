@@ -16,10 +16,8 @@ one set of tables per resolution can go below.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -27,7 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from bench_export import cpu_description, folder_size  # noqa: E402
+from bench_export import cpu_description, save_results, folder_size  # noqa: E402
 
 FORMATS = ("onnx", "qlinear", "packed")
 SHARED = {"onnx": ["weights.bin"], "qlinear": ["weights.bin", "ranges.json"], "packed": ["weights.bin", "manifest.json"]}
@@ -132,11 +130,7 @@ def write_report(args, results) -> None:
                   "| format | all resolutions (bytes) | one resolution (bytes) | all / one |", "|:---|---:|---:|---:|"]
         lines += [f"| {row['format']} | {row['all_bytes']} | {row['one_bytes']} | {row['ratio']:.2f}x |"
                   for row in r["rows"]] + [""]
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    flags = next((ln.split(":", 1)[1].split() for ln in lscpu.splitlines() if ln.startswith("Flags:")), [])
-    Path(args.out + ".json").write_text(json.dumps({"cpu": cpu, "cpu_flags": flags, "results": results}, indent=1) + "\n")
-    print("\n".join(lines))
+    save_results(args.out, lines, cpu, results=results)
 
 
 if __name__ == "__main__":
