@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shutil
 import statistics
@@ -50,12 +49,10 @@ def cpu_description() -> str:
 
 def save_results(out: str, lines: list[str], cpu: str, **payload) -> None:
     """OUT.md from ``lines`` and OUT.json with the CPU, its lscpu flags and ``payload``; prints the table."""
-    Path(out + ".md").parent.mkdir(parents=True, exist_ok=True)
-    Path(out + ".md").write_text("\n".join(lines) + "\n")
+    from benchlib import write_outputs
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     flags = next((ln.split(":", 1)[1].split() for ln in lscpu.splitlines() if ln.startswith("Flags:")), [])
-    Path(out + ".json").write_text(json.dumps({"cpu": cpu, "cpu_flags": flags, **payload}, indent=1) + "\n")
-    print("\n".join(lines))
+    write_outputs(out, lines, {"cpu": cpu, "cpu_flags": flags, **payload})
 
 
 def median_ms(engines: dict, repeats: dict, rewarm_below_s: float = REWARM_BELOW_S) -> dict:
