@@ -156,13 +156,16 @@ def test_every_format_agrees_with_the_fake_quant_model(run, tmp_path):
     assert sum(node.op_type == "QLinearAdd" for node in graph.node) == 9
 
 
-def test_pt2e_shortcut_is_one_quantized_tensor_that_inductor_fuses_into_the_second_conv(tmp_path):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_pt2e_shortcut_is_one_quantized_tensor_that_inductor_fuses_into_the_second_conv(tmp_path, bits):
+    """At 4 bits too: the block output's uint8 saturation clamps it (zero point 255 - 15), where a
+    hardtanh after the add would keep Inductor from fusing conv, add and ReLU."""
     pytest.importorskip("torchao.quantization.pt2e.quantize_pt2e")
     from torch._inductor.utils import run_and_get_code
 
     from rsq.export.pt2e import load_pt2e, to_pt2e, write_pt2e
 
-    model = _initialised(shortcut=True, bits=8)
+    model = _initialised(shortcut=True, bits=bits)
     program = to_pt2e(model, 16, 1)
     nodes = program.graph_module.graph.nodes
     adds = [n for n in nodes if n.op == "call_function" and n.target in (torch.ops.aten.add.Tensor,
@@ -178,6 +181,7 @@ def test_pt2e_shortcut_is_one_quantized_tensor_that_inductor_fuses_into_the_seco
         got, codes = run_and_get_code(compiled, x)
     assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.95
     fused = re.findall(r"qconv2d_pointwise\.binary", "\n".join(codes))
+    print(f"W{bits}A{bits}: {len(fused)} fused conv + add + ReLU")
     assert len(fused) >= 7, "Inductor did not fuse the blocks' second conv, add and ReLU into one int8 conv"
 
 

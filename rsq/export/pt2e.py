@@ -6,7 +6,8 @@ linear input and weight through fixed-qparams observers, so nothing is re-calibr
 
 Grid mapping (8-bit containers; the integers stay rsq's, shifted by the zero point):
 - activations, backend "x86" (oneDNN int8 convs take uint8 inputs only): uint8, zero point Qn,
-  range [0, Qn + Qp]. Backend "xnnpack" (its static int8 ops take int8 only): signed -> zero
+  range [0, Qn + Qp]; an unsigned sub-8-bit grid read from a ReLU's output: zero point 255 - Qp,
+  so uint8's saturation at 255 is the clamp at Qp (no hardtanh; LayerGrid.saturates). Backend "xnnpack" (its static int8 ops take int8 only): signed -> zero
   point 0, range [-Qn, Qp]; unsigned b < 8 -> zero point 0, range [0, Qp]; unsigned 8-bit ->
   zero point -128, range [-128, 127]. Where the range is narrower than the container a float
   hardtanh clips first (clamp_to_grids: int8 kernels ignore quant_max).
@@ -110,6 +111,9 @@ class LayerGrid:
         # reads too; its downsample conv reads the same quantized tensor (``input_owner``: conv1's name).
         self.shortcut = False
         self.input_owner: Optional[str] = None
+        # x86 only: an unsigned sub-8-bit grid read from a value >= 0 (after a ReLU) sits at the top of uint8,
+        # zero point 255 - Qp, so uint8's saturation is the clamp at Qp and no hardtanh is needed (clamp_to_grids).
+        self.saturates = False
         # rsq's own weight and the BN that follows it, unfolded (None without a BN): see unfold_float_layers.
         self.unfolded: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
@@ -237,8 +241,12 @@ def container_range(dtype: torch.dtype) -> tuple[int, int]:
     return (0, 255) if dtype == torch.uint8 else (INT8_MIN, INT8_MAX)
 
 
-def activation_qparams(act: LSQQuantizer, dtype: torch.dtype = torch.uint8) -> tuple[float, int, int, int]:
-    """(scale, zero_point, quant_min, quant_max) of an activation grid in a uint8 or int8 container."""
+def activation_qparams(act: LSQQuantizer, dtype: torch.dtype = torch.uint8,
+                       saturates: bool = False) -> tuple[float, int, int, int]:
+    """(scale, zero_point, quant_min, quant_max) of an activation grid in a uint8 or int8 container
+    (``saturates``: see LayerGrid)."""
+    if dtype == torch.uint8 and saturates:
+        return float(act.step.detach()), 255 - act.qp, 0, 255
     if dtype == torch.uint8:
         return float(act.step.detach()), act.qn, 0, act.qn + act.qp
     if act.signed or act.qp <= INT8_MAX:
@@ -319,8 +327,8 @@ def make_quantizer(grids: dict[str, LayerGrid], backend: str = "x86", int8_weigh
     spec_mod = require("torchao.quantization.pt2e.quantizer", PURPOSE, "torchao")
     per_tensor, per_channel = _step_observers()
 
-    def act_spec(act: LSQQuantizer):
-        scale, zero_point, low, high = activation_qparams(act, act_dtype)
+    def act_spec(grid: LayerGrid):
+        scale, zero_point, low, high = activation_qparams(grid.act, act_dtype, grid.saturates)
         return spec_mod.QuantizationSpec(
             dtype=act_dtype, quant_min=low, quant_max=high, qscheme=torch.per_tensor_affine,
             observer_or_fake_quant_ctr=per_tensor.with_args(scale=scale, zero_point=zero_point))
@@ -358,7 +366,7 @@ def make_quantizer(grids: dict[str, LayerGrid], backend: str = "x86", int8_weigh
                         # Max commutes with rounding and clamping, so pooling the integers of the reader's
                         # grid gives its input exactly, and the conv before the pool writes uint8, not float.
                         node.meta["quantization_annotation"] = spec_mod.QuantizationAnnotation(
-                            input_qspec_map={node.args[0]: act_spec(reader.act)}, allow_implicit_sharing=False,
+                            input_qspec_map={node.args[0]: act_spec(reader)}, allow_implicit_sharing=False,
                             _annotated=True)
                     continue
                 name = _layer_of(node)
@@ -369,7 +377,7 @@ def make_quantizer(grids: dict[str, LayerGrid], backend: str = "x86", int8_weigh
                 if first is not None and first is not node:
                     qspecs[node.args[0]] = spec_mod.SharedQuantizationSpec((first.args[0], first))
                 elif grid.act is not None:
-                    qspecs[node.args[0]] = act_spec(grids[grid.input_owner or name].act)
+                    qspecs[node.args[0]] = act_spec(grids[grid.input_owner or name])
                 if grid.shortcut:
                     _annotate_shortcut(node, first, spec_mod)
                 if int8_weighted(node, grids, backend, int8_weights):
@@ -452,6 +460,9 @@ def clamp_to_grids(model: torch.fx.GraphModule, grids: dict[str, LayerGrid],
     the int8 limits, so a 4-bit grid would not clip at 15. The clamp keeps the values exact:
     clamp-then-round equals round-then-clamp for integer bounds. A ReLU whose only user is the
     quantized layer becomes the hardtanh itself, which XNNPACK fuses into the producing conv.
+    In uint8 (x86) a grid read from a value >= 0 needs no clamp: with zero point 255 - Qp, uint8's
+    saturation clips at Qp (LayerGrid.saturates). That keeps Inductor's conv + add + ReLU fusion,
+    which has no form with a hardtanh after the add.
     """
     for node in list(model.graph.nodes):
         name = _layer_of(node)
@@ -464,6 +475,9 @@ def clamp_to_grids(model: torch.fx.GraphModule, grids: dict[str, LayerGrid],
         step = float(act.step.detach())
         lo, hi = (-act.qn * step, act.qp * step) if act.signed else (0.0, act.qp * step)
         source = node.args[0]
+        if dtype == torch.uint8 and not act.signed and _nonnegative(source):
+            grids[name].saturates = True
+            continue
         # On a quantized shortcut every reader of the block input (conv1, downsample, add) reads the clamp.
         only_reader = len(source.users) == 1 or grids[name].shortcut
         if source.op == "call_function" and source.target in _RELUS and only_reader and not act.signed:
@@ -533,6 +547,13 @@ def unfold_float_layers(model: torch.fx.GraphModule, grids: dict[str, LayerGrid]
     model.graph.lint()
     model.recompile()
     return model
+
+
+def _nonnegative(node: torch.fx.Node) -> bool:
+    """Whether a value is >= 0 by construction: a ReLU's output, or a max pooling of one."""
+    if node.op != "call_function":
+        return False
+    return node.target in _RELUS or (node.target in _MAX_POOLS and _nonnegative(node.args[0]))
 
 
 def _layer_of(node: torch.fx.Node) -> Optional[str]:
