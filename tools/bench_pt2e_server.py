@@ -11,12 +11,17 @@ Each allocator setting runs in a fresh process (mallopt cannot be undone); withi
 eager and compiled times come from the same process: blocks of --repeats calls in a row, eager,
 compiled, compiled, eager, each after a warm-up call; the median of both blocks.
 
-    python tools/bench_pt2e_server.py [--threads 1] [--repeats 5] [--quick]
+    python tools/bench_pt2e_server.py [--threads 1] [--repeats 5] [--quick] [--isa avx2]
+
+--isa avx2 limits oneDNN (ONEDNN_MAX_CPU_ISA=AVX2) and ATen / Inductor's vector code
+(ATEN_CPU_CAPABILITY=avx2) to AVX2 in the timed processes: a proxy, on an AVX-512/AMX machine, for
+an AVX2-only CPU's instruction set (not for its cores, caches or memory).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -32,6 +37,7 @@ RESOLUTIONS = [224, 192, 160, 128, 96]
 MODELS = ["rsq R18 W8A8", "rsq R18 W4A4", "rsq R18 W8A8, quantized shortcut", "rsq R18 W4A4, quantized shortcut",
           "stock R18 (torchao x86 int8)"]
 ALLOCATORS = {"default": "glibc's default", "kept": "freed memory kept (rsq/allocator.py)"}
+ISA_LIMITS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
 
 
 def median_pair(eager, compiled, x, repeats: int) -> tuple[float, float]:
@@ -130,7 +136,8 @@ def child(allocator: str, threads: int, repeats: int, resolutions, models) -> No
                 x = torch.randn(32, 3, r, r)
                 eager_ms, compiled_ms = median_pair(eager, compiled, x, repeats)
                 print(json.dumps({"model": model, "allocator": allocator, "resolution": r, "eager_ms": eager_ms,
-                                  "compiled_ms": compiled_ms}), flush=True)
+                                  "compiled_ms": compiled_ms,
+                                  "capability": torch.backends.cpu.get_cpu_capability()}), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # two ResNet-18 checkpoints and ten programs
 
@@ -144,6 +151,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", default=",".join(str(i) for i in range(len(MODELS))),
                         help="which models, by index: " + "; ".join(f"{i} {m}" for i, m in enumerate(MODELS)))
+    parser.add_argument("--isa", choices=list(ISA_LIMITS), default="native",
+                        help="avx2: limit oneDNN and ATen/Inductor to AVX2 (a proxy for an AVX2-only CPU)")
     parser.add_argument("--child", choices=list(ALLOCATORS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -157,16 +166,21 @@ def main() -> None:
     for allocator in ALLOCATORS:
         cmd = [sys.executable, __file__, "--child", allocator, "--threads", str(args.threads),
                "--repeats", str(args.repeats), "--resolutions", args.resolutions, "--models", args.models]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ISA_LIMITS[args.isa]})
         if done.returncode != 0:
             raise SystemExit(f"{allocator}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
         rows += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
         print(f"{allocator}: {len(rows)} rows so far", flush=True)
     at = {(row["model"], row["allocator"], row["resolution"]): row for row in rows}
+    capability = sorted({row["capability"] for row in rows})
+    isa = ("native" if args.isa == "native" else
+           f"limited to AVX2 ({', '.join(f'{k}={v}' for k, v in ISA_LIMITS[args.isa].items())}): a proxy on this CPU "
+           f"for an AVX2-only one's instruction set, not for its cores, caches or memory")
     lines = ["# PT2E + Inductor (the server CPU path) vs eager fp32, ResNet-18 at batch 32", "",
              f"CPU: {cpu_name()}. {args.threads} thread(s); median of 2 blocks of {args.repeats} calls in a row per "
              f"engine (eager, compiled, compiled, eager; a warm-up call before each block) in one process; one "
-             f"process per allocator setting. "
+             f"process per allocator setting. ISA: {isa}; torch's CPU capability in the timed processes: "
+             f"{', '.join(capability)}. "
              f"Command: `python tools/bench_pt2e_server.py {' '.join(sys.argv[1:])}`.", "",
              "| model | px | eager fp32, default (ms) | PT2E, default (ms) | speed-up | eager fp32, kept (ms) | "
              "PT2E, kept (ms) | speed-up |", "|:---|---:|---:|---:|---:|---:|---:|---:|"]
