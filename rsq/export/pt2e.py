@@ -7,9 +7,9 @@ linear input and weight through fixed-qparams observers, so nothing is re-calibr
 Grid mapping (8-bit containers; the integers stay rsq's, shifted by the zero point):
 - activations, backend "x86" (oneDNN int8 convs take uint8 inputs only): uint8, zero point Qn,
   range [0, Qn + Qp]; an unsigned sub-8-bit grid read from a ReLU's output: zero point 255 - Qp,
-  so uint8's saturation at 255 is the clamp at Qp (no hardtanh; LayerGrid.saturates). Backend "xnnpack" (its static int8 ops take int8 only): signed -> zero
-  point 0, range [-Qn, Qp]; unsigned b < 8 -> zero point 0, range [0, Qp]; unsigned 8-bit ->
-  zero point -128, range [-128, 127]. Where the range is narrower than the container a float
+  so uint8's saturation at 255 is the clamp at Qp (no hardtanh; LayerGrid.saturates).
+  Backend "xnnpack" (its static int8 ops take int8 only): signed -> zero point 0, range [-Qn, Qp];
+  unsigned b < 8 -> zero point 0, range [0, Qp]; unsigned 8-bit -> zero point -128, range [-128, 127]. Where the range is narrower than the container a float
   hardtanh clips first (clamp_to_grids: int8 kernels ignore quant_max).
 - weights: int8 per output channel (ch_axis 0, per_channel_symmetric), scale = step * |BN gain|;
   a negative BN gain flips a channel's integers to [-Qp, Qn]. Linears declare rsq's range
@@ -461,8 +461,8 @@ def clamp_to_grids(model: torch.fx.GraphModule, grids: dict[str, LayerGrid],
     clamp-then-round equals round-then-clamp for integer bounds. A ReLU whose only user is the
     quantized layer becomes the hardtanh itself, which XNNPACK fuses into the producing conv.
     In uint8 (x86) a grid read from a value >= 0 needs no clamp: with zero point 255 - Qp, uint8's
-    saturation clips at Qp (LayerGrid.saturates). That keeps Inductor's conv + add + ReLU fusion,
-    which has no form with a hardtanh after the add.
+    saturation clips at Qp (LayerGrid.saturates), and no hardtanh runs beside Inductor's fused convs
+    (a W4A4 ResNet-18 with quantized shortcuts: 120-131 ms -> 88-90 ms at 224 px, batch 32).
     """
     for node in list(model.graph.nodes):
         name = _layer_of(node)
