@@ -12,6 +12,8 @@ from rsq.quantize import QuantConfig, quantize_
 from rsq.runtime import Runtime, dequantize_logits, load
 from rsq.runtime.execute import max_pool
 
+from helpers import warmed_up
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -47,13 +49,7 @@ class _PoolNet(nn.Module):
 
 def _initialised(model, resolutions, in_chans=3):
     torch.manual_seed(0)
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            for r in resolutions:
-                with using_mode(model, r):
-                    model(torch.randn(8, in_chans, r, r))
-    return model.eval()
+    return warmed_up(model, resolutions, in_chans, batch=8, rounds=2)
 
 
 def _check(model, resolutions, tmp_path, min_agreement):

@@ -10,6 +10,8 @@ import rsq
 from rsq.counting import layer_costs, summarize
 from rsq.errors import RsqError
 
+from helpers import warmed_up
+
 pytest.importorskip("brevitas")
 pytest.importorskip("qonnx")
 from rsq.interop.brevitas import QonnxRunner, qonnx_cost, to_brevitas, write_qonnx  # noqa: E402
@@ -22,12 +24,7 @@ def quantized_model(bits: int, quantizer: str = "lsq") -> torch.nn.Module:
     torch.manual_seed(0)
     model = rsq.create_model("resnet20", 10, 1, resolutions=RES)
     rsq.quantize_(model, rsq.QuantConfig(weight_bits=bits, act_bits=bits, quantizer=quantizer))
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            for r in RES:
-                model(torch.randn(32, 1, r, r))
-    return model.eval()
+    return warmed_up(model, RES)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ from rsq.runtime import Runtime, dequantize_logits
 from rsq.train import train
 from rsq.verify import verify_export
 
+from helpers import warmed_up
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 RES = [16, 12]
 
@@ -30,13 +32,7 @@ def _initialised(shortcut: bool, bits: int = 4) -> torch.nn.Module:
     torch.manual_seed(0)
     model = rsq.create_model("resnet20", 10, 1, resolutions=RES)
     rsq.quantize_(model, rsq.QuantConfig(weight_bits=bits, act_bits=bits, quantized_shortcut=shortcut))
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            for r in RES:
-                with using_mode(model, r):
-                    model(torch.randn(32, 1, r, r))
-    return model.eval()
+    return warmed_up(model, RES)
 
 
 @pytest.fixture(scope="module")
