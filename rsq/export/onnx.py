@@ -127,7 +127,7 @@ class OnnxGraph:
                                        self.initializers)
         opsets = [self.helper.make_opsetid("", OPSET)] + [self.helper.make_opsetid(d, 1) for d in domains]
         proto = self.helper.make_model(graph, opset_imports=opsets, producer_name="rsq", doc_string=doc,
-                                   functions=list(functions))
+                                       functions=list(functions))
         proto.ir_version = IR_VERSION
         return proto
 
@@ -141,9 +141,10 @@ def requantize_function(onnx):
     int64 inside, cast to its attribute ``to``.
 
     Inputs: x (any integer type), m0 (int32), n = 31 + shift (uint8, 1..62), bias (int32) and
-    up = 2**P (int64), the last four per channel or scalar; lo and hi (int64 scalars). With y = x * m0 * up + (bias * m0 +
-    2**(n-1) + 2**62) the result is Div(y, 2**n) - 2**(62-n): lower keeps |((x << P) + bias) * m0| <
-    2**61, so y > 0 and integer Div (which truncates) floors it. The same integers, regrouped.
+    up = 2**P (int64), the last four per channel or scalar; lo and hi (int64 scalars). With
+    y = x * m0 * up + (bias * m0 + 2**(n-1) + 2**62) the result is Div(y, 2**n) - 2**(62-n): lower
+    keeps |((x << P) + bias) * m0| < 2**61, so y > 0 and integer Div (which truncates) floors it.
+    The same integers, regrouped.
     Defined once per graph, called once per requantization: each resolution's graph then holds only
     its tables (m0, n, bias), not four int64 constants per channel; onnxruntime inlines the function
     and folds the constant parts when it loads the graph."""
@@ -184,7 +185,8 @@ class _ExactGraph(OnnxGraph):
         assert n.min(initial=1) >= 1 and n.max(initial=1) <= 62, "lower keeps 31 + shift in 1..62"
         m0 = self.const(f"{prefix}.m0", np.asarray(table["m0" + suffix], dtype=np.int32).reshape(shape))
         n = self.const(f"{prefix}.n", n.astype(np.uint8))
-        bias = self.scalar(0, np.int32) if bias is None else self.const(f"{prefix}.bias", np.asarray(bias, np.int32).reshape(shape))
+        bias = (self.scalar(0, np.int32) if bias is None
+                else self.const(f"{prefix}.bias", np.asarray(bias, np.int32).reshape(shape)))
         if clamp:
             lo, hi = int(table["lo"][0]), int(table["hi"][0])
             dtype = np.dtype(dtype or self.model.tensors[output].dtype)
@@ -263,7 +265,9 @@ class _ExactGraph(OnnxGraph):
 
     def _global_avg_pool(self, op, table):
         axes = self.scalar([2, 3], np.int64)
-        total = self.node("ReduceSum", [self.node("Cast", [op.inputs[0]], f"{op.name}.int64", to=self.onnx.TensorProto.INT64), axes], f"{op.name}.total", keepdims=0)
+        # The sum in int64: an int32 sum of a pooled map could overflow.
+        wide = self.node("Cast", [op.inputs[0]], f"{op.name}.int64", to=self.onnx.TensorProto.INT64)
+        total = self.node("ReduceSum", [wide, axes], f"{op.name}.total", keepdims=0)
         self.requant(total, op.name, table, op.output)
 
     def _max_pool(self, op, table):

@@ -9,8 +9,9 @@ Grid mapping (8-bit containers; the integers stay rsq's, shifted by the zero poi
   range [0, Qn + Qp]; an unsigned sub-8-bit grid read from a ReLU's output: zero point 255 - Qp,
   so uint8's saturation at 255 is the clamp at Qp (no hardtanh; LayerGrid.saturates).
   Backend "xnnpack" (its static int8 ops take int8 only): signed -> zero point 0, range [-Qn, Qp];
-  unsigned b < 8 -> zero point 0, range [0, Qp]; unsigned 8-bit -> zero point -128, range [-128, 127]. Where the range is narrower than the container a float
-  hardtanh clips first (clamp_to_grids: int8 kernels ignore quant_max).
+  unsigned b < 8 -> zero point 0, range [0, Qp]; unsigned 8-bit -> zero point -128, range
+  [-128, 127]. Where the range is narrower than the container a float hardtanh clips first
+  (clamp_to_grids: int8 kernels ignore quant_max).
 - weights: int8 per output channel (ch_axis 0, per_channel_symmetric), scale = step * |BN gain|;
   a negative BN gain flips a channel's integers to [-Qp, Qn]. Linears declare rsq's range
   [-Qn, Qp]; convs declare [-128, 127] (see _fold_layer). Backend "xnnpack" stores each channel's
