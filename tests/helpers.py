@@ -1,6 +1,7 @@
 """Helpers shared by test modules (pytest puts tests/ on sys.path)."""
 import torch
 
+import rsq
 from rsq.convert import using_mode
 
 
@@ -16,3 +17,12 @@ def warmed_up(model: torch.nn.Module, resolutions, in_chans: int = 1, batch: int
                 with using_mode(model, r):
                     model(torch.randn(batch, in_chans, r, r))
     return model.eval()
+
+
+def quantized_resnet20(bits: int, resolutions, **quant) -> torch.nn.Module:
+    """A seeded ResNet-20 RS-Net for 10 classes of one-channel images, quantized W{bits}A{bits} (``quant``:
+    more rsq.QuantConfig fields) and warmed_up at ``resolutions``."""
+    torch.manual_seed(0)
+    model = rsq.create_model("resnet20", 10, 1, resolutions=resolutions)
+    rsq.quantize_(model, rsq.QuantConfig(weight_bits=bits, act_bits=bits, **quant))
+    return warmed_up(model, resolutions)

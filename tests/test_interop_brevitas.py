@@ -10,7 +10,7 @@ import rsq
 from rsq.counting import layer_costs, summarize
 from rsq.errors import RsqError
 
-from helpers import warmed_up
+from helpers import quantized_resnet20
 
 pytest.importorskip("brevitas")
 pytest.importorskip("qonnx")
@@ -21,10 +21,7 @@ RES = [16, 12]
 
 def quantized_model(bits: int, quantizer: str = "lsq") -> torch.nn.Module:
     """A ResNet-20 RS-Net whose quantizers and BNs have seen data (as after a short training)."""
-    torch.manual_seed(0)
-    model = rsq.create_model("resnet20", 10, 1, resolutions=RES)
-    rsq.quantize_(model, rsq.QuantConfig(weight_bits=bits, act_bits=bits, quantizer=quantizer))
-    return warmed_up(model, RES)
+    return quantized_resnet20(bits, RES, quantizer=quantizer)
 
 
 @pytest.fixture(scope="module")

@@ -22,17 +22,14 @@ from rsq.runtime import Runtime, dequantize_logits
 from rsq.train import train
 from rsq.verify import verify_export
 
-from helpers import warmed_up
+from helpers import quantized_resnet20
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RES = [16, 12]
 
 
 def _initialised(shortcut: bool, bits: int = 4) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = rsq.create_model("resnet20", 10, 1, resolutions=RES)
-    rsq.quantize_(model, rsq.QuantConfig(weight_bits=bits, act_bits=bits, quantized_shortcut=shortcut))
-    return warmed_up(model, RES)
+    return quantized_resnet20(bits, RES, quantized_shortcut=shortcut)
 
 
 @pytest.fixture(scope="module")
