@@ -9,7 +9,6 @@ import torch
 
 from rsq.checkpoint import load_model
 from rsq.config import TrainConfig
-from rsq.convert import using_mode
 from rsq.data import fashion_mnist
 from rsq.data.multires import resize_batch
 from rsq.export import export_checkpoint
@@ -17,6 +16,8 @@ from rsq.export.lower import lower
 from rsq.runtime import Runtime, dequantize_logits, load
 from rsq.runtime.packed import packed_size
 from rsq.train import train
+
+from helpers import runtime_vs_fake_quant
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -57,12 +58,7 @@ def test_runtime_agrees_with_fake_quant_model(runs, images, bits):
     integer_model = lower(model)
     runtime = Runtime(integer_model)
     for r in RESOLUTIONS:
-        x = resize_batch(images[0], r)
-        with torch.no_grad(), using_mode(model, r):
-            fake = model(x).numpy()
-        logits = runtime.run(x.numpy(), r)
-        agreement = (fake.argmax(1) == logits.argmax(1)).mean()
-        error = np.abs(dequantize_logits(integer_model, logits, r) - fake).mean() / np.abs(fake).mean()
+        agreement, error = runtime_vs_fake_quant(model, runtime, images[0], r)
         assert agreement >= 0.97, (r, agreement)
         assert error < 0.02, (r, error)
 
