@@ -18,7 +18,6 @@ import argparse
 import copy
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,8 +27,9 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import torch  # noqa: E402
 
-from bench_export import cpu_description, save_results  # noqa: E402
-from bench_export_extra import R18_RESOLUTIONS, executorch_engine, resnet18_checkpoint  # noqa: E402
+from bench_export import cpu_description, median_ms, save_results  # noqa: E402
+from bench_export_extra import (R18_RESOLUTIONS, executorch_engine, one_xnnpack_thread,  # noqa: E402
+                                resnet18_checkpoint)
 
 
 def fashion_mnist_checkpoint(work: Path, bits: int) -> Path:
@@ -40,15 +40,15 @@ def fashion_mnist_checkpoint(work: Path, bits: int) -> Path:
     return work / "fmnist"
 
 
-def bench(label: str, checkpoint: Path, in_chans: int, work: Path, rounds: int, calls: int) -> dict:
+def bench(label: str, checkpoint: Path, in_chans: int, work: Path, repeats: int) -> dict:
     from rsq.checkpoint import load_model
     from rsq.convert import using_mode
-    from rsq.export.executorch import write_executorch
+    from rsq.export.executorch import _runtime, write_executorch
     from rsq.quantize import dequantize_
 
     model, ckpt = load_model(checkpoint)
     resolutions = [int(r) for r in ckpt["resolutions"]]
-    sizes, build_s = {}, {}
+    sizes, build_s, paths = {}, {}, {}
     for name, kwargs, methods in (("one method (shared layout)", {}, resolutions[:1]),
                                   ("all methods, shared", {}, resolutions),
                                   ("all methods, folded", {"share_weights": False}, resolutions),
@@ -57,56 +57,41 @@ def bench(label: str, checkpoint: Path, in_chans: int, work: Path, rounds: int, 
                                   ("exact: all methods, folded", {"int8_gemms": False, "share_weights": False},
                                    resolutions)):
         start = time.perf_counter()
-        path = write_executorch(model, methods, in_chans, work / f"{len(sizes)}.pte", **kwargs)
+        paths[name] = write_executorch(model, methods, in_chans, work / f"{len(paths)}.pte", **kwargs)
         build_s[name] = time.perf_counter() - start
-        sizes[name] = path.stat().st_size
-    from executorch.runtime import Runtime
-    runtime = Runtime.get()
-    programs = {"shared": runtime.load_program(work / "1.pte"), "folded": runtime.load_program(work / "2.pte")}
+        sizes[name] = paths[name].stat().st_size
+    programs = {"shared": _runtime().load_program(paths["all methods, shared"]),
+                "folded": _runtime().load_program(paths["all methods, folded"])}
     float_model = dequantize_(copy.deepcopy(model)).eval()
     rows = []
     for r in resolutions:
         x = torch.randn(1, in_chans, r, r).numpy()
         engines = {name: executorch_engine(program, r, x) for name, program in programs.items()}
-        image = torch.from_numpy(x)
 
-        def eager(r=r, image=image):
+        def eager(r=r, image=torch.from_numpy(x)):
             with torch.no_grad(), using_mode(float_model, r):
                 return float_model(image)
         engines["torch fp32"] = eager
-        times = {name: [] for name in engines}
-        for engine in engines.values():
-            engine()
-        for _ in range(rounds):
-            for name, engine in engines.items():
-                start = time.perf_counter()
-                for _ in range(calls):
-                    engine()
-                times[name].append((time.perf_counter() - start) / calls * 1000)
-        rows.append({"resolution": r, "ms": {name: statistics.median(t) for name, t in times.items()}})
-    return {"label": label, "sizes": sizes, "build_s": build_s, "rows": rows, "rounds": rounds, "calls": calls}
+        rows.append({"resolution": r, "ms": median_ms(engines, dict.fromkeys(engines, repeats))})
+    return {"label": label, "sizes": sizes, "build_s": build_s, "rows": rows, "repeats": repeats}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="tools/results/bench_executorch_sharing")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=60, help="timed calls per engine (ResNet-18: a quarter)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    try:  # XNNPACK's pool would otherwise take every core
-        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-        _unsafe_reset_threadpool(1)
-    except ImportError:
-        pass
+    one_xnnpack_thread()
     work = Path(tempfile.mkdtemp(prefix="bench_executorch_sharing."))
     try:
         (work / "a").mkdir()
         results = [bench("resnet20 W4A4 (Fashion-MNIST, 28..12)", fashion_mnist_checkpoint(work / "a", 4), 1,
-                         work / "a", args.rounds, 20)]
+                         work / "a", args.repeats)]
         (work / "b").mkdir()
         ckpt = resnet18_checkpoint(work / "b" / "checkpoint.pt", R18_RESOLUTIONS, 4)
         results.append(bench("resnet18 W4A4 (random weights, 224..96)", ckpt, 3, work / "b",
-                             max(3, args.rounds // 3), 2))
+                             max(5, args.repeats // 4)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write_report(args, results)
@@ -118,7 +103,8 @@ def write_report(args, results) -> None:
     lines = ["# ExecuTorch: one program, weights shared by every resolution's method", "",
              f"`tools/bench_executorch_sharing.py {' '.join(sys.argv[1:])}`", "", f"CPU: {cpu}.", "",
              "Settings: batch 1; one thread (XNNPACK threadpool 1, torch 1); the engines take turns within each "
-             "round; median over rounds of the mean of several calls; shared = float-weight convs apply their BN "
+             "round, median of the timed calls, each timed call after an untimed one of the same engine "
+             "(bench_export.median_ms); shared = float-weight convs apply their BN "
              "after rsq's weight as a 1x1 depthwise conv (the default), folded = BN folded into them per method; "
              "exact = `executorch-exact` (every conv a float op).", ""]
     for m in results:
@@ -127,7 +113,7 @@ def write_report(args, results) -> None:
         for name, size in m["sizes"].items():
             base = m["sizes"]["exact: one method"] if name.startswith("exact") else one
             lines.append(f"| {name} | {size} | {size / base:.2f}x |")
-        lines += ["", f"{m['rounds']} rounds of {m['calls']} calls; ms per image:", "",
+        lines += ["", f"{m['repeats']} timed calls per engine; ms per image:", "",
                   "| resolution | shared | folded | torch fp32 | shared / folded | torch fp32 / shared |",
                   "|---:|---:|---:|---:|---:|---:|"]
         for row in m["rows"]:

@@ -53,12 +53,17 @@ def executorch_program(model, resolutions, in_chans: int, path: Path):
     start = time.perf_counter()
     write_executorch(model, resolutions, in_chans, path)
     lowered = time.perf_counter() - start
-    try:  # XNNPACK's pool would otherwise take every core; one thread keeps rows comparable
+    one_xnnpack_thread()
+    return _runtime().load_program(path), lowered
+
+
+def one_xnnpack_thread() -> None:
+    """XNNPACK's pool would otherwise take every core; one thread keeps rows comparable."""
+    try:
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
         _unsafe_reset_threadpool(1)
     except ImportError:
         pass
-    return _runtime().load_program(path), lowered
 
 
 def executorch_engine(program, resolution: int, x: np.ndarray):
