@@ -22,22 +22,35 @@ from .export import CHECKPOINT_COPY, INTEGER_FORMATS, lower_checkpoint_model, re
 from .runtime import Runtime, load
 
 
-def _onnx_sessions(folder: Path, resolutions) -> dict:
-    """{resolution: onnxruntime session} of an ONNX export's graphs (exact or QLinear)."""
+def _ort_session(path: Path):
+    """An onnxruntime CPU session of one graph, on torch's thread count."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise RsqError("verifying an ONNX export needs onnxruntime: pip install onnxruntime") from None
-    from .export.onnx import graph_file
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _onnx_sessions(folder: Path, resolutions) -> dict:
+    """{resolution: onnxruntime session} of an ONNX export's graphs (exact or QLinear)."""
+    from .export.onnx import graph_file
     sessions = {}
     for r in resolutions:
         path = folder / graph_file(r)
         if not path.is_file():
             raise RsqError(f"{path} is missing from the export")
-        sessions[r] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        sessions[r] = _ort_session(path)
     return sessions
+
+
+def _switchable_session(folder: Path):
+    """A session of the export's switchable graph (every resolution, picked by the input's size), or None
+    for a one-resolution export."""
+    from .export.onnx import SWITCHABLE_FILE
+    path = folder / SWITCHABLE_FILE
+    return _ort_session(path) if path.is_file() else None
 
 
 def _artifacts(export_dir: Path, info: dict, resolutions, gemm: str, reference) -> dict:
@@ -53,6 +66,9 @@ def _artifacts(export_dir: Path, info: dict, resolutions, gemm: str, reference) 
         sessions = _onnx_sessions(export_dir / "onnx", resolutions)
         # Output 1 is the int32 logits (output 0 is their DequantizeLinear).
         runners["onnx"] = lambda x, r: sessions[r].run([sessions[r].get_outputs()[1].name], {"input": x})[0]
+        switchable = _switchable_session(export_dir / "onnx")
+        if switchable is not None:  # one session for every resolution: the input's size picks it
+            runners["onnx-switchable"] = lambda x, r: switchable.run([switchable.get_outputs()[1].name], {"input": x})[0]
     if "qlinear" in formats:
         runners["qlinear"] = _qlinear_runner(export_dir / "qlinear", resolutions, reference)
     if "qonnx" in formats:

@@ -110,9 +110,10 @@ def test_packed_weights_take_their_bit_width(runs):
 def test_onnx_is_valid_integer_only_and_matches_runtime(runs, images, bits):
     export = runs[bits][1]
     reference = Runtime(load(export / "packed"))
-    files = sorted((export / "onnx").glob("*.onnx"))
+    files = sorted((export / "onnx").glob("model_r*.onnx"))
     assert [f.name for f in files] == ["model_r12.onnx", "model_r16.onnx"]
-    assert sorted(p.name for p in (export / "onnx").iterdir()) == ["model_r12.onnx", "model_r16.onnx", "weights.bin"]
+    assert sorted(p.name for p in (export / "onnx").iterdir()) == ["model.onnx", "model_r12.onnx", "model_r16.onnx",
+                                                                  "weights.bin"]
     for path in files:
         onnx.checker.check_model(str(path))
         proto = onnx.load(str(path), load_external_data=False)
@@ -144,6 +145,34 @@ def test_onnx_is_valid_integer_only_and_matches_runtime(runs, images, bits):
         assert np.allclose(logits, dequantize_logits(reference.model, integer_logits, r))
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_switchable_onnx_runs_every_resolution_from_one_graph(runs, images, bits):
+    folder = runs[bits][1] / "onnx"
+    path = folder / "model.onnx"
+    onnx.checker.check_model(str(path))
+    proto = onnx.load(str(path), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    values = [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]
+    float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+    assert {v.name for v in values if v.type.tensor_type.elem_type in float_types} == {"input", "logits"}
+    # The tables that differ by resolution are stacked, one row per resolution, and gathered.
+    stacked = [t for t in proto.graph.initializer if t.name.endswith(".modes")]
+    assert stacked and all(t.dims[0] == len(RESOLUTIONS) for t in stacked)
+    # One graph instead of one per resolution, the weights shared with them.
+    per_resolution = sum((folder / f"model_r{r}.onnx").stat().st_size for r in RESOLUTIONS)
+    assert path.stat().st_size < 0.75 * per_resolution
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for r in RESOLUTIONS:
+        x = resize_batch(images[0][:32], r).numpy()
+        one = ort.InferenceSession(str(folder / f"model_r{r}.onnx"), providers=["CPUExecutionProvider"])
+        for got, want in zip(session.run(None, {"input": x}), one.run(None, {"input": x})):
+            assert np.array_equal(got, want)
+    with pytest.raises(Exception, match="out of data bounds"):  # a size that is no exported resolution
+        session.run(None, {"input": np.zeros((1, 1, 14, 14), np.float32)})
+    with pytest.raises(Exception, match="out of data bounds"):  # nor is a non-square one
+        session.run(None, {"input": np.zeros((1, 1, 16, 12), np.float32)})
+
+
 def test_packed_export_runs_with_torch_blocked(runs, images, tmp_path):
     export = runs[2][1]
     x = resize_batch(images[0][:8], 12).numpy()
@@ -161,9 +190,10 @@ def test_verify_reports_every_artifact(runs, capsys):
     from rsq.verify import verify_export
     result = verify_export(runs[4][1], test_subset=32)
     artifacts = {(row["resolution"], row["artifact"]) for row in result["rows"]}
-    assert artifacts == {(r, a) for r in RESOLUTIONS for a in ("fake-quant", "runtime", "packed", "onnx")}
+    assert artifacts == {(r, a) for r in RESOLUTIONS
+                         for a in ("fake-quant", "runtime", "packed", "onnx", "onnx-switchable")}
     for row in result["rows"]:
-        if row["artifact"] in ("packed", "onnx"):
+        if row["artifact"] in ("packed", "onnx", "onnx-switchable"):
             assert row["integers_vs_runtime"] == "identical"
         assert row["agreement"] >= 90
     assert all(result["lowering_unchanged"].values())

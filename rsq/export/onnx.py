@@ -1,11 +1,17 @@
-"""ONNX writer: one graph per resolution, integers from the input's QuantizeLinear to the logits' DequantizeLinear.
+"""ONNX writer: one graph per resolution, integers from the input's QuantizeLinear to the logits' DequantizeLinear,
+and one switchable graph that holds every resolution (the input's height and width pick it).
 
 Convs (and the final linear, as a 1x1 conv on [N, C, 1, 1]) are ConvInteger with int8 operands;
 every requantization is a call of one model-local function, Requantize, made of int64 ops (Mul,
 Add, Pow, Div, Sub; then Clip and Cast), the same integers as rsq.runtime's
 floor((x * m0 + 2**(n-1)) / 2**n), n = 31 + shift (see requantize_function). So onnxruntime
 reproduces rsq.runtime bit for bit. The integer weights are written once, to weights.bin, and every
-resolution's graph points into it (ONNX external data).
+graph points into it (ONNX external data).
+
+The switchable graph (``model.onnx``) is the RS-Net as one file: the nodes once, each table that
+differs by resolution stacked [R, ...], and a Gather picks the running resolution's row; the index
+comes from the input's shape, so one onnxruntime session serves every resolution. An input size
+that is not an exported resolution fails in that Gather (index out of range).
 """
 from __future__ import annotations
 
@@ -33,22 +39,28 @@ def require_onnx():
     return onnx
 
 
+SWITCHABLE_FILE = "model.onnx"
+
+
 def graph_file(resolution: int) -> str:
     return f"model_r{resolution}.onnx"
 
 
 def write_onnx(model: IntegerModel, folder) -> list[Path]:
-    """One ``model_r{R}.onnx`` per resolution plus the shared ``weights.bin``; returns the graph paths."""
+    """One ``model_r{R}.onnx`` per resolution plus the shared ``weights.bin``, and with more than one
+    resolution the switchable ``model.onnx``; returns the per-resolution graph paths."""
     onnx = require_onnx()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     locations = write_weights(model, folder / WEIGHTS_FILE)
     paths = []
     for r in model.resolutions:
-        proto = _ExactGraph(onnx, model, r, locations).build()
         path = folder / graph_file(r)
-        path.write_bytes(proto.SerializeToString())
+        path.write_bytes(_ExactGraph(onnx, model, [r], locations).build().SerializeToString())
         paths.append(path)
+    if len(model.resolutions) > 1:
+        switchable = _ExactGraph(onnx, model, model.resolutions, locations).build()
+        (folder / SWITCHABLE_FILE).write_bytes(switchable.SerializeToString())
     return paths
 
 
@@ -74,14 +86,19 @@ def _is_default(name: str, value) -> bool:
 
 
 class OnnxGraph:
-    """What every rsq ONNX graph builder shares: constants, nodes, the shared external weights."""
+    """What every rsq ONNX graph builder shares: constants, nodes, the shared external weights, and the
+    modes: one resolution, or several in one switchable graph (``resolutions``, in the model's order)."""
 
-    def __init__(self, onnx, model: IntegerModel, resolution: int, locations):
-        self.onnx, self.model, self.r, self.locations = onnx, model, resolution, locations
+    def __init__(self, onnx, model: IntegerModel, resolutions: list[int], locations):
+        self.onnx, self.model, self.locations = onnx, model, locations
+        self.modes = list(resolutions)
+        self.r = self.modes[0]  # what every mode shares is read from the first
+        self.switchable = len(self.modes) > 1
+        self.mode: Optional[str] = None  # the running resolution's index (a graph tensor), when switchable
         self.helper = onnx.helper
         self.nodes, self.initializers = [], []
-        self.tables = model.tables[resolution]
-        self.scales = model.scales[resolution]
+        self.tables = model.tables[self.r]
+        self.scales = model.scales[self.r]
         self.shared: set[str] = set()
 
     def const(self, name: str, array: np.ndarray) -> str:
@@ -107,6 +124,43 @@ class OnnxGraph:
         self.nodes.append(self.helper.make_node(op, inputs, [output], domain=domain, **attrs))
         return output
 
+    def per_mode(self, name: str, value_of) -> str:
+        """The constant ``value_of(resolution)``: one initializer when every mode's array is the same (a
+        single-resolution graph's always are), else the arrays stacked and the running mode's row gathered."""
+        arrays = [np.asarray(value_of(r)) for r in self.modes]
+        if all(np.array_equal(a, arrays[0]) for a in arrays[1:]):
+            return self.const(name, arrays[0])
+        stacked = self.const(f"{name}.modes", np.stack(arrays))
+        return self.node("Gather", [stacked, self.mode], name)
+
+    def fixed(self, op_name: str, key: str) -> int:
+        """A table entry every mode shares: a clamp bound, a bias shift (a tensor's grid is one for all modes)."""
+        values = {int(self.model.tables[r][op_name][key][0]) for r in self.modes}
+        assert len(values) == 1, f"{op_name}.{key} differs between resolutions"
+        return values.pop()
+
+    def graph_input(self):
+        """The float image input, [batch, C, R, R] or, switchable, [batch, C, height, width]; a switchable
+        graph's mode is then the index of the input's (height, width) among the modes' sizes, or len(modes)
+        when it is none of them (so the first Gather fails rather than running some resolution's tables)."""
+        model = self.model
+        size = ["height", "width"] if self.switchable else [self.r, self.r]
+        graph_input = self.helper.make_tensor_value_info(model.input, self.onnx.TensorProto.FLOAT,
+                                                         ["batch", model.in_chans, *size])
+        if not self.switchable:
+            return graph_input
+        x, count = model.input, len(self.modes)
+        sizes = self.const("resolutions", np.array([[r, r] for r in self.modes], np.int64))
+        size = self.node("Shape", [x], "input.size", start=2)
+        match = self.node("Cast", [self.node("Equal", [sizes, size], "mode.equal")], "mode.match",
+                          to=self.onnx.TensorProto.INT64)
+        rows = self.node("ReduceMin", [match, self.scalar([1], np.int64)], "mode.rows", keepdims=0)
+        # sum(rows * (i - count)) + count: i for the one matching row, count for none.
+        offsets = self.const("mode.offsets", np.arange(count, dtype=np.int64) - count)
+        found = self.node("ReduceSum", [self.node("Mul", [rows, offsets], "mode.offset")], "mode.found", keepdims=0)
+        self.mode = self.node("Add", [found, self.scalar(count, np.int64)], "mode")
+        return graph_input
+
     def weight(self, name: str) -> str:
         values = self.model.weights[name].values
         tensor = self.onnx.TensorProto()
@@ -123,8 +177,8 @@ class OnnxGraph:
 
     def finish(self, inputs, outputs, doc: str, domains=(), functions=()):
         """The ModelProto of the nodes built so far (opset OPSET, plus ``domains`` at version 1)."""
-        graph = self.helper.make_graph(self.nodes, f"{self.model.model}_r{self.r}", inputs, outputs,
-                                       self.initializers)
+        name = f"{self.model.model}_{'switchable' if self.switchable else f'r{self.r}'}"
+        graph = self.helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
         opsets = [self.helper.make_opsetid("", OPSET)] + [self.helper.make_opsetid(d, 1) for d in domains]
         proto = self.helper.make_model(graph, opset_imports=opsets, producer_name="rsq", doc_string=doc,
                                        functions=list(functions))
@@ -174,21 +228,27 @@ def requantize_function(onnx):
 
 
 class _ExactGraph(OnnxGraph):
-    """ConvInteger + the Requantize function: the same integers as rsq.runtime."""
+    """ConvInteger + the Requantize function: the same integers as rsq.runtime, for one resolution or,
+    switchable, for several (``resolutions``, in the model's order)."""
 
-    def requant(self, x: str, prefix: str, table, output: str, shape=(), pre_shift: int = 0, bias=None,
-                suffix: str = "", clamp: bool = True, dtype=None) -> str:
+    def requant(self, x: str, prefix: str, op_name: str, output: str, shape=(), pre_shift: int = 0,
+                bias: bool = False, suffix: str = "", clamp: bool = True, dtype=None) -> str:
         """clamp(rq((x << pre_shift) + bias, m0, shift), lo, hi) as ``output``: the op's tables (``m0``, ``shift``
-        and ``bias`` entries of ``table``, each name plus ``suffix``) and one Requantize call. Unclamped
-        (``clamp=False``), the int64 result of rq."""
-        n = MANTISSA_BITS + np.asarray(table["shift" + suffix], dtype=np.int64).reshape(shape)
-        assert n.min(initial=1) >= 1 and n.max(initial=1) <= 62, "lower keeps 31 + shift in 1..62"
-        m0 = self.const(f"{prefix}.m0", np.asarray(table["m0" + suffix], dtype=np.int32).reshape(shape))
-        n = self.const(f"{prefix}.n", n.astype(np.uint8))
-        bias = (self.scalar(0, np.int32) if bias is None
-                else self.const(f"{prefix}.bias", np.asarray(bias, np.int32).reshape(shape)))
+        and, with ``bias``, ``bias`` entries of op ``op_name``'s table, each name plus ``suffix``) and one
+        Requantize call. Unclamped (``clamp=False``), the int64 result of rq."""
+        def entry(key, dtype):
+            return lambda r: np.asarray(self.model.tables[r][op_name][key + suffix], dtype=dtype).reshape(shape)
+
+        def exponent(r):
+            n = MANTISSA_BITS + entry("shift", np.int64)(r)
+            assert n.min(initial=1) >= 1 and n.max(initial=1) <= 62, "lower keeps 31 + shift in 1..62"
+            return n.astype(np.uint8)
+
+        m0 = self.per_mode(f"{prefix}.m0", entry("m0", np.int32))
+        n = self.per_mode(f"{prefix}.n", exponent)
+        bias = self.per_mode(f"{prefix}.bias", entry("bias", np.int32)) if bias else self.scalar(0, np.int32)
         if clamp:
-            lo, hi = int(table["lo"][0]), int(table["hi"][0])
+            lo, hi = self.fixed(op_name, "lo"), self.fixed(op_name, "hi")
             dtype = np.dtype(dtype or self.model.tensors[output].dtype)
         else:
             lo, hi, dtype = np.iinfo(np.int64).min, np.iinfo(np.int64).max, np.dtype(np.int64)
@@ -196,55 +256,60 @@ class _ExactGraph(OnnxGraph):
                                       self.scalar(lo, np.int64), self.scalar(hi, np.int64)], output, domain=DOMAIN,
                          to=self.onnx.helper.np_dtype_to_tensor_dtype(dtype))
 
+    def scale(self, name: str, tensor: str) -> str:
+        return self.per_mode(name, lambda r: np.array(self.model.scales[r][tensor], dtype=np.float32))
+
     # ---- ops ----
 
     def build(self):
         model, TP = self.model, self.onnx.TensorProto
         batch = "batch"
-        graph_input = self.helper.make_tensor_value_info(model.input, TP.FLOAT, [batch, model.in_chans, self.r, self.r])
+        graph_input = self.graph_input()
         for op in model.ops:
-            getattr(self, f"_{op.kind}")(op, self.tables[op.name])
+            getattr(self, f"_{op.kind}")(op)
         logits_int = model.output
-        scale = self.const("logits.scale", np.array(self.scales[model.output], dtype=np.float32))
+        scale = self.scale("logits.scale", model.output)
         self.node("DequantizeLinear", [logits_int, scale], "logits")
         outputs = [self.helper.make_tensor_value_info("logits", TP.FLOAT, [batch, model.num_classes]),
                    self.helper.make_tensor_value_info(logits_int, TP.INT32, [batch, model.num_classes])]
-        return self.finish([graph_input], outputs, f"rsq integer export, resolution {self.r}", domains=(DOMAIN,),
-                           functions=[requantize_function(self.onnx)])
+        doc = (f"rsq integer export, resolutions {'/'.join(map(str, self.modes))}: the input's size picks one"
+               if self.switchable else f"rsq integer export, resolution {self.r}")
+        return self.finish([graph_input], outputs, doc, domains=(DOMAIN,), functions=[requantize_function(self.onnx)])
 
-    def _quantize_input(self, op, table):
+    def _quantize_input(self, op):
         info = self.model.tensors[op.output]
         dtype = np.dtype(info.dtype)
-        scale = self.const(f"{op.name}.scale", np.array(self.scales[op.output], dtype=np.float32))
+        scale = self.scale(f"{op.name}.scale", op.output)
         zero = self.scalar(0, dtype)
-        lo, hi = int(table["lo"][0]), int(table["hi"][0])
+        lo, hi = self.fixed(op.name, "lo"), self.fixed(op.name, "hi")
         if (lo, hi) == (np.iinfo(dtype).min, np.iinfo(dtype).max):
             self.node("QuantizeLinear", [op.inputs[0], scale, zero], op.output)
             return
         quantized = self.node("QuantizeLinear", [op.inputs[0], scale, zero], f"{op.output}.full")
         self.node("Clip", [quantized, self.scalar(lo, dtype), self.scalar(hi, dtype)], op.output)
 
-    def _requantize(self, op, table):
-        self.requant(op.inputs[0], op.name, table, op.output)
+    def _requantize(self, op):
+        self.requant(op.inputs[0], op.name, op.name, op.output)
 
-    def _conv(self, op, table):
+    def _conv(self, op):
         attrs = op.attrs
         ph, pw = attrs["padding"]
-        self._layer(op, table, op.inputs[0], self.weight(attrs["weight"]), op.output, kernel_shape=attrs["kernel"],
+        self._layer(op, op.inputs[0], self.weight(attrs["weight"]), op.output, kernel_shape=attrs["kernel"],
                     strides=attrs["stride"], pads=[ph, pw, ph, pw], group=attrs["groups"])
 
-    def _linear(self, op, table):
+    def _linear(self, op):
         # A 1x1 ConvInteger on [N, C, 1, 1]: the weights keep their stored [out, in] layout (as [out, in, 1, 1]).
         axes = self.scalar([2, 3], np.int64)
         x4 = self.node("Unsqueeze", [op.inputs[0], axes], f"{op.name}.input4d")
-        out4 = self._layer(op, table, x4, self.weight_4d(op.attrs["weight"]), f"{op.output}.4d")
+        out4 = self._layer(op, x4, self.weight_4d(op.attrs["weight"]), f"{op.output}.4d")
         self.node("Flatten", [out4], op.output, axis=1)
 
-    def _layer(self, op, table, x: str, weight: str, output: str, **conv_attrs) -> str:
+    def _layer(self, op, x: str, weight: str, output: str, **conv_attrs) -> str:
         """clamp(rq((acc << bias_shift) + bias, m0, shift), lo, hi), per output channel."""
         acc = self.node("ConvInteger", [x, weight], f"{op.name}.acc", **conv_attrs)
-        return self.requant(acc, op.name, table, output, [1, len(table["m0"]), 1, 1],
-                            pre_shift=int(table["bias_shift"][0]), bias=table["bias"],
+        channels = len(self.model.tables[self.r][op.name]["m0"])
+        return self.requant(acc, op.name, op.name, output, [1, channels, 1, 1],
+                            pre_shift=self.fixed(op.name, "bias_shift"), bias=True,
                             dtype=self.model.tensors[op.output].dtype)
 
     def weight_4d(self, name: str) -> str:
@@ -253,24 +318,24 @@ class _ExactGraph(OnnxGraph):
         shape = self.const(f"{name}.shape4d", np.array(list(self.model.weights[name].values.shape) + [1, 1], np.int64))
         return self.node("Reshape", [flat, shape], f"{name}.weight4d")
 
-    def _add(self, op, table):
+    def _add(self, op):
         a, b = op.inputs
-        ya = self.requant(a, f"{op.name}.a", table, f"{op.name}.a.rounded", suffix="_a", clamp=False)
-        yb = self.requant(b, f"{op.name}.b", table, f"{op.name}.b.rounded", suffix="_b", clamp=False)
+        ya = self.requant(a, f"{op.name}.a", op.name, f"{op.name}.a.rounded", suffix="_a", clamp=False)
+        yb = self.requant(b, f"{op.name}.b", op.name, f"{op.name}.b.rounded", suffix="_b", clamp=False)
         total = self.node("Add", [ya, yb], f"{op.name}.sum")
-        clipped = self.node("Clip", [total, self.scalar(int(table["lo"][0]), np.int64),
-                                     self.scalar(int(table["hi"][0]), np.int64)], f"{op.name}.clipped")
+        clipped = self.node("Clip", [total, self.scalar(self.fixed(op.name, "lo"), np.int64),
+                                     self.scalar(self.fixed(op.name, "hi"), np.int64)], f"{op.name}.clipped")
         self.node("Cast", [clipped], op.output,
                   to=self.onnx.helper.np_dtype_to_tensor_dtype(np.dtype(self.model.tensors[op.output].dtype)))
 
-    def _global_avg_pool(self, op, table):
+    def _global_avg_pool(self, op):
         axes = self.scalar([2, 3], np.int64)
         # The sum in int64: an int32 sum of a pooled map could overflow.
         wide = self.node("Cast", [op.inputs[0]], f"{op.name}.int64", to=self.onnx.TensorProto.INT64)
         total = self.node("ReduceSum", [wide, axes], f"{op.name}.total", keepdims=0)
-        self.requant(total, op.name, table, op.output)
+        self.requant(total, op.name, op.name, op.output)
 
-    def _max_pool(self, op, table):
+    def _max_pool(self, op):
         """MaxPool on the integers themselves (no requantization: the output keeps the input's grid).
 
         onnxruntime's MaxPool has int8/uint8 kernels but none for int32: a wide tensor goes through

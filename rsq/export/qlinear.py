@@ -135,7 +135,7 @@ def _multiplier(table: dict, suffix: str = "") -> np.ndarray:
 class _QLinearGraph(OnnxGraph):
     def __init__(self, onnx, model: IntegerModel, resolution: int, locations, ranges: dict[str, int],
                  shifts: dict[str, int]):
-        super().__init__(onnx, model, resolution, locations)
+        super().__init__(onnx, model, [resolution], locations)
         self.grids = self._grids(ranges)
         self.shifts = shifts
         self.flat: dict[str, str] = {}
