@@ -153,6 +153,17 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def onnx_sizes(folder: Path) -> dict:
+    """Bytes of an onnx export folder, all resolutions: the per-resolution graphs with weights.bin, and the
+    switchable graph (model.onnx, every resolution in one graph) with weights.bin."""
+    switchable = folder / "model.onnx"
+    extra = switchable.stat().st_size if switchable.exists() else 0
+    sizes = {"rsq ONNX folder (all resolutions, a graph each)": folder_size(folder) - extra}
+    if extra:
+        sizes["rsq ONNX switchable graph + weights.bin (all resolutions)"] = extra + (folder / "weights.bin").stat().st_size
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?", help="a trained checkpoint (Fashion-MNIST ResNet-20 or other)")
@@ -200,7 +211,7 @@ def export_sizes(checkpoint, folder: Path) -> dict:
     from rsq.export import export_checkpoint
     for fmt in ("onnx", "packed"):
         export_checkpoint(checkpoint, fmt, folder)
-    return {"rsq ONNX folder (all resolutions)": folder_size(folder / "onnx"),
+    return {**onnx_sizes(folder / "onnx"),
             "rsq packed folder (all resolutions)": folder_size(folder / "packed"),
             "  of which weights.bin (bit-packed)": (folder / "packed" / "weights.bin").stat().st_size}
 
@@ -299,7 +310,7 @@ def bench_model(checkpoint, images, work: Path, repeats: int, runtime_repeats: i
             print(label or config.model, r, batch, {k: round(v, 3) for k, v in timings.items()},
                   "head to head:", {k: round(v, 3) for k, v in pair.items()}, flush=True)
     sizes["checkpoint.pt"] = Path(export / "checkpoint.pt").stat().st_size
-    sizes["rsq ONNX folder (all resolutions)"] = folder_size(export / "onnx")
+    sizes.update(onnx_sizes(export / "onnx"))
     sizes["  of which weights.bin (int8, shared)"] = (export / "onnx" / "weights.bin").stat().st_size
     sizes["rsq ONNX, one resolution (graph + weights.bin)"] = (
         (export / "onnx" / f"model_r{resolutions[0]}.onnx").stat().st_size + sizes["  of which weights.bin (int8, shared)"])

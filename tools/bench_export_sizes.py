@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from bench_export import cpu_description, save_results, folder_size  # noqa: E402
+from bench_export import cpu_description, folder_size, onnx_sizes, save_results  # noqa: E402
 
 FORMATS = ("onnx", "qlinear", "packed")
 SHARED = {"onnx": ["weights.bin"], "qlinear": ["weights.bin", "ranges.json"], "packed": ["weights.bin", "manifest.json"]}
@@ -67,13 +67,12 @@ def sizes_of(checkpoint: Path, work: Path, synthetic: bool) -> dict:
         else:
             export_checkpoint(checkpoint, fmt, work / "export")
             shutil.move(work / "export" / fmt, work / fmt)
-        switchable = work / fmt / "model.onnx"
-        total = folder_size(work / fmt) - (switchable.stat().st_size if switchable.exists() else 0)
         one = one_resolution_bytes(work / fmt, fmt, resolutions[0], len(resolutions))
-        rows.append({"format": fmt, "all_bytes": total, "one_bytes": one, "ratio": total / one})
-        if switchable.exists():
-            total = switchable.stat().st_size + (work / fmt / "weights.bin").stat().st_size
-            rows.append({"format": f"{fmt} switchable", "all_bytes": total, "one_bytes": one, "ratio": total / one})
+        totals = {fmt: folder_size(work / fmt)}
+        if fmt == "onnx":
+            totals = dict(zip(("onnx", "onnx switchable"), onnx_sizes(work / fmt).values()))
+        rows += [{"format": name, "all_bytes": total, "one_bytes": one, "ratio": total / one}
+                 for name, total in totals.items()]
     tables = table_bytes(integer_model, resolutions[0])
     floor = (weights + len(resolutions) * tables) / (weights + tables)
     return {"checkpoint": str(checkpoint), "model": config.model, "bits": f"W{config.weight_bits}A{config.act_bits}",
