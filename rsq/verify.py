@@ -62,15 +62,13 @@ def _artifacts(export_dir: Path, info: dict, resolutions, gemm: str, reference) 
     if "packed" in formats:
         packed = Runtime(load(export_dir / "packed"), gemm=gemm)
         runners["packed"] = packed.run
-    if "onnx" in formats:
-        sessions = _onnx_sessions(export_dir / "onnx", resolutions)
-        # Output 1 is the int32 logits (output 0 is their DequantizeLinear).
-        runners["onnx"] = lambda x, r: sessions[r].run([sessions[r].get_outputs()[1].name], {"input": x})[0]
-        switchable = _switchable_session(export_dir / "onnx")
-        if switchable is not None:  # one session for every resolution: the input's size picks it
-            runners["onnx-switchable"] = lambda x, r: switchable.run([switchable.get_outputs()[1].name], {"input": x})[0]
-    if "qlinear" in formats:
-        runners["qlinear"] = _qlinear_runner(export_dir / "qlinear", resolutions, reference)
+    # Each ONNX format also as its switchable graph, if written: one session fed every resolution.
+    for fmt, runner in (("onnx", _integer_logits_runner), ("qlinear", _qlinear_runner)):
+        if fmt in formats:
+            runners[fmt] = runner(_onnx_sessions(export_dir / fmt, resolutions).get, reference)
+            switchable = _switchable_session(export_dir / fmt)
+            if switchable is not None:
+                runners[f"{fmt}-switchable"] = runner(lambda r, session=switchable: session, reference)
     if "qonnx" in formats:
         runners["qonnx"] = _qonnx_runner(export_dir / "qonnx")
     if "pt2e" in formats:
@@ -87,14 +85,23 @@ def _artifacts(export_dir: Path, info: dict, resolutions, gemm: str, reference) 
     return runners
 
 
-def _qlinear_runner(folder: Path, resolutions, reference):
-    """Float logits, and the last linear's integer input (the same grid as rsq.runtime's)."""
+def _integer_logits_runner(session_for, reference):
+    """The exact graph's int32 logits (its output 1; output 0 is their DequantizeLinear) from the session
+    ``session_for(resolution)``."""
+    def run(x, r):
+        session = session_for(r)
+        return session.run([session.get_outputs()[1].name], {"input": x})[0]
+    return run
+
+
+def _qlinear_runner(session_for, reference):
+    """Float logits, and the last linear's integer input (the same grid as rsq.runtime's), from the QLinear
+    session ``session_for(resolution)``."""
     from .export.qlinear import features_tensor, features_zero_point
-    sessions = _onnx_sessions(folder, resolutions)
     features = features_tensor(reference)
 
     def run(x, r):
-        logits, ints = sessions[r].run(None, {"input": x})
+        logits, ints = session_for(r).run(None, {"input": x})
         return logits, (features, ints.astype(np.int32) - features_zero_point(reference, r))
     return run
 

@@ -54,8 +54,8 @@ def _every_tensor(path):
 
 def test_qlinear_graph_is_8bit_and_stores_the_weights_once(export, images):
     folder = export / "qlinear"
-    assert sorted(p.name for p in folder.iterdir()) == ["model_r12.onnx", "model_r16.onnx", "ranges.json",
-                                                        "weights.bin"]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model_r12.onnx", "model_r16.onnx",
+                                                        "ranges.json", "weights.bin"]
     # The exact export's weights: as they are at 8 bits, moved 4 bits up inside int8 at 4 bits (weight_shifts).
     model = load(export / "packed")
     assert (folder / "weights.bin").stat().st_size == (export / "onnx" / "weights.bin").stat().st_size
@@ -83,6 +83,30 @@ def test_qlinear_graph_is_8bit_and_stores_the_weights_once(export, images):
         assert floats == {"logits"}  # and the graph input: nothing else between quantize and dequantize
         assert {dtype for name, dtype in dtypes.items() if name not in floats} <= {np.dtype(t) for t in
                                                                                    ("uint8", "int8", "int32")}
+
+
+def test_switchable_qlinear_runs_every_resolution_from_one_session(export, images):
+    folder = export / "qlinear"
+    path = folder / "model.onnx"
+    onnx.checker.check_model(str(path))
+    proto = onnx.load(str(path), load_external_data=False)
+    # The weights once, outside the branches; each branch is a resolution's graph with its own tables.
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(external) == 21 + 1 and not [t for n in proto.graph.node for a in n.attribute if a.type == a.GRAPH
+                                            for t in a.g.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    branches = [n for n in proto.graph.node if n.op_type == "If"]
+    assert len(branches) == len(RESOLUTIONS)
+    for node in branches:
+        then = next(a.g for a in node.attribute if a.name == "then_branch")
+        assert {n.op_type for n in then.node} <= ALLOWED_OPS and sum(n.op_type == "QLinearConv" for n in then.node) == 21
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for r in RESOLUTIONS:
+        x = resize_batch(images[:16], r).numpy()
+        one = ort.InferenceSession(str(folder / f"model_r{r}.onnx"), providers=["CPUExecutionProvider"])
+        for got, want in zip(session.run(None, {"input": x}), one.run(None, {"input": x})):
+            assert got.shape == want.shape and np.array_equal(got, want)
+    with pytest.raises(Exception, match="out of data bounds"):  # a size that is no exported resolution
+        session.run(None, {"input": np.zeros((1, 1, 14, 14), np.float32)})
 
 
 def test_qlinear_ops_stay_within_one_step_of_the_runtime(export, images):
@@ -125,6 +149,9 @@ def test_verify_compares_qlinear_features_with_the_runtime(export):
     result = verify_export(export, test_subset=32, quiet=True)
     rows = [row for row in result["rows"] if row["artifact"] == "qlinear"]
     assert [row["resolution"] for row in rows] == RESOLUTIONS
+    switchable = [row for row in result["rows"] if row["artifact"] == "qlinear-switchable"]
+    assert [(row["top1"], row["agreement"], row["integers_vs_runtime"]) for row in switchable] == [
+        (row["top1"], row["agreement"], row["integers_vs_runtime"]) for row in rows]
     for row in rows:
         assert row["integers_vs_runtime"].startswith(features_tensor(load(export / "packed")) + ":")
         assert row["agreement"] >= 50  # far above chance (10 classes); this 12-step model has many near-ties

@@ -28,16 +28,8 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import torch  # noqa: E402
 
 from bench_export import cpu_description, median_ms, save_results  # noqa: E402
-from bench_export_extra import (R18_RESOLUTIONS, executorch_engine, one_xnnpack_thread,  # noqa: E402
-                                resnet18_checkpoint)
-
-
-def fashion_mnist_checkpoint(work: Path, bits: int) -> Path:
-    from rsq.config import TrainConfig
-    from rsq.train import train
-    train(TrainConfig(weight_bits=bits, act_bits=bits, subset=512, test_subset=64, epochs=1, batch_size=64,
-                      lr=0.05, out=str(work / "fmnist"), device="cpu"), overwrite=True)
-    return work / "fmnist"
+from bench_export_extra import (R18_RESOLUTIONS, executorch_engine, fashion_mnist_checkpoint,  # noqa: E402
+                                one_xnnpack_thread, resnet18_checkpoint)
 
 
 def bench(label: str, checkpoint: Path, in_chans: int, work: Path, repeats: int) -> dict:
@@ -86,8 +78,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_executorch_sharing."))
     try:
         (work / "a").mkdir()
-        results = [bench("resnet20 W4A4 (Fashion-MNIST, 28..12)", fashion_mnist_checkpoint(work / "a", 4), 1,
-                         work / "a", args.repeats)]
+        fmnist = fashion_mnist_checkpoint(work / "a" / "fmnist", 4, lr=0.05)
+        results = [bench("resnet20 W4A4 (Fashion-MNIST, 28..12)", fmnist, 1, work / "a", args.repeats)]
         (work / "b").mkdir()
         ckpt = resnet18_checkpoint(work / "b" / "checkpoint.pt", R18_RESOLUTIONS, 4)
         results.append(bench("resnet18 W4A4 (random weights, 224..96)", ckpt, 3, work / "b",

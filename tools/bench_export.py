@@ -153,14 +153,15 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def onnx_sizes(folder: Path) -> dict:
-    """Bytes of an onnx export folder, all resolutions: the per-resolution graphs with weights.bin, and the
-    switchable graph (model.onnx, every resolution in one graph) with weights.bin."""
+def onnx_sizes(folder: Path, label: str = "rsq ONNX") -> dict:
+    """Bytes of an onnx or qlinear export folder, all resolutions: the per-resolution graphs with the shared
+    files, and the switchable graph (model.onnx, every resolution in one graph) with the shared files."""
     switchable = folder / "model.onnx"
     extra = switchable.stat().st_size if switchable.exists() else 0
-    sizes = {"rsq ONNX folder (all resolutions, a graph each)": folder_size(folder) - extra}
+    sizes = {f"{label} folder (all resolutions, a graph each)": folder_size(folder) - extra}
     if extra:
-        sizes["rsq ONNX switchable graph + weights.bin (all resolutions)"] = extra + (folder / "weights.bin").stat().st_size
+        shared = folder_size(folder) - extra - sum(p.stat().st_size for p in folder.glob("model_r*.onnx"))
+        sizes[f"{label} switchable graph + shared files (all resolutions)"] = extra + shared
     return sizes
 
 
@@ -314,7 +315,7 @@ def bench_model(checkpoint, images, work: Path, repeats: int, runtime_repeats: i
     sizes["  of which weights.bin (int8, shared)"] = (export / "onnx" / "weights.bin").stat().st_size
     sizes["rsq ONNX, one resolution (graph + weights.bin)"] = (
         (export / "onnx" / f"model_r{resolutions[0]}.onnx").stat().st_size + sizes["  of which weights.bin (int8, shared)"])
-    sizes["rsq QLinear folder (all resolutions)"] = folder_size(export / "qlinear")
+    sizes.update(onnx_sizes(export / "qlinear", "rsq QLinear"))
     sizes["rsq packed folder (all resolutions)"] = folder_size(export / "packed")
     sizes["  of which weights.bin (bit-packed)"] = (export / "packed" / "weights.bin").stat().st_size
     for fmt in ("pt2e", "qonnx"):

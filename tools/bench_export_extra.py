@@ -1,5 +1,5 @@
-"""Helpers of tools/bench_export.py: a ResNet-18 RS-Net checkpoint for timing, and ExecuTorch XNNPACK
-as a timed callable with its build time."""
+"""Helpers of tools/bench_export.py and its siblings: briefly trained Fashion-MNIST and ResNet-18 RS-Net
+checkpoints for timing and sizes, and ExecuTorch XNNPACK as a timed callable with its build time."""
 from __future__ import annotations
 
 import time
@@ -9,6 +9,17 @@ import numpy as np
 import torch
 
 R18_RESOLUTIONS = [224, 192, 160, 128, 96]
+
+
+def fashion_mnist_checkpoint(run: Path, bits: int, **config) -> Path:
+    """The default Fashion-MNIST ResNet-20 RS-Net at W{bits}A{bits} trained 8 steps on 512 images, in the run
+    folder ``run`` (``config``: more TrainConfig fields): sizes and latency do not depend on how well a
+    model is trained."""
+    from rsq.config import TrainConfig
+    from rsq.train import train
+    train(TrainConfig(weight_bits=bits, act_bits=bits, subset=512, test_subset=64, epochs=1, batch_size=64,
+                      out=str(run), device="cpu", **config), overwrite=True)
+    return run
 
 
 def resnet18_checkpoint(path: Path, resolutions=R18_RESOLUTIONS, bits: int = 4,

@@ -10,7 +10,8 @@ ResNet-18 RS-Net of bench_export.py. Per checkpoint and format (onnx, qlinear, p
 one resolution as a device would ship it (its graph, or its tables, plus the shared weights); the
 ratio of the two (the export issue's goal: five resolutions at most 1.2x one). The onnx folder is
 counted twice: its per-resolution graphs with weights.bin ("onnx"), and its switchable graph
-model.onnx (every resolution in one graph) with weights.bin ("onnx switchable"). Then the floor of that
+model.onnx (every resolution in one graph) with weights.bin ("onnx switchable"); the qlinear folder
+likewise. Then the floor of that
 ratio for int8-container weights: what the per-resolution tables weigh at their least (int32 bias
 and m0 and an 8-bit shift per channel, and the scalars), which no format with int8 weights and
 one set of tables per resolution can go below.
@@ -69,8 +70,8 @@ def sizes_of(checkpoint: Path, work: Path, synthetic: bool) -> dict:
             shutil.move(work / "export" / fmt, work / fmt)
         one = one_resolution_bytes(work / fmt, fmt, resolutions[0], len(resolutions))
         totals = {fmt: folder_size(work / fmt)}
-        if fmt == "onnx":
-            totals = dict(zip(("onnx", "onnx switchable"), onnx_sizes(work / fmt).values()))
+        if fmt in ("onnx", "qlinear"):
+            totals = dict(zip((fmt, f"{fmt} switchable"), onnx_sizes(work / fmt).values()))
         rows += [{"format": name, "all_bytes": total, "one_bytes": one, "ratio": total / one}
                  for name, total in totals.items()]
     tables = table_bytes(integer_model, resolutions[0])
@@ -94,11 +95,8 @@ def main() -> None:
     try:
         checkpoints = list(args.checkpoints)
         for bits in [int(b) for b in args.fmnist_bits.split(",") if b]:
-            from rsq.config import TrainConfig
-            from rsq.train import train
-            run = work / f"fmnist_w{bits}"
-            train(TrainConfig(weight_bits=bits, act_bits=bits, subset=512, test_subset=64, epochs=1, batch_size=64,
-                              out=str(run), device="cpu"), overwrite=True)
+            from bench_export_extra import fashion_mnist_checkpoint
+            run = fashion_mnist_checkpoint(work / f"fmnist_w{bits}", bits)
             checkpoints.append(run)
         for i, ckpt in enumerate(checkpoints):
             (work / str(i)).mkdir()
@@ -125,7 +123,8 @@ def write_report(args, results) -> None:
              "", f"CPU: {cpu} (sizes do not depend on it).", "",
              "one resolution = its graph plus the shared weights.bin (and ranges.json for qlinear); for packed, the "
              "shared files plus its share of tables.bin. all resolutions: onnx = every model_rR.onnx + weights.bin; "
-             "onnx switchable = model.onnx (one graph, every resolution, the input's size picks it) + weights.bin. "
+             "onnx switchable = model.onnx (one graph, every resolution, the input's size picks it) + weights.bin; "
+             "qlinear and qlinear switchable likewise (with ranges.json). "
              "floor = (int8 weights + N x tables) / (int8 weights + tables), "
              "with the tables at their least (9 bytes per channel: int32 bias and m0, 8-bit shift; 4 per scalar) and "
              "no graph: the least a format with int8 weights and one graph per resolution can reach (packed weights "

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..runtime.fixedpoint import MANTISSA_BITS
 from ..runtime.model import IntegerModel
-from .onnx import WEIGHTS_FILE, OnnxGraph, graph_file, require_onnx, write_weights
+from .onnx import SWITCHABLE_FILE, WEIGHTS_FILE, OnnxGraph, graph_file, require_onnx, write_weights
 
 RANGES_FILE = "ranges.json"
 CALIBRATION_IMAGES = 256
@@ -50,20 +50,93 @@ def wide_ranges(model: IntegerModel, images: dict[int, np.ndarray], batch: int =
 
 
 def write_qlinear(model: IntegerModel, ranges: dict[int, dict[str, int]], folder) -> list[Path]:
-    """One ``model_r{R}.onnx`` per resolution, the shared ``weights.bin`` and ``ranges.json``."""
+    """One ``model_r{R}.onnx`` per resolution, the shared ``weights.bin`` and ``ranges.json``, and with more than
+    one resolution the switchable ``model.onnx`` (switchable_graph); returns the per-resolution graph paths."""
     onnx = require_onnx()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shifts = weight_shifts(model)
     locations = write_weights(model, folder / WEIGHTS_FILE, shifts)
     (folder / RANGES_FILE).write_text(json.dumps({str(r): v for r, v in ranges.items()}, indent=1, sort_keys=True))
+    protos = {r: _QLinearGraph(onnx, model, r, locations, ranges[r], shifts).build() for r in model.resolutions}
     paths = []
-    for r in model.resolutions:
-        proto = _QLinearGraph(onnx, model, r, locations, ranges[r], shifts).build()
+    for r, proto in protos.items():
         path = folder / graph_file(r)
         path.write_bytes(proto.SerializeToString())
         paths.append(path)
+    if len(protos) > 1:
+        (folder / SWITCHABLE_FILE).write_bytes(switchable_graph(onnx, model, protos, locations).SerializeToString())
     return paths
+
+
+def switchable_graph(onnx, model: IntegerModel, protos: dict, locations):
+    """Every resolution's QLinear graph in one model, for one onnxruntime session: per resolution an ``If``
+    whose then-branch is that resolution's graph (its tables as constants; the int8 weights stay outer
+    initializers in weights.bin, which every branch reads) and whose else-branch is an empty batch; the
+    outputs are the branches' outputs concatenated, so the one branch the input's size selects gives them.
+
+    Not the exact graph's layout (one graph, tables stacked and gathered): onnxruntime's QLinearConv
+    leaves its fast path when its int32 bias is not a constant (1.3-1.6x slower, measured). Branches
+    nested in one another's else-branch were slower too; side by side at the top level, each is
+    optimised like a graph of its own. An input size that is not a resolution fails in the Gather
+    that computes the sizes' index (OnnxGraph.graph_input), before any branch runs."""
+    h, TP = onnx.helper, onnx.TensorProto
+    top = OnnxGraph(onnx, model, model.resolutions, locations)
+    graph_input = top.graph_input()
+    size = top.node("Gather", [top.const("resolution.sizes", np.array(model.resolutions, np.int64)), top.mode],
+                    "input.resolution")
+    selected = {r: top.node("Equal", [size, top.scalar(r, np.int64)], f"is_r{r}") for r in protos}
+    first = next(iter(protos.values()))
+    outer = {t.name for t in first.graph.initializer if t.data_location == TP.EXTERNAL} | {model.input}
+    outputs = list(first.graph.output)
+    widths = [model.num_classes, model.tensors[features_tensor(model)].channels]
+    empty = [h.make_node("Constant", [], [f"{o.name}.none"], value=onnx.numpy_helper.from_array(
+        np.zeros((0, width), h.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type))))
+        for o, width in zip(outputs, widths)]
+    no_batch = h.make_graph(empty, "other_resolution", [],
+                            [h.make_tensor_value_info(f"{o.name}.none", o.type.tensor_type.elem_type, None)
+                             for o in outputs])
+    nodes, parts = list(top.nodes), {o.name: [] for o in outputs}
+    for r, proto in protos.items():
+        names = [f"{o.name}.r{r}" for o in outputs]
+        nodes.append(h.make_node("If", [selected[r]], names, then_branch=_branch(onnx, proto, f"r{r}", outer),
+                                 else_branch=no_batch))
+        for o, name in zip(outputs, names):
+            parts[o.name].append(name)
+    nodes += [h.make_node("Concat", parts[o.name], [o.name], axis=0) for o in outputs]
+    weights = [t for t in first.graph.initializer if t.name in outer]
+    graph = h.make_graph(nodes, f"{model.model}_switchable", [graph_input], outputs, weights + top.initializers)
+    proto = h.make_model(graph, opset_imports=list(first.opset_import), producer_name="rsq",
+                         doc_string=f"rsq QLinear export, resolutions {'/'.join(map(str, model.resolutions))}: "
+                                    "the input's size picks one")
+    proto.ir_version = first.ir_version
+    return proto
+
+
+def _branch(onnx, proto, prefix: str, outer: set[str]):
+    """A resolution's graph as an If branch: no inputs, its own names prefixed (a subgraph may not reuse its
+    siblings' or the outer graph's names), the outer graph's weights and input read as they are."""
+    h = onnx.helper
+
+    def rename(name: str) -> str:
+        return name if not name or name in outer else f"{prefix}/{name}"
+
+    nodes = []
+    for node in proto.graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.input[:] = [rename(n) for n in node.input]
+        copy.output[:] = [rename(n) for n in node.output]
+        nodes.append(copy)
+    tables = []
+    for tensor in proto.graph.initializer:
+        if tensor.name not in outer:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(tensor)
+            copy.name = rename(tensor.name)
+            tables.append(copy)
+    outputs = [h.make_tensor_value_info(rename(o.name), o.type.tensor_type.elem_type, None) for o in proto.graph.output]
+    return h.make_graph(nodes, prefix, [], outputs, tables)
 
 
 def features_tensor(model: IntegerModel) -> str:
