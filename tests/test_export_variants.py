@@ -64,7 +64,31 @@ def test_per_resolution_steps_and_low_bit_first_layer_match_in_onnxruntime(tmp_p
     assert integer_model.scales[12][first.output] != integer_model.scales[8][first.output]
     assert_agrees(model, integer_model)
     runtime = Runtime(integer_model)
+    switchable = None
     for path, r in zip(write_onnx(integer_model, tmp_path), integer_model.resolutions):
         x = np.random.default_rng(r).standard_normal((8, 1, r, r)).astype(np.float32) * 3
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert np.array_equal(session.run(None, {"input": x})[1], runtime.run(x, r))
+        # The switchable graph gathers the input's step too, where it differs by resolution.
+        switchable = switchable or ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+        assert np.array_equal(switchable.run(None, {"input": x})[1], runtime.run(x, r))
+
+
+def test_switchable_onnx_follows_a_bias_shift_that_differs_by_resolution(tmp_path):
+    """lower picks a layer's bias shift P from its bias's size, which BN sets per resolution: the switchable
+    graph gathers 2**P like the other tables (made to differ here: P - 1 and the bias halved at 8 px)."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from rsq.export.onnx import write_onnx
+
+    integer_model = lower(initialised_model(QuantConfig(4, 4)).eval())
+    table = integer_model.tables[8]["layer1.0.conv1"]
+    assert table["bias_shift"][0] >= 1
+    table["bias_shift"] = table["bias_shift"] - 1
+    table["bias"] = table["bias"] // 2
+    runtime = Runtime(integer_model)
+    write_onnx(integer_model, tmp_path)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for r in integer_model.resolutions:
+        x = np.random.default_rng(r).standard_normal((8, 1, r, r)).astype(np.float32)
         assert np.array_equal(session.run(None, {"input": x})[1], runtime.run(x, r))

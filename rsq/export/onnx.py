@@ -231,11 +231,11 @@ class _ExactGraph(OnnxGraph):
     """ConvInteger + the Requantize function: the same integers as rsq.runtime, for one resolution or,
     switchable, for several (``resolutions``, in the model's order)."""
 
-    def requant(self, x: str, prefix: str, op_name: str, output: str, shape=(), pre_shift: int = 0,
-                bias: bool = False, suffix: str = "", clamp: bool = True, dtype=None) -> str:
-        """clamp(rq((x << pre_shift) + bias, m0, shift), lo, hi) as ``output``: the op's tables (``m0``, ``shift``
-        and, with ``bias``, ``bias`` entries of op ``op_name``'s table, each name plus ``suffix``) and one
-        Requantize call. Unclamped (``clamp=False``), the int64 result of rq."""
+    def requant(self, x: str, prefix: str, op_name: str, output: str, shape=(), bias: bool = False,
+                suffix: str = "", clamp: bool = True, dtype=None) -> str:
+        """clamp(rq((x << P) + bias, m0, shift), lo, hi) as ``output``: the op's tables (``m0``, ``shift``
+        and, with ``bias``, ``bias`` and ``bias_shift`` = P entries of op ``op_name``'s table, each name plus
+        ``suffix``) and one Requantize call. Unclamped (``clamp=False``), the int64 result of rq."""
         def entry(key, dtype):
             return lambda r: np.asarray(self.model.tables[r][op_name][key + suffix], dtype=dtype).reshape(shape)
 
@@ -246,15 +246,26 @@ class _ExactGraph(OnnxGraph):
 
         m0 = self.per_mode(f"{prefix}.m0", entry("m0", np.int32))
         n = self.per_mode(f"{prefix}.n", exponent)
-        bias = self.per_mode(f"{prefix}.bias", entry("bias", np.int32)) if bias else self.scalar(0, np.int32)
+        if bias:
+            bias, up = self.per_mode(f"{prefix}.bias", entry("bias", np.int32)), self.bias_scale(op_name)
+        else:
+            bias, up = self.scalar(0, np.int32), self.scalar(1, np.int64)
         if clamp:
             lo, hi = self.fixed(op_name, "lo"), self.fixed(op_name, "hi")
             dtype = np.dtype(dtype or self.model.tensors[output].dtype)
         else:
             lo, hi, dtype = np.iinfo(np.int64).min, np.iinfo(np.int64).max, np.dtype(np.int64)
-        return self.node(REQUANTIZE, [x, m0, n, bias, self.scalar(1 << pre_shift, np.int64),
-                                      self.scalar(lo, np.int64), self.scalar(hi, np.int64)], output, domain=DOMAIN,
+        return self.node(REQUANTIZE, [x, m0, n, bias, up, self.scalar(lo, np.int64), self.scalar(hi, np.int64)],
+                         output, domain=DOMAIN,
                          to=self.onnx.helper.np_dtype_to_tensor_dtype(dtype))
+
+    def bias_scale(self, op_name: str) -> str:
+        """2**P, the accumulator's shift before its bias is added: a shared scalar, or per mode where the
+        modes' P differ (lower picks P from the bias's size, which BN sets per resolution)."""
+        shifts = {r: int(self.model.tables[r][op_name]["bias_shift"][0]) for r in self.modes}
+        if len(set(shifts.values())) == 1:
+            return self.scalar(1 << shifts[self.r], np.int64)
+        return self.per_mode(f"{op_name}.up", lambda r: np.array(1 << shifts[r], np.int64))
 
     def scale(self, name: str, tensor: str) -> str:
         return self.per_mode(name, lambda r: np.array(self.model.scales[r][tensor], dtype=np.float32))
@@ -309,7 +320,7 @@ class _ExactGraph(OnnxGraph):
         acc = self.node("ConvInteger", [x, weight], f"{op.name}.acc", **conv_attrs)
         channels = len(self.model.tables[self.r][op.name]["m0"])
         return self.requant(acc, op.name, op.name, output, [1, channels, 1, 1],
-                            pre_shift=self.fixed(op.name, "bias_shift"), bias=True,
+                            bias=True,
                             dtype=self.model.tensors[op.output].dtype)
 
     def weight_4d(self, name: str) -> str:
