@@ -162,6 +162,10 @@ def test_switchable_onnx_runs_every_resolution_from_one_graph(runs, images, bits
     per_resolution = sum((folder / f"model_r{r}.onnx").stat().st_size for r in RESOLUTIONS)
     assert path.stat().st_size < 0.75 * per_resolution
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # What an app needs to feed it travels in the file.
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["rsq.resolutions"] == "16,12"
+    assert json.loads(meta["rsq.input"])["mean"] == pytest.approx(list(fashion_mnist.MEAN))
     for r in RESOLUTIONS:
         x = resize_batch(images[0][:32], r).numpy()
         one = ort.InferenceSession(str(folder / f"model_r{r}.onnx"), providers=["CPUExecutionProvider"])

@@ -100,6 +100,7 @@ def test_switchable_qlinear_runs_every_resolution_from_one_session(export, image
         then = next(a.g for a in node.attribute if a.name == "then_branch")
         assert {n.op_type for n in then.node} <= ALLOWED_OPS and sum(n.op_type == "QLinearConv" for n in then.node) == 21
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map["rsq.resolutions"] == "16,12"
     for r in RESOLUTIONS:
         x = resize_batch(images[:16], r).numpy()
         one = ort.InferenceSession(str(folder / f"model_r{r}.onnx"), providers=["CPUExecutionProvider"])

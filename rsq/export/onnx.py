@@ -15,6 +15,7 @@ that is not an exported resolution fails in that Gather (index out of range).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -183,7 +184,18 @@ class OnnxGraph:
         proto = self.helper.make_model(graph, opset_imports=opsets, producer_name="rsq", doc_string=doc,
                                        functions=list(functions))
         proto.ir_version = IR_VERSION
+        describe(self.helper, proto, self.model, self.modes)
         return proto
+
+
+def describe(helper, proto, model: IntegerModel, resolutions) -> None:
+    """What an app needs to feed the graph, in its metadata (onnxruntime: ``get_modelmeta().custom_metadata_map``):
+    ``rsq.resolutions`` (the image sizes it takes, comma-separated) and ``rsq.input`` (JSON: the
+    normalisation from 8-bit pixels)."""
+    entries = {"rsq.resolutions": ",".join(map(str, resolutions))}
+    if "input" in model.meta:
+        entries["rsq.input"] = json.dumps(model.meta["input"])
+    helper.set_model_props(proto, entries)
 
 
 DOMAIN = "ai.rsq"  # the model-local function below

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..runtime.fixedpoint import MANTISSA_BITS
 from ..runtime.model import IntegerModel
-from .onnx import SWITCHABLE_FILE, WEIGHTS_FILE, OnnxGraph, graph_file, require_onnx, write_weights
+from .onnx import SWITCHABLE_FILE, WEIGHTS_FILE, OnnxGraph, describe, graph_file, require_onnx, write_weights
 
 RANGES_FILE = "ranges.json"
 CALIBRATION_IMAGES = 256
@@ -110,6 +110,7 @@ def switchable_graph(onnx, model: IntegerModel, protos: dict, locations):
                          doc_string=f"rsq QLinear export, resolutions {'/'.join(map(str, model.resolutions))}: "
                                     "the input's size picks one")
     proto.ir_version = first.ir_version
+    describe(h, proto, model, model.resolutions)
     return proto
 
 
