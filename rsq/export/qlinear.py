@@ -78,8 +78,9 @@ def switchable_graph(onnx, model: IntegerModel, protos: dict, locations):
     Not the exact graph's layout (one graph, tables stacked and gathered): onnxruntime's QLinearConv
     leaves its fast path when its int32 bias is not a constant (1.3-1.6x slower, measured). Branches
     nested in one another's else-branch were slower too; side by side at the top level, each is
-    optimised like a graph of its own. An input size that is not a resolution fails in the Gather
-    that computes the sizes' index (OnnxGraph.graph_input), before any branch runs."""
+    optimised like a graph of its own. An input size that is not a resolution fails in the Gather of
+    the resolution by its index (OnnxGraph.graph_input), before any branch runs, instead of every
+    branch yielding an empty batch."""
     h, TP = onnx.helper, onnx.TensorProto
     top = OnnxGraph(onnx, model, model.resolutions, locations)
     graph_input = top.graph_input()
@@ -115,8 +116,8 @@ def switchable_graph(onnx, model: IntegerModel, protos: dict, locations):
 
 
 def _branch(onnx, proto, prefix: str, outer: set[str]):
-    """A resolution's graph as an If branch: no inputs, its own names prefixed (a subgraph may not reuse its
-    siblings' or the outer graph's names), the outer graph's weights and input read as they are."""
+    """A resolution's graph as an If branch: no inputs, its own names prefixed (so no name repeats anywhere in
+    the model, and none shadows the outer graph's), the outer graph's weights and input read as they are."""
     h = onnx.helper
 
     def rename(name: str) -> str:
