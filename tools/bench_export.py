@@ -153,15 +153,23 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def onnx_sizes(folder: Path, label: str = "rsq ONNX") -> dict:
-    """Bytes of an onnx or qlinear export folder, all resolutions: the per-resolution graphs with the shared
-    files, and the switchable graph (model.onnx, every resolution in one graph) with the shared files."""
+def onnx_folder_bytes(folder: Path) -> dict:
+    """Bytes of an onnx or qlinear export folder: ``shared`` (weights.bin, and ranges.json for qlinear),
+    ``graphs`` (every per-resolution model_rR.onnx) and ``switchable`` (model.onnx, every resolution in one
+    file; 0 without one)."""
+    graphs = sum(p.stat().st_size for p in folder.glob("model_r*.onnx"))
     switchable = folder / "model.onnx"
-    extra = switchable.stat().st_size if switchable.exists() else 0
-    sizes = {f"{label} folder (all resolutions, a graph each)": folder_size(folder) - extra}
-    if extra:
-        shared = folder_size(folder) - extra - sum(p.stat().st_size for p in folder.glob("model_r*.onnx"))
-        sizes[f"{label} switchable graph + shared files (all resolutions)"] = extra + shared
+    switchable = switchable.stat().st_size if switchable.exists() else 0
+    return {"shared": folder_size(folder) - graphs - switchable, "graphs": graphs, "switchable": switchable}
+
+
+def onnx_sizes(folder: Path, label: str = "rsq ONNX") -> dict:
+    """An onnx or qlinear folder's bytes for all resolutions, labelled for the report: the per-resolution
+    graphs with the shared files, and the switchable model.onnx with the shared files."""
+    size = onnx_folder_bytes(folder)
+    sizes = {f"{label} folder (all resolutions, a graph each)": size["shared"] + size["graphs"]}
+    if size["switchable"]:
+        sizes[f"{label} switchable graph + shared files (all resolutions)"] = size["shared"] + size["switchable"]
     return sizes
 
 
@@ -218,11 +226,16 @@ def export_sizes(checkpoint, folder: Path) -> dict:
 
 
 def write_synthetic_qlinear(model, config, images, folder: Path) -> None:
+    """The qlinear export of a checkpoint with no data set to calibrate on: its 8-bit grids calibrated on
+    ``images`` (None: 16 random ones at the first resolution, drawn from torch's generator)."""
     from rsq.data.multires import resize_batch
     from rsq.export import lower_checkpoint_model
     from rsq.export.qlinear import wide_ranges, write_qlinear
 
     integer_model = lower_checkpoint_model(model, config)
+    if images is None:
+        first = integer_model.resolutions[0]
+        images = torch.randn(16, config.in_chans, first, first)
     calibration = {r: resize_batch(images[:16], r).numpy() for r in integer_model.resolutions}
     write_qlinear(integer_model, wide_ranges(integer_model, calibration, batch=8), folder)
 

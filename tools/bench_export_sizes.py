@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from bench_export import cpu_description, folder_size, onnx_sizes, save_results  # noqa: E402
+from bench_export import cpu_description, folder_size, onnx_folder_bytes, save_results  # noqa: E402
 
 FORMATS = ("onnx", "qlinear", "packed")
 SHARED = {"onnx": ["weights.bin"], "qlinear": ["weights.bin", "ranges.json"], "packed": ["weights.bin", "manifest.json"]}
@@ -63,15 +63,15 @@ def sizes_of(checkpoint: Path, work: Path, synthetic: bool) -> dict:
     for fmt in FORMATS:
         if fmt == "qlinear" and synthetic:  # no data set to calibrate on: random images, as bench_export does
             from bench_export import write_synthetic_qlinear
-            images = torch.randn(16, config.in_chans, resolutions[0], resolutions[0])
-            write_synthetic_qlinear(model, config, images, work / fmt)
+            write_synthetic_qlinear(model, config, None, work / fmt)
         else:
             export_checkpoint(checkpoint, fmt, work / "export")
             shutil.move(work / "export" / fmt, work / fmt)
         one = one_resolution_bytes(work / fmt, fmt, resolutions[0], len(resolutions))
         totals = {fmt: folder_size(work / fmt)}
         if fmt in ("onnx", "qlinear"):
-            totals = dict(zip((fmt, f"{fmt} switchable"), onnx_sizes(work / fmt).values()))
+            size = onnx_folder_bytes(work / fmt)
+            totals = {fmt: size["shared"] + size["graphs"], f"{fmt} switchable": size["shared"] + size["switchable"]}
         rows += [{"format": name, "all_bytes": total, "one_bytes": one, "ratio": total / one}
                  for name, total in totals.items()]
     tables = table_bytes(integer_model, resolutions[0])

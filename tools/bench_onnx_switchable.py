@@ -29,7 +29,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_export import cpu_description, median_ms, save_results  # noqa: E402
+from bench_export import cpu_description, median_ms, onnx_folder_bytes, save_results  # noqa: E402
 
 
 def _session(path: Path):
@@ -50,8 +50,7 @@ def bench(name: str, checkpoint: Path, work: Path, batches: dict, repeats: dict,
     export_checkpoint(checkpoint, "onnx", work / "export")
     if synthetic:  # no data set to calibrate the QLinear grids on: random images, as bench_export does
         from bench_export import write_synthetic_qlinear
-        images = torch.randn(16, config.in_chans, config.resolutions[0], config.resolutions[0])
-        write_synthetic_qlinear(model, config, images, work / "export" / "qlinear")
+        write_synthetic_qlinear(model, config, None, work / "export" / "qlinear")
     else:
         export_checkpoint(checkpoint, "qlinear", work / "export")
     return [bench_format(name, config, work / "export" / fmt, fmt, batches[fmt], repeats) for fmt in ("onnx", "qlinear")]
@@ -72,10 +71,10 @@ def bench_format(name: str, config, folder: Path, fmt: str, batches, repeats: di
                            dict.fromkeys(("one", "switchable"), repeats[batch]))
             rows.append({"resolution": r, "batch": batch, "one_ms": ms["one"], "switchable_ms": ms["switchable"],
                          "ratio": ms["switchable"] / ms["one"], "identical": same})
-    shared = sum(p.stat().st_size for p in folder.iterdir() if p.suffix != ".onnx")  # weights.bin (ranges.json)
-    per_resolution = sum((folder / f"model_r{r}.onnx").stat().st_size for r in config.resolutions)
-    size = {"shared_bytes": shared, "one_graph_bytes": (folder / f"model_r{config.resolutions[0]}.onnx").stat().st_size,
-            "all_graphs_bytes": per_resolution, "switchable_bytes": (folder / "model.onnx").stat().st_size}
+    stored = onnx_folder_bytes(folder)
+    size = {"shared_bytes": stored["shared"], "all_graphs_bytes": stored["graphs"],
+            "switchable_bytes": stored["switchable"],
+            "one_graph_bytes": (folder / f"model_r{config.resolutions[0]}.onnx").stat().st_size}
     return {"model": name, "format": fmt, "bits": f"W{config.weight_bits}A{config.act_bits}",
             "resolutions": config.resolutions, "rows": rows, "size": size}
 

@@ -330,9 +330,8 @@ class _ExactGraph(OnnxGraph):
     def _layer(self, op, x: str, weight: str, output: str, **conv_attrs) -> str:
         """clamp(rq((acc << bias_shift) + bias, m0, shift), lo, hi), per output channel."""
         acc = self.node("ConvInteger", [x, weight], f"{op.name}.acc", **conv_attrs)
-        channels = len(self.model.tables[self.r][op.name]["m0"])
-        return self.requant(acc, op.name, op.name, output, [1, channels, 1, 1],
-                            bias=True,
+        channels = len(self.tables[op.name]["m0"])
+        return self.requant(acc, op.name, op.name, output, [1, channels, 1, 1], bias=True,
                             dtype=self.model.tensors[op.output].dtype)
 
     def weight_4d(self, name: str) -> str:
