@@ -373,7 +373,8 @@ def _require_pandas(command: str) -> None:
 @cli.command()
 @click.argument("checkpoint")
 @click.option("--format", "fmt", default="all", show_default=True, metavar="onnx|qlinear|packed|...|all",
-              help="what to write: onnx, qlinear, packed, qonnx, pt2e, executorch (see the README), or all of them")
+              help="what to write: onnx, qlinear, packed, c, qonnx, pt2e, executorch, executorch-exact (see the "
+                   "README), or all of them")
 @click.option("--out", required=True, help="export folder (written atomically)")
 @click.option("--resolution", "--resolutions", "resolutions", type=IntList(), default=None,
               help="resolution(s) to export [default: all the checkpoint knows]")
@@ -382,13 +383,14 @@ def _require_pandas(command: str) -> None:
 @click.option("--overwrite", is_flag=True, help="replace an export already in --out")
 def export(checkpoint, fmt, out, resolutions, bits, overwrite):
     """Export a quantized checkpoint for edge targets: integer-only ONNX (exact, or on onnxruntime's fast
-    8-bit kernels), a bit-packed checkpoint with a numpy reference runtime, QONNX for FINN, PT2E and
-    ExecuTorch (see the README's export section).
+    8-bit kernels), a bit-packed checkpoint with a numpy reference runtime, C source for rsq's C runtime
+    (microcontrollers), QONNX for FINN, PT2E and ExecuTorch (see the README's export section).
 
     \b
     Examples:
       rsq export runs/fashion_mnist_w4a4 --out exports/w4a4
       rsq export runs/joint --bits 2 --format packed --out exports/joint_w2
+      rsq export runs/fashion_mnist_w4a4 --format c --out exports/w4a4_c
     """
     from .export import FORMATS, export_checkpoint
 

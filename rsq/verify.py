@@ -53,15 +53,21 @@ def _switchable_session(folder: Path):
     return _ort_session(path) if path.is_file() else None
 
 
-def _artifacts(export_dir: Path, info: dict, resolutions, gemm: str, reference) -> dict:
+def _artifacts(export_dir: Path, info: dict, resolutions, gemm: str, reference, skipped: dict) -> dict:
     """{name: callable(x float32 NCHW numpy, r)} for every format in the folder. A callable returns int32
     logits (held against rsq.runtime's), float logits, or (float logits, (tensor, its integers)) to hold
-    that integer tensor against rsq.runtime's."""
+    that integer tensor against rsq.runtime's. A format that cannot run here goes into ``skipped`` with why."""
     runners = {}
     formats = info.get("formats", {})
     if "packed" in formats:
         packed = Runtime(load(export_dir / "packed"), gemm=gemm)
         runners["packed"] = packed.run
+    if "c" in formats:
+        from .runtime.native import NativeRuntime, find_compiler
+        if find_compiler() is None:
+            skipped["c"] = "no C compiler (install one, e.g. apt-get install gcc, or set CC)"
+        else:
+            runners["c"] = NativeRuntime(export_dir / "c").run
     # Each ONNX format also as its switchable graph, if written: one session fed every resolution.
     for fmt, runner in (("onnx", _integer_logits_runner), ("qlinear", _qlinear_runner)):
         if fmt in formats:
@@ -180,7 +186,8 @@ def verify_export(export_dir, test_subset: Optional[int] = None, data_dir: Optio
     unchanged = {fmt: entry.get("digest") == reference.digest() for fmt, entry in info.get("formats", {}).items()
                  if fmt in INTEGER_FORMATS}  # the other formats are not written from the IntegerModel
     runtime = Runtime(reference, gemm=gemm)
-    artifacts = _artifacts(export_dir, info, resolutions, gemm, reference)
+    skipped: dict[str, str] = {}
+    artifacts = _artifacts(export_dir, info, resolutions, gemm, reference, skipped)
     test = _test_data(ckpt, resolutions, test_subset, data_dir)
     names = ["fake-quant", "runtime"] + list(artifacts)
     tallies = {(r, name): _Tally() for r in resolutions for name in names}
@@ -218,7 +225,8 @@ def verify_export(export_dir, test_subset: Optional[int] = None, data_dir: Optio
         fq = tallies[r, "fake-quant"]
         fq_top1 = 100.0 * fq.correct / max(fq.images, 1)
         rows += [tallies[r, name].row(r, name, fq_top1) for name in names]
-    result = {"images": tallies[resolutions[0], "fake-quant"].images, "rows": rows, "lowering_unchanged": unchanged}
+    result = {"images": tallies[resolutions[0], "fake-quant"].images, "rows": rows, "lowering_unchanged": unchanged,
+              "skipped": skipped}
     if not quiet:
         print(format_verify_table(result))
     return result
@@ -240,6 +248,7 @@ def format_verify_table(result: dict) -> str:
     for row in result["rows"]:
         lines.append(f"| {row['resolution']} | {row['artifact']} | {row['top1']:.2f} | {row['agreement']:.2f} | "
                      f"{row['top1_diff']:+.2f} | {row['ms_per_image']:.3f} | {row['integers_vs_runtime']} |")
+    lines += [f"{fmt}: skipped, {why}" for fmt, why in result.get("skipped", {}).items()]
     stale = [fmt for fmt, same in result["lowering_unchanged"].items() if not same]
     if stale:
         lines.append(f"note: lowering the checkpoint now gives a different integer model than the {', '.join(stale)} "

@@ -29,7 +29,7 @@ BITS = [4, 2]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{bits: (run folder, export folder)}: 12 SGD steps each, exported to both formats."""
+    """{bits: (run folder, export folder)}: 12 SGD steps each, exported as onnx, packed and c."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     made = {}
@@ -40,6 +40,7 @@ def runs(tmp_path_factory):
         train(config, overwrite=True)
         export_checkpoint(root / "run", "onnx", root / "export")
         export_checkpoint(root / "run", "packed", root / "export")
+        export_checkpoint(root / "run", "c", root / "export")
         made[bits] = (root / "run", root / "export")
     torch.set_num_threads(threads)
     return made
@@ -191,13 +192,16 @@ def test_packed_export_runs_with_torch_blocked(runs, images, tmp_path):
 
 
 def test_verify_reports_every_artifact(runs, capsys):
+    from rsq.runtime.native import find_compiler
     from rsq.verify import verify_export
     result = verify_export(runs[4][1], test_subset=32)
     artifacts = {(row["resolution"], row["artifact"]) for row in result["rows"]}
+    compiled = ("c",) if find_compiler() else ()
     assert artifacts == {(r, a) for r in RESOLUTIONS
-                         for a in ("fake-quant", "runtime", "packed", "onnx", "onnx-switchable")}
+                         for a in ("fake-quant", "runtime", "packed", "onnx", "onnx-switchable", *compiled)}
+    assert result["skipped"] == ({} if compiled else {"c": result["skipped"]["c"]})
     for row in result["rows"]:
-        if row["artifact"] in ("packed", "onnx", "onnx-switchable"):
+        if row["artifact"] in ("packed", "onnx", "onnx-switchable", "c"):
             assert row["integers_vs_runtime"] == "identical"
         assert row["agreement"] >= 90
     assert all(result["lowering_unchanged"].values())

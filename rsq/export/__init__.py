@@ -17,8 +17,9 @@ from typing import Iterable, Optional
 
 from ..errors import RsqError, choices_error
 
-# Written from the IntegerModel (rsq.export.lower): exact ONNX, packed, and the fast QLinear ONNX.
-INTEGER_FORMATS = ("onnx", "packed", "qlinear")
+# Written from the IntegerModel (rsq.export.lower): exact ONNX, packed, the fast QLinear ONNX, and C
+# source for rsq's C runtime (microcontrollers, or any target with a C compiler).
+INTEGER_FORMATS = ("onnx", "packed", "qlinear", "c")
 # Written from the fake-quant model by another toolkit's exporter: QONNX (brevitas, for FINN),
 # PT2E (torchao, for Inductor on server CPUs), ExecuTorch (.pte with XNNPACK, for phones: int8 convs,
 # or "executorch-exact", float convs between rsq's quantizations, which equal the fake-quant model).
@@ -205,6 +206,9 @@ def _write_format(fmt: str, job: _Job, folder: Path) -> None:
     elif fmt == "packed":
         from .packed import write_packed
         write_packed(job.integer_model, folder)
+    elif fmt == "c":
+        from .c_source import write_c
+        write_c(job.integer_model, folder)
     elif fmt == "qlinear":
         from .qlinear import wide_ranges, write_qlinear
         write_qlinear(job.integer_model, wide_ranges(job.integer_model, _calibration_images(job)), folder)

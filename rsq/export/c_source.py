@@ -1,0 +1,223 @@
+"""C writer: an IntegerModel as constant C data for rsq's C runtime (``rsq export --format c``).
+
+The folder it writes builds with any C99 compiler and runs with no library but libm:
+
+- ``rsq_model.c`` / ``rsq_model.h`` (generated): the layer graph, every layer's integer weights
+  bit-packed at their own bit width (2-bit weights take a quarter of a byte each; one copy for every
+  resolution), and per resolution the requantization tables, each tensor's height and width and its
+  byte offset in one arena the caller provides (planned here: tensors whose lifetimes do not overlap
+  share bytes);
+- ``rsq_runtime.c`` / ``rsq_runtime.h`` (the same for every model) and ``rsq_run.c`` (a command-line
+  driver); ``memory.json``: flash and arena bytes per resolution.
+
+The runtime computes the IntegerModel's arithmetic exactly, so its logits equal rsq.runtime's
+(`rsq verify` compiles and checks them). Narrow tensors take one byte per value in the arena, wide
+ones (the residual stream) four.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime.model import OP_KINDS, IntegerModel
+from ..runtime.packed import pack_bits
+
+RUNTIME_FILES = ("rsq_runtime.h", "rsq_runtime.c", "rsq_run.c")
+MODEL_SOURCE, MODEL_HEADER, MEMORY_FILE = "rsq_model.c", "rsq_model.h", "memory.json"
+MODEL_SYMBOL = "rsq_exported_model"
+ALIGN = 8  # every tensor starts at a multiple of 8 bytes in the arena
+# Element types, as rsq_runtime.h numbers them.
+F32, I8, U8, I32 = range(4)
+
+
+def element_type(info) -> int:
+    if info.kind == "float":
+        return F32
+    if info.kind == "narrow":
+        return I8 if info.signed else U8
+    return I32
+
+
+def tensor_shapes(model: IntegerModel) -> dict[int, dict[str, tuple[int, int]]]:
+    """(height, width) of every integer tensor at every resolution, from one zero image through rsq.runtime."""
+    from ..runtime import Runtime
+    runtime = Runtime(model, gemm="float")
+    shapes = {}
+    for r in model.resolutions:
+        values = runtime.run_all(np.zeros((1, model.in_chans, r, r), np.float32), r)
+        shapes[r] = {name: (v.shape[1], v.shape[2]) if v.ndim == 4 else (1, 1) for name, v in values.items()}
+        shapes[r][model.input] = (r, r)
+    return shapes
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def plan_arena(model: IntegerModel, shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """Byte offset of every integer tensor in the arena: largest first, each at the lowest offset that no
+    tensor alive at the same time occupies (a tensor lives from the op that writes it to its last reader)."""
+    ops = model.ops
+    born = {op.output: i for i, op in enumerate(ops)}
+    dies = dict(born)
+    for i, op in enumerate(ops):
+        for name in op.inputs:
+            if name in dies:
+                dies[name] = max(dies[name], i)
+    dies[model.output] = len(ops)  # read back after the last op
+    size = {}
+    for name in born:
+        h, w = shapes[name]
+        size[name] = _align(h * w * model.tensors[name].channels * (4 if element_type(model.tensors[name]) == I32
+                                                                    else 1))
+    offsets: dict[str, int] = {}
+    for name in sorted(born, key=lambda n: (-size[n], born[n])):
+        busy = sorted((offsets[o], offsets[o] + size[o]) for o in offsets
+                      if born[o] <= dies[name] and born[name] <= dies[o])
+        at = 0
+        for start, end in busy:
+            if at + size[name] <= start:
+                break
+            at = max(at, end)
+        offsets[name] = at
+    return offsets
+
+
+def arena_bytes(model: IntegerModel, shapes: dict[str, tuple[int, int]], offsets: dict[str, int]) -> int:
+    return max((offsets[n] + shapes[n][0] * shapes[n][1] * model.tensors[n].channels
+                * (4 if element_type(model.tensors[n]) == I32 else 1) for n in offsets), default=0)
+
+
+def _layer_geometry(model: IntegerModel, op) -> tuple[int, int, int, int, int, int, int]:
+    """(kh, kw, sh, sw, ph, pw, groups) of a conv or max pooling; a linear is a 1x1 conv on a 1x1 input."""
+    if op.kind == "conv":
+        a = op.attrs
+        return (*a["kernel"], *a["stride"], *a["padding"], a["groups"])
+    if op.kind == "max_pool":
+        a = op.attrs
+        return (*a["kernel"], *a["stride"], *a["padding"], 1)
+    return (1, 1, 1, 1, 0, 0, 1)
+
+
+def _scratch_bytes(model: IntegerModel) -> int:
+    """int16 scratch for a conv: its weights unpacked and one receptive field (patch)."""
+    largest = 0
+    for op in model.ops:
+        if op.kind in ("conv", "linear"):
+            values = model.weights[op.attrs["weight"]].values
+            patch = int(np.prod(values.shape[1:]))  # in / groups * kh * kw: one group's receptive field
+            largest = max(largest, 2 * (values.size + patch))
+    return _align(largest)
+
+
+class _Source:
+    """C text: named constant arrays (identical ones written once) and the definitions that use them."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.arrays: dict[tuple, str] = {}
+
+    def array(self, ctype: str, values, hint: str) -> str:
+        values = [int(v) for v in np.asarray(values).reshape(-1)]
+        key = (ctype, tuple(values))
+        if key not in self.arrays:
+            name = f"{hint}_{len(self.arrays)}"
+            self.arrays[key] = name
+            body = ",\n".join(", ".join(str(v) for v in values[i:i + 24]) for i in range(0, len(values), 24))
+            self.lines.append(f"static const {ctype} {name}[{max(len(values), 1)}] = {{\n{body or '0'}\n}};")
+        return self.arrays[key]
+
+
+def write_c(model: IntegerModel, folder) -> Path:
+    """Write the C export of ``model`` into ``folder``; returns the path of rsq_model.c."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    package = resources.files("rsq.runtime") / "c"
+    for name in RUNTIME_FILES:
+        with resources.as_file(package / name) as path:
+            shutil.copyfile(path, folder / name)
+    tensors = list(model.tensors)
+    index = {name: i for i, name in enumerate(tensors)}
+    weights = sorted(model.weights)
+    shapes = tensor_shapes(model)
+    scratch = _scratch_bytes(model)
+    src = _Source()
+
+    weight_rows = []
+    for name in weights:
+        w = model.weights[name]
+        values = w.values if w.values.ndim == 4 else w.values[:, :, None, None]
+        rows = np.ascontiguousarray(values.transpose(0, 2, 3, 1))  # [out][kh][kw][in / groups]
+        data = src.array("uint8_t", np.frombuffer(pack_bits(rows, w.bits) + b"\0", np.uint8), "weights")
+        weight_rows.append(f"    {{{data}, {w.bits}, {rows.shape[0]}, {rows.shape[3]}, {rows.shape[1]}, "
+                           f"{rows.shape[2]}}}, /* {name} */")
+
+    op_rows = []
+    for op in model.ops:
+        ins = [index[n] for n in op.inputs] + [-1]
+        weight = weights.index(op.attrs["weight"]) if "weight" in op.attrs else -1
+        geometry = ", ".join(str(int(v)) for v in _layer_geometry(model, op))
+        op_rows.append(f"    {{{OP_KINDS.index(op.kind)}, {ins[0]}, {ins[1]}, {index[op.output]}, {weight}, "
+                       f"{geometry}}}, /* {op.kind} {op.name} */")
+
+    memory, mode_rows = {}, []
+    for r in model.resolutions:
+        tables = model.tables[r]
+        table_rows = []
+        for op in model.ops:
+            t = tables[op.name]
+
+            def arr(key, hint=f"r{r}"):
+                return src.array("int32_t", t[key], hint) if key in t else "0"
+
+            a = "_a" if op.kind == "add" else ""
+            scalar = {k: int(t[k][0]) if k in t else 0 for k in ("bias_shift", "lo", "hi")}
+            table_rows.append(f"    {{{arr('bias')}, {arr('m0' + a)}, {arr('shift' + a)}, {arr('m0_b')}, "
+                              f"{arr('shift_b')}, {scalar['bias_shift']}, {scalar['lo']}, {scalar['hi']}}},")
+        offsets = plan_arena(model, shapes[r])
+        activations = arena_bytes(model, shapes[r], offsets)
+        scratch_at = _align(activations)
+        memory[r] = {"arena_bytes": scratch_at + scratch, "activation_bytes": activations, "scratch_bytes": scratch}
+        src.lines.append(f"static const rsq_table tables_r{r}[{len(model.ops)}] = {{\n" + "\n".join(table_rows)
+                         + "\n};")
+        heights = src.array("int32_t", [shapes[r][n][0] for n in tensors], f"height_r{r}")
+        widths = src.array("int32_t", [shapes[r][n][1] for n in tensors], f"width_r{r}")
+        places = src.array("int32_t", [offsets.get(n, -1) for n in tensors], f"offset_r{r}")
+        first = next(op for op in model.ops if op.kind == "quantize_input")
+        input_scale = float(np.float32(model.scales[r][first.output]))
+        mode_rows.append(f"    {{{r}, (float){input_scale.hex()}, {float(model.scales[r][model.output]).hex()}, "
+                         f"tables_r{r}, {heights}, {widths}, {places}, {scratch_at + scratch}, {scratch_at}}},")
+
+    types = ", ".join(f"{{{model.tensors[n].channels}, {element_type(model.tensors[n])}}}" for n in tensors)
+    weight_bytes = sum(len(pack_bits(model.weights[n].values, model.weights[n].bits)) for n in weights)
+    body = "\n".join([
+        f"/* Generated by rsq (`rsq export --format c`): {model.model}, resolutions "
+        f"{'/'.join(map(str, model.resolutions))}. Tensors: {', '.join(tensors)}. */",
+        f'#include "{MODEL_HEADER}"', "", *src.lines, "",
+        f"static const rsq_tensor tensors[{len(tensors)}] = {{{types}}};",
+        f"static const rsq_weight weights[{max(len(weights), 1)}] = {{\n" + "\n".join(weight_rows) + "\n};",
+        f"static const rsq_op ops[{len(model.ops)}] = {{\n" + "\n".join(op_rows) + "\n};",
+        f"static const rsq_mode modes[{len(model.resolutions)}] = {{\n" + "\n".join(mode_rows) + "\n};", "",
+        f"const rsq_model {MODEL_SYMBOL} = {{{json.dumps(model.model)}, {model.num_classes}, {model.in_chans}, "
+        f"{len(model.ops)}, {len(tensors)}, {len(weights)}, {len(model.resolutions)}, {index[model.input]}, "
+        f"{index[model.output]}, ops, tensors, weights, modes, {scratch}}};",
+        "", f"const rsq_model *rsq_exported(void) {{ return &{MODEL_SYMBOL}; }}", ""])
+    (folder / MODEL_SOURCE).write_text(body)
+    largest = max(m["arena_bytes"] for m in memory.values())
+    defines = [f"#define RSQ_ARENA_BYTES_R{r} {m['arena_bytes']}" for r, m in memory.items()]
+    (folder / MODEL_HEADER).write_text("\n".join([
+        f"/* Generated by rsq: {model.model} at {'/'.join(map(str, model.resolutions))} px; weights "
+        f"{weight_bytes} bytes bit-packed, shared by every resolution. */",
+        "#ifndef RSQ_MODEL_H", "#define RSQ_MODEL_H", "", '#include "rsq_runtime.h"', "",
+        f"#define RSQ_NUM_CLASSES {model.num_classes}", f"#define RSQ_IN_CHANS {model.in_chans}",
+        f"#define RSQ_NUM_RESOLUTIONS {len(model.resolutions)}", f"#define RSQ_MAX_ARENA_BYTES {largest}",
+        *defines, f"#define RSQ_MODEL {MODEL_SYMBOL}", "",
+        f"extern const rsq_model {MODEL_SYMBOL};", "const rsq_model *rsq_exported(void);", "", "#endif", ""]))
+    (folder / MEMORY_FILE).write_text(json.dumps({
+        "weight_bytes": weight_bytes,
+        "resolutions": {str(r): m for r, m in memory.items()}}, indent=1) + "\n")
+    return folder / MODEL_SOURCE

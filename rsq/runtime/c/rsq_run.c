@@ -1,0 +1,59 @@
+/* rsq_run: a command-line driver for an rsq C export (and an example of calling the runtime).
+ *
+ *   cc -O3 -o rsq_run rsq_run.c rsq_model.c rsq_runtime.c -lm
+ *   ./rsq_run RESOLUTION [REPEATS] < images.f32 > logits.i32
+ *
+ * Reads float32 images ([in_chans][RESOLUTION][RESOLUTION] each, normalised as in training, native
+ * byte order) from stdin until it ends, and writes each image's int32 logits to stdout. With REPEATS > 1
+ * every image runs that many times and the mean milliseconds per image go to stderr. */
+#define _POSIX_C_SOURCE 199309L
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "rsq_model.h"
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+int main(int argc, char **argv) {
+    const rsq_model *model = &RSQ_MODEL;
+    if (argc < 2 || argc > 3) {
+        fprintf(stderr, "usage: %s RESOLUTION [REPEATS] < images.f32 > logits.i32\n", argv[0]);
+        return 2;
+    }
+    int resolution = atoi(argv[1]);
+    long repeats = argc == 3 ? atol(argv[2]) : 1;
+    size_t arena_bytes = rsq_arena_bytes(model, resolution);
+    if (arena_bytes == 0 || repeats < 1) {
+        fprintf(stderr, "rsq_run: resolution %s is not in this export (or REPEATS < 1)\n", argv[1]);
+        return 2;
+    }
+    size_t values = (size_t)model->in_chans * resolution * resolution;
+    float *image = malloc(values * sizeof(float));
+    int32_t *logits = malloc((size_t)model->num_classes * sizeof(int32_t));
+    void *arena = malloc(arena_bytes);
+    if (!image || !logits || !arena) {
+        fprintf(stderr, "rsq_run: out of memory (arena %zu bytes)\n", arena_bytes);
+        return 1;
+    }
+    long images = 0;
+    double total = 0.0;
+    while (fread(image, sizeof(float), values, stdin) == values) {
+        double start = now_ms();
+        for (long i = 0; i < repeats; i++) rsq_run(model, resolution, image, logits, arena);
+        total += now_ms() - start;
+        fwrite(logits, sizeof(int32_t), (size_t)model->num_classes, stdout);
+        images++;
+    }
+    if (repeats > 1 && images > 0)
+        fprintf(stderr, "ms per image: %.4f (%ld images x %ld repeats, arena %zu bytes)\n",
+                total / (double)(images * repeats), images, repeats, arena_bytes);
+    free(image);
+    free(logits);
+    free(arena);
+    return 0;
+}
