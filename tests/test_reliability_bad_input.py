@@ -131,7 +131,7 @@ TABLE = [
     ("export-truncated", ["export", "truncated.pt", "--out", "e_trunc"], "truncated.pt is not a readable rsq checkpoint"),
     ("export-foreign", ["export", "foreign.pt", "--out", "e_foreign"], "foreign.pt is not an rsq checkpoint"),
     ("export-format-unknown", ["export", "qrun", "--format", "tflite", "--out", "e_fmt"],
-     "unknown export format 'tflite'; choose from: onnx, packed, qlinear, qonnx, pt2e, executorch, executorch-exact"),
+     "unknown export format 'tflite'; choose from: onnx, packed, qlinear, c, qonnx, pt2e, executorch, executorch-exact"),
     ("export-resolution-unknown", ["export", "qrun", "--format", "packed", "--resolution", "20", "--out", "e_res"],
      "resolution(s) [20] unknown to this model (known: 16, 12)"),
     ("export-qlinear-no-data", ["export", "qmoved.pt", "--format", "qlinear", "--out", "e_ql"],

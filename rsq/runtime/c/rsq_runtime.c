@@ -45,18 +45,19 @@ static size_t tensor_size(const rsq_model *model, const rsq_mode *mode, int32_t 
     return (size_t)mode->height[t] * (size_t)mode->width[t] * (size_t)model->tensors[t].channels;
 }
 
-/* A layer's weights as int16, [out][kh][kw][in / groups]. The packed stream carries a spare byte at its
- * end, so reading two bytes at a value's first byte never runs past the array. */
-static void unpack_weights(const rsq_weight *w, int16_t *out) {
-    size_t count = (size_t)w->out_channels * w->kh * w->kw * w->in_per_group;
+/* Weight rows first .. first + rows - 1 of a layer (each [kh][kw][in / groups]) as int16. The packed stream
+ * carries a spare byte at its end, so reading two bytes at a value's first byte never runs past the array. */
+static void unpack_rows(const rsq_weight *w, int32_t first, int32_t rows, int16_t *out) {
+    size_t k = (size_t)w->kh * w->kw * w->in_per_group;
+    size_t start = (size_t)first * k, count = (size_t)rows * k;
     if (w->bits == 8) {
-        const int8_t *values = (const int8_t *)w->data;
+        const int8_t *values = (const int8_t *)w->data + start;
         for (size_t i = 0; i < count; i++) out[i] = values[i];
         return;
     }
     uint32_t mask = (1u << w->bits) - 1u, sign = 1u << (w->bits - 1);
     for (size_t i = 0; i < count; i++) {
-        size_t bit = i * (size_t)w->bits;
+        size_t bit = (start + i) * (size_t)w->bits;
         uint32_t window = (uint32_t)w->data[bit >> 3] | ((uint32_t)w->data[(bit >> 3) + 1] << 8);
         uint32_t v = (window >> (bit & 7)) & mask;
         out[i] = (int16_t)((int32_t)(v ^ sign) - (int32_t)sign);  /* sign-extend a bits-wide value */
@@ -79,8 +80,35 @@ static void quantize_input(const rsq_model *model, const rsq_mode *mode, const r
             }
 }
 
-/* conv and linear (a linear is a 1x1 conv on a 1x1 input): per output pixel, the receptive field is
- * gathered into an int16 patch (zeros for padding), then one dot product per output channel. */
+/* Gathers output pixel (oy, ox)'s receptive field in group g into an int16 patch (zeros for padding). */
+static void gather_patch(const rsq_tensor *ti, const void *in, const rsq_op *op, int32_t h, int32_t wd, int32_t c,
+                         int32_t cin, int32_t g, int32_t oy, int32_t ox, int16_t *patch) {
+    int32_t n = 0;
+    for (int32_t ky = 0; ky < op->kh; ky++) {
+        int32_t iy = oy * op->sh - op->ph + ky;
+        for (int32_t kx = 0; kx < op->kw; kx++) {
+            int32_t ix = ox * op->sw - op->pw + kx;
+            size_t at = ((size_t)iy * wd + ix) * c + (size_t)g * cin;
+            if (iy < 0 || iy >= h || ix < 0 || ix >= wd) {
+                memset(patch + n, 0, sizeof(int16_t) * (size_t)cin);  /* zero point 0 */
+            } else if (ti->type == RSQ_U8) {
+                const uint8_t *src = (const uint8_t *)in + at;
+                for (int32_t j = 0; j < cin; j++) patch[n + j] = src[j];
+            } else if (ti->type == RSQ_I8) {
+                const int8_t *src = (const int8_t *)in + at;
+                for (int32_t j = 0; j < cin; j++) patch[n + j] = src[j];
+            } else {
+                for (int32_t j = 0; j < cin; j++) patch[n + j] = (int16_t)load(in, ti->type, at + j);
+            }
+            n += cin;
+        }
+    }
+}
+
+/* conv and linear (a linear is a 1x1 conv on a 1x1 input), a block of output channels at a time: the
+ * block's weight rows are unpacked to int16 once (model->oc_block rows: the scratch stays small and in
+ * cache), then for every output pixel the receptive field is gathered into a patch and each row of the
+ * block takes one dot product with it. */
 static void conv(const rsq_model *model, const rsq_mode *mode, const rsq_op *op, char *arena) {
     const rsq_table *t = &mode->tables[op - model->ops];
     const rsq_weight *w = &model->weights[op->weight];
@@ -89,43 +117,27 @@ static void conv(const rsq_model *model, const rsq_mode *mode, const rsq_op *op,
     int32_t oh = mode->height[op->out], ow = mode->width[op->out], oc = to->channels;
     int32_t cin = c / op->groups, cout = oc / op->groups;
     int32_t k = op->kh * op->kw * cin;
-    int16_t *weights = (int16_t *)(arena + mode->scratch_offset);
-    int16_t *patch = weights + (size_t)w->out_channels * k;
+    int16_t *rows = (int16_t *)(arena + mode->scratch_offset);
+    int16_t *patch = rows + (size_t)model->oc_block * k;
     const void *in = tensor_at(mode, arena, op->in0);
     void *out = tensor_at(mode, arena, op->out);
-    unpack_weights(w, weights);
-    for (int32_t oy = 0; oy < oh; oy++)
-        for (int32_t ox = 0; ox < ow; ox++)
-            for (int32_t g = 0; g < op->groups; g++) {
-                int32_t n = 0;
-                for (int32_t ky = 0; ky < op->kh; ky++) {
-                    int32_t iy = oy * op->sh - op->ph + ky;
-                    for (int32_t kx = 0; kx < op->kw; kx++) {
-                        int32_t ix = ox * op->sw - op->pw + kx;
-                        size_t at = ((size_t)iy * wd + ix) * c + (size_t)g * cin;
-                        if (iy < 0 || iy >= h || ix < 0 || ix >= wd) {
-                            memset(patch + n, 0, sizeof(int16_t) * (size_t)cin);  /* zero point 0 */
-                        } else if (ti->type == RSQ_U8) {
-                            const uint8_t *src = (const uint8_t *)in + at;
-                            for (int32_t j = 0; j < cin; j++) patch[n + j] = src[j];
-                        } else if (ti->type == RSQ_I8) {
-                            const int8_t *src = (const int8_t *)in + at;
-                            for (int32_t j = 0; j < cin; j++) patch[n + j] = src[j];
-                        } else {
-                            for (int32_t j = 0; j < cin; j++) patch[n + j] = (int16_t)load(in, ti->type, at + j);
-                        }
-                        n += cin;
+    for (int32_t g = 0; g < op->groups; g++)
+        for (int32_t first = g * cout; first < (g + 1) * cout; first += model->oc_block) {
+            int32_t last = first + model->oc_block < (g + 1) * cout ? first + model->oc_block : (g + 1) * cout;
+            unpack_rows(w, first, last - first, rows);
+            for (int32_t oy = 0; oy < oh; oy++)
+                for (int32_t ox = 0; ox < ow; ox++) {
+                    gather_patch(ti, in, op, h, wd, c, cin, g, oy, ox, patch);
+                    for (int32_t o = first; o < last; o++) {
+                        const int16_t *row = rows + (size_t)(o - first) * k;
+                        int32_t acc = 0;  /* fits: the export bounds every accumulator below 2^29 */
+                        for (int32_t j = 0; j < k; j++) acc += (int32_t)patch[j] * row[j];
+                        int64_t x = ((int64_t)acc << t->bias_shift) + t->bias[o];
+                        int64_t q = clamp(requantize(x, t->m0[o], t->shift[o]), t->lo, t->hi);
+                        store(out, to->type, ((size_t)oy * ow + ox) * oc + o, q);
                     }
                 }
-                for (int32_t o = g * cout; o < (g + 1) * cout; o++) {
-                    const int16_t *row = weights + (size_t)o * k;
-                    int32_t acc = 0;  /* fits: the export bounds every accumulator below 2^29 */
-                    for (int32_t j = 0; j < k; j++) acc += (int32_t)patch[j] * row[j];
-                    int64_t x = ((int64_t)acc << t->bias_shift) + t->bias[o];
-                    int64_t q = clamp(requantize(x, t->m0[o], t->shift[o]), t->lo, t->hi);
-                    store(out, to->type, ((size_t)oy * ow + ox) * oc + o, q);
-                }
-            }
+        }
 }
 
 static void requantize_op(const rsq_model *model, const rsq_mode *mode, const rsq_op *op, char *arena) {

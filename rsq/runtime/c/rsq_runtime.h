@@ -68,7 +68,7 @@ typedef struct {
     const rsq_tensor *tensors;
     const rsq_weight *weights;
     const rsq_mode *modes;        /* one per exported resolution, largest first */
-    int32_t weight_scratch_bytes; /* the largest layer's weights unpacked to int16 */
+    int32_t oc_block;             /* output channels whose weights a conv unpacks at a time (to int16 scratch) */
 } rsq_model;
 
 /* The mode of an exported resolution, or NULL. */
