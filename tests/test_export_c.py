@@ -5,6 +5,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 
 import rsq
 from rsq.errors import RsqError
@@ -86,6 +87,24 @@ def test_arena_plan_never_overlaps_live_tensors_and_reuses_memory():
     assert max(offsets[n] + width[n] for n in offsets) < 0.5 * sum(width.values())
 
 
+def test_pixels_run_integer_only_and_match_the_data_pipeline(tmp_path):
+    from rsq.data import fashion_mnist
+    from rsq.data.memory import _Normalizer
+
+    integer_model = lower(quantized_resnet20(4, [28, 12]).eval())
+    write_c(integer_model, tmp_path / "plain")
+    with pytest.raises(RsqError, match="records no input normalisation"):
+        NativeRuntime(tmp_path / "plain").run_pixels(np.zeros((1, 1, 12, 12), np.uint8), 12)
+    integer_model.meta["input"] = {"mean": list(fashion_mnist.MEAN), "std": list(fashion_mnist.STD)}
+    native, runtime = NativeRuntime(write_c(integer_model, tmp_path / "c").parent), Runtime(integer_model)
+    normalize = _Normalizer(fashion_mnist.MEAN, fashion_mnist.STD, "cpu")  # what training and eval feed the model
+    real, _ = fashion_mnist.load("test", None)
+    rng = np.random.default_rng(0)
+    for r, pixels in ((28, real[:16].numpy().reshape(16, 1, 28, 28)), (12, rng.integers(0, 256, (16, 1, 12, 12), dtype=np.uint8))):
+        expected = runtime.run(normalize(torch.from_numpy(pixels)).numpy(), r)
+        assert np.array_equal(native.run_pixels(pixels, r), expected)
+
+
 def test_two_bit_weights_take_a_quarter_of_eight_bit_ones(tmp_path):
     sizes = {}
     for bits in (2, 8):
@@ -104,6 +123,8 @@ def test_rsq_run_program_reads_images_and_writes_logits(tmp_path):
     logits = np.frombuffer(done.stdout, np.int32).reshape(4, 10)
     assert np.array_equal(logits, Runtime(integer_model).run(x, 12))
     assert b"ms per image" in done.stderr
+    no_table = subprocess.run([str(program), "-p", "12"], input=b"", capture_output=True)
+    assert no_table.returncode == 2 and b"no input normalisation" in no_table.stderr
     refused = subprocess.run([str(program), "20"], input=b"", capture_output=True)
     assert refused.returncode == 2 and b"resolution 20 is not in this export" in refused.stderr
 

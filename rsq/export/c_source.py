@@ -96,6 +96,23 @@ def arena_bytes(model: IntegerModel, shapes: dict[str, tuple[int, int]], offsets
                 * (4 if element_type(model.tensors[n]) == I32 else 1) for n in offsets), default=0)
 
 
+def pixel_table(model: IntegerModel, resolution: int):
+    """[in_chans, 256] int16: the quantized input of every 8-bit pixel value per channel at ``resolution``, or
+    None without a recorded normalisation. The same float32 arithmetic as rsq's data pipeline (pixel / 255,
+    minus mean, over std) and rsq.runtime's input quantization, so a pixel's entry equals what rsq.runtime
+    makes of the normalised pixel."""
+    normalisation = model.meta.get("input", {})
+    if "mean" not in normalisation or "std" not in normalisation:
+        return None
+    from ..runtime.execute import quantize_input
+    mean = np.asarray(normalisation["mean"], np.float32).reshape(-1, 1)
+    std = np.asarray(normalisation["std"], np.float32).reshape(-1, 1)
+    if mean.shape[0] != model.in_chans:
+        mean, std = np.broadcast_to(mean, (model.in_chans, 1)), np.broadcast_to(std, (model.in_chans, 1))
+    x = (np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0) - mean) / std  # [C, 256]
+    return quantize_input(model, x[None, :, :, None], resolution)[0, :, :, 0].astype(np.int16)
+
+
 def _layer_geometry(model: IntegerModel, op) -> tuple[int, int, int, int, int, int, int]:
     """(kh, kw, sh, sw, ph, pw, groups) of a conv or max pooling; a linear is a 1x1 conv on a 1x1 input."""
     if op.kind == "conv":
@@ -193,8 +210,10 @@ def write_c(model: IntegerModel, folder) -> Path:
         places = src.array("int32_t", [offsets.get(n, -1) for n in tensors], f"offset_r{r}")
         first = next(op for op in model.ops if op.kind == "quantize_input")
         input_scale = float(np.float32(model.scales[r][first.output]))
+        pixels = pixel_table(model, r)
+        lut = "0" if pixels is None else src.array("int16_t", pixels, f"pixels_r{r}")
         mode_rows.append(f"    {{{r}, (float){input_scale.hex()}, {float(model.scales[r][model.output]).hex()}, "
-                         f"tables_r{r}, {heights}, {widths}, {places}, {scratch_at + scratch}, {scratch_at}}},")
+                         f"{lut}, tables_r{r}, {heights}, {widths}, {places}, {scratch_at + scratch}, {scratch_at}}},")
 
     types = ", ".join(f"{{{model.tensors[n].channels}, {element_type(model.tensors[n])}}}" for n in tensors)
     weight_bytes = sum(len(pack_bits(model.weights[n].values, model.weights[n].bits)) for n in weights)

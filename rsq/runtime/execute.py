@@ -44,14 +44,7 @@ class Runtime:
 
     def quantize_input(self, x: np.ndarray, resolution: int) -> np.ndarray:
         """The one float step: NCHW float32 images -> the first conv's integer input (NCHW)."""
-        model = self.model
-        table_op = next(op for op in model.ops if op.kind == "quantize_input")
-        table = model.tables[model.check_resolution(resolution)][table_op.name]
-        scale = np.float32(model.scales[resolution][table_op.output])
-        # float32 division then round half to even: the same arithmetic as the fake quantizer.
-        q = np.round(np.asarray(x, dtype=np.float32) / scale)
-        q = np.clip(q, int(table["lo"][0]), int(table["hi"][0]))
-        return q.astype(model.tensors[table_op.output].dtype)
+        return quantize_input(self.model, x, resolution)
 
     def run(self, x: np.ndarray, resolution: int, quantized: bool = False) -> np.ndarray:
         """int32 logits [N, classes] for NCHW images (float, or already quantized when ``quantized``)."""
@@ -98,6 +91,17 @@ class Runtime:
         else:
             raise ValueError(f"unknown op kind {op.kind!r}")
         return np.clip(out, int(table["lo"][0]), int(table["hi"][0])).astype(np.int32)
+
+
+def quantize_input(model: IntegerModel, x: np.ndarray, resolution: int) -> np.ndarray:
+    """NCHW float32 images -> the first conv's integer input (NCHW) at ``resolution``."""
+    table_op = next(op for op in model.ops if op.kind == "quantize_input")
+    table = model.tables[model.check_resolution(resolution)][table_op.name]
+    scale = np.float32(model.scales[resolution][table_op.output])
+    # float32 division then round half to even: the same arithmetic as the fake quantizer.
+    q = np.round(np.asarray(x, dtype=np.float32) / scale)
+    q = np.clip(q, int(table["lo"][0]), int(table["hi"][0]))
+    return q.astype(model.tensors[table_op.output].dtype)
 
 
 def _accumulator_bound(weights: np.ndarray, input_info) -> int:

@@ -78,8 +78,9 @@ class NativeRuntime:
         lib.rsq_exported.restype = ctypes.c_void_p
         lib.rsq_arena_bytes.restype = ctypes.c_size_t
         lib.rsq_arena_bytes.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        lib.rsq_run.restype = ctypes.c_int
-        lib.rsq_run.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        for run in (lib.rsq_run, lib.rsq_run_pixels):
+            run.restype = ctypes.c_int
+            run.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         self._model = lib.rsq_exported()
         head = ctypes.cast(self._model, ctypes.POINTER(_ModelHead)).contents
         self.num_classes, self.in_chans = int(head.num_classes), int(head.in_chans)
@@ -90,7 +91,14 @@ class NativeRuntime:
         return int(self._lib.rsq_arena_bytes(self._model, int(resolution)))
 
     def run(self, x: np.ndarray, resolution: int) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        return self._run(self._lib.rsq_run, np.ascontiguousarray(x, dtype=np.float32), resolution)
+
+    def run_pixels(self, pixels: np.ndarray, resolution: int) -> np.ndarray:
+        """int32 logits [N, classes] for uint8 NCHW images already at ``resolution``, through rsq_run_pixels
+        (no floating point: each pixel's quantized input comes from the export's pixel table)."""
+        return self._run(self._lib.rsq_run_pixels, np.ascontiguousarray(pixels, dtype=np.uint8), resolution)
+
+    def _run(self, entry, x: np.ndarray, resolution: int) -> np.ndarray:
         if resolution not in self._arenas:
             size = self.arena_bytes(resolution)
             if size == 0:
@@ -101,8 +109,9 @@ class NativeRuntime:
             raise RsqError(f"input shape {tuple(x.shape)} is not [N, {self.in_chans}, {resolution}, {resolution}]")
         logits = np.zeros((len(x), self.num_classes), np.int32)
         for i in range(len(x)):
-            code = self._lib.rsq_run(self._model, int(resolution), x[i].ctypes.data, logits[i].ctypes.data,
-                                     arena.ctypes.data)
+            code = entry(self._model, int(resolution), x[i].ctypes.data, logits[i].ctypes.data, arena.ctypes.data)
+            if code == -3:
+                raise RsqError("this C export records no input normalisation (mean, std): feed rsq_run float images")
             if code != 0:
                 raise RsqError(f"the C runtime failed at resolution {resolution} (code {code})")
         return logits

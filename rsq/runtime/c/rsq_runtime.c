@@ -64,8 +64,9 @@ static void unpack_rows(const rsq_weight *w, int32_t first, int32_t rows, int16_
     }
 }
 
+/* The input's quantization, from float32 images or (pixels != NULL) from 8-bit pixels through the table. */
 static void quantize_input(const rsq_model *model, const rsq_mode *mode, const rsq_op *op, const float *input,
-                           char *arena) {
+                           const uint8_t *pixels, char *arena) {
     const rsq_table *t = &mode->tables[op - model->ops];
     int32_t h = mode->height[op->out], w = mode->width[op->out], c = model->tensors[op->out].channels;
     int32_t type = model->tensors[op->out].type;
@@ -73,10 +74,15 @@ static void quantize_input(const rsq_model *model, const rsq_mode *mode, const r
     for (int32_t ch = 0; ch < c; ch++)
         for (int32_t y = 0; y < h; y++)
             for (int32_t x = 0; x < w; x++) {
+                size_t at = ((size_t)ch * h + y) * w + x, to = ((size_t)y * w + x) * c + ch;
+                if (pixels != NULL) {
+                    store(out, type, to, mode->pixel_table[(size_t)ch * 256 + pixels[at]]);
+                    continue;
+                }
                 /* float32 division, then round half to even: the fake quantizer's own arithmetic */
-                float q = rintf(input[((size_t)ch * h + y) * w + x] / mode->input_scale);
+                float q = rintf(input[at] / mode->input_scale);
                 q = q < (float)t->lo ? (float)t->lo : (q > (float)t->hi ? (float)t->hi : q);
-                store(out, type, ((size_t)y * w + x) * c + ch, (int64_t)q);
+                store(out, type, to, (int64_t)q);
             }
 }
 
@@ -214,14 +220,16 @@ size_t rsq_arena_bytes(const rsq_model *model, int resolution) {
     return mode ? (size_t)mode->arena_bytes : 0;
 }
 
-int rsq_run(const rsq_model *model, int resolution, const float *input, int32_t *logits, void *arena) {
+static int run(const rsq_model *model, int resolution, const float *input, const uint8_t *pixels,
+               int32_t *logits, void *arena) {
     const rsq_mode *mode = rsq_find_mode(model, resolution);
     if (mode == NULL) return -1;
+    if (pixels != NULL && mode->pixel_table == NULL) return -3;
     char *base = (char *)arena;
     for (int32_t i = 0; i < model->num_ops; i++) {
         const rsq_op *op = &model->ops[i];
         switch (op->kind) {
-        case RSQ_QUANTIZE_INPUT: quantize_input(model, mode, op, input, base); break;
+        case RSQ_QUANTIZE_INPUT: quantize_input(model, mode, op, input, pixels, base); break;
         case RSQ_REQUANTIZE: requantize_op(model, mode, op, base); break;
         case RSQ_CONV:
         case RSQ_LINEAR: conv(model, mode, op, base); break;
@@ -233,4 +241,12 @@ int rsq_run(const rsq_model *model, int resolution, const float *input, int32_t 
     }
     memcpy(logits, tensor_at(mode, base, model->output), sizeof(int32_t) * (size_t)model->num_classes);
     return 0;
+}
+
+int rsq_run(const rsq_model *model, int resolution, const float *input, int32_t *logits, void *arena) {
+    return run(model, resolution, input, NULL, logits, arena);
+}
+
+int rsq_run_pixels(const rsq_model *model, int resolution, const uint8_t *pixels, int32_t *logits, void *arena) {
+    return run(model, resolution, NULL, pixels, logits, arena);
 }

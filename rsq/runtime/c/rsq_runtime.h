@@ -52,6 +52,7 @@ typedef struct {
     int32_t resolution;
     float input_scale;            /* real value of one step of the quantized input */
     double logit_scale;           /* real value of one step of the int32 logits */
+    const int16_t *pixel_table;   /* [in_chans][256]: an 8-bit pixel's quantized input (NULL: no mean/std known) */
     const rsq_table *tables;      /* one per op */
     const int32_t *height, *width;  /* per tensor */
     const int32_t *offset;        /* per tensor: byte offset in the arena (-1: the float input) */
@@ -81,6 +82,13 @@ size_t rsq_arena_bytes(const rsq_model *model, int resolution);
  * training; `logits` receives num_classes int32 values (times the mode's logit_scale: the real logits).
  * Returns 0, or -1 when `resolution` was not exported. */
 int rsq_run(const rsq_model *model, int resolution, const float *input, int32_t *logits, void *arena);
+
+/* The same from 8-bit pixels, with no floating point at all: `pixels` is uint8 [in_chans][resolution][resolution]
+ * (already at this resolution), and each pixel's quantized input comes from the mode's pixel_table (the
+ * training normalisation (pixel / 255 - mean) / std and the input's quantization, evaluated at export in
+ * float32 exactly as rsq computes them). Returns 0, -1 for a resolution that was not exported, -3 when the
+ * export knows no normalisation. */
+int rsq_run_pixels(const rsq_model *model, int resolution, const uint8_t *pixels, int32_t *logits, void *arena);
 
 #ifdef __cplusplus
 }
