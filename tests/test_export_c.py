@@ -71,6 +71,14 @@ def test_c_runs_max_pooling_on_narrow_and_wide_grids(tmp_path):
     _assert_c_equals_runtime(integer_model, tmp_path, in_chans=3)
 
 
+def test_the_writer_sizes_scratch_for_the_runtime_pixel_block():
+    from importlib import resources
+
+    from rsq.export.c_source import PIXEL_BLOCK
+    header = (resources.files("rsq.runtime") / "c" / "rsq_runtime.h").read_text()
+    assert f"#define RSQ_PIXEL_BLOCK {PIXEL_BLOCK}\n" in header
+
+
 def test_arena_plan_never_overlaps_live_tensors_and_reuses_memory():
     integer_model = lower(quantized_resnet20(4, [16, 8]).eval())
     shapes = tensor_shapes(integer_model)[16]

@@ -34,6 +34,7 @@ ALIGN = 8  # every tensor starts at a multiple of 8 bytes in the arena
 # pixel against them: the scratch is 16 rows (18 KB for a 64-channel 3x3 conv), not the layer, and it stays
 # in cache while the pixels stream by.
 OC_BLOCK = 16
+PIXEL_BLOCK = 4  # RSQ_PIXEL_BLOCK in rsq_runtime.h: a conv gathers four output pixels' receptive fields at once
 # Element types, as rsq_runtime.h numbers them.
 F32, I8, U8, I32 = range(4)
 
@@ -125,13 +126,13 @@ def _layer_geometry(model: IntegerModel, op) -> tuple[int, int, int, int, int, i
 
 
 def _scratch_bytes(model: IntegerModel) -> int:
-    """int16 scratch for a conv: OC_BLOCK rows of its weights unpacked and one receptive field (patch)."""
+    """int16 scratch for a conv: OC_BLOCK rows of its weights unpacked and PIXEL_BLOCK receptive fields."""
     largest = 0
     for op in model.ops:
         if op.kind in ("conv", "linear"):
             values = model.weights[op.attrs["weight"]].values
             row = int(np.prod(values.shape[1:]))  # in / groups * kh * kw: one group's receptive field
-            largest = max(largest, 2 * (OC_BLOCK + 1) * row)
+            largest = max(largest, 2 * (OC_BLOCK + PIXEL_BLOCK) * row)
     return _align(largest)
 
 

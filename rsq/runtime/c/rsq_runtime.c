@@ -5,6 +5,9 @@
 #include <math.h>
 #include <string.h>
 
+/* conv() keeps one accumulator per pixel of a block in a register of its own: four of them. */
+typedef char rsq_pixel_block_is_four[RSQ_PIXEL_BLOCK == 4 ? 1 : -1];
+
 /* floor(v / 2^bits) without relying on >> of a negative number (implementation-defined in C). */
 static int64_t floor_shift(int64_t v, int bits) {
     return v >= 0 ? v >> bits : ~((~v) >> bits);
@@ -113,8 +116,9 @@ static void gather_patch(const rsq_tensor *ti, const void *in, const rsq_op *op,
 
 /* conv and linear (a linear is a 1x1 conv on a 1x1 input), a block of output channels at a time: the
  * block's weight rows are unpacked to int16 once (model->oc_block rows: the scratch stays small and in
- * cache), then for every output pixel the receptive field is gathered into a patch and each row of the
- * block takes one dot product with it. */
+ * cache), then the output pixels go by RSQ_PIXEL_BLOCK (4) at a time: their receptive fields are gathered
+ * into patches, and each weight row takes its dot product with the four patches in one pass (each weight
+ * is loaded once for four pixels). */
 static void conv(const rsq_model *model, const rsq_mode *mode, const rsq_op *op, char *arena) {
     const rsq_table *t = &mode->tables[op - model->ops];
     const rsq_weight *w = &model->weights[op->weight];
@@ -124,7 +128,8 @@ static void conv(const rsq_model *model, const rsq_mode *mode, const rsq_op *op,
     int32_t cin = c / op->groups, cout = oc / op->groups;
     int32_t k = op->kh * op->kw * cin;
     int16_t *rows = (int16_t *)(arena + mode->scratch_offset);
-    int16_t *patch = rows + (size_t)model->oc_block * k;
+    int16_t *patch = rows + (size_t)model->oc_block * k;  /* RSQ_PIXEL_BLOCK patches of k values */
+    const int16_t *p0 = patch, *p1 = patch + k, *p2 = patch + 2 * (size_t)k, *p3 = patch + 3 * (size_t)k;
     const void *in = tensor_at(mode, arena, op->in0);
     void *out = tensor_at(mode, arena, op->out);
     for (int32_t g = 0; g < op->groups; g++)
@@ -132,15 +137,28 @@ static void conv(const rsq_model *model, const rsq_mode *mode, const rsq_op *op,
             int32_t last = first + model->oc_block < (g + 1) * cout ? first + model->oc_block : (g + 1) * cout;
             unpack_rows(w, first, last - first, rows);
             for (int32_t oy = 0; oy < oh; oy++)
-                for (int32_t ox = 0; ox < ow; ox++) {
-                    gather_patch(ti, in, op, h, wd, c, cin, g, oy, ox, patch);
+                for (int32_t ox = 0; ox < ow; ox += RSQ_PIXEL_BLOCK) {
+                    int32_t n = ow - ox < RSQ_PIXEL_BLOCK ? ow - ox : RSQ_PIXEL_BLOCK;
+                    for (int32_t p = 0; p < RSQ_PIXEL_BLOCK; p++) {
+                        if (p < n) gather_patch(ti, in, op, h, wd, c, cin, g, oy, ox + p, patch + (size_t)p * k);
+                        else memset(patch + (size_t)p * k, 0, sizeof(int16_t) * (size_t)k);  /* row's end */
+                    }
                     for (int32_t o = first; o < last; o++) {
                         const int16_t *row = rows + (size_t)(o - first) * k;
-                        int32_t acc = 0;  /* fits: the export bounds every accumulator below 2^29 */
-                        for (int32_t j = 0; j < k; j++) acc += (int32_t)patch[j] * row[j];
-                        int64_t x = ((int64_t)acc << t->bias_shift) + t->bias[o];
-                        int64_t q = clamp(requantize(x, t->m0[o], t->shift[o]), t->lo, t->hi);
-                        store(out, to->type, ((size_t)oy * ow + ox) * oc + o, q);
+                        int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;  /* the export bounds each below 2^29 */
+                        for (int32_t j = 0; j < k; j++) {
+                            int32_t weight = row[j];
+                            a0 += p0[j] * weight;
+                            a1 += p1[j] * weight;
+                            a2 += p2[j] * weight;
+                            a3 += p3[j] * weight;
+                        }
+                        int32_t acc[RSQ_PIXEL_BLOCK] = {a0, a1, a2, a3};
+                        for (int32_t p = 0; p < n; p++) {
+                            int64_t x = ((int64_t)acc[p] << t->bias_shift) + t->bias[o];
+                            int64_t q = clamp(requantize(x, t->m0[o], t->shift[o]), t->lo, t->hi);
+                            store(out, to->type, ((size_t)oy * ow + ox + p) * oc + o, q);
+                        }
                     }
                 }
         }

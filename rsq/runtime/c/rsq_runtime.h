@@ -19,6 +19,9 @@
 extern "C" {
 #endif
 
+/* Output pixels a conv computes together (the export sizes the scratch for this many patches). */
+#define RSQ_PIXEL_BLOCK 4
+
 /* Op kinds: the IntegerModel's op kinds, in its order. */
 enum { RSQ_QUANTIZE_INPUT, RSQ_REQUANTIZE, RSQ_CONV, RSQ_LINEAR, RSQ_ADD, RSQ_GLOBAL_AVG_POOL, RSQ_MAX_POOL };
 /* Element types of tensors in the arena: narrow tensors are 8-bit, wide ones and the logits int32. */
