@@ -63,6 +63,11 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def _tensor_bytes(model: IntegerModel, shapes: dict[str, tuple[int, int]], name: str) -> int:
+    h, w = shapes[name]
+    return h * w * model.tensors[name].channels * (4 if element_type(model.tensors[name]) == I32 else 1)
+
+
 def plan_arena(model: IntegerModel, shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
     """Byte offset of every integer tensor in the arena: largest first, each at the lowest offset that no
     tensor alive at the same time occupies (a tensor lives from the op that writes it to its last reader)."""
@@ -74,11 +79,7 @@ def plan_arena(model: IntegerModel, shapes: dict[str, tuple[int, int]]) -> dict[
             if name in dies:
                 dies[name] = max(dies[name], i)
     dies[model.output] = len(ops)  # read back after the last op
-    size = {}
-    for name in born:
-        h, w = shapes[name]
-        size[name] = _align(h * w * model.tensors[name].channels * (4 if element_type(model.tensors[name]) == I32
-                                                                    else 1))
+    size = {name: _align(_tensor_bytes(model, shapes, name)) for name in born}
     offsets: dict[str, int] = {}
     for name in sorted(born, key=lambda n: (-size[n], born[n])):
         busy = sorted((offsets[o], offsets[o] + size[o]) for o in offsets
@@ -92,9 +93,9 @@ def plan_arena(model: IntegerModel, shapes: dict[str, tuple[int, int]]) -> dict[
     return offsets
 
 
-def arena_bytes(model: IntegerModel, shapes: dict[str, tuple[int, int]], offsets: dict[str, int]) -> int:
-    return max((offsets[n] + shapes[n][0] * shapes[n][1] * model.tensors[n].channels
-                * (4 if element_type(model.tensors[n]) == I32 else 1) for n in offsets), default=0)
+def activation_bytes(model: IntegerModel, shapes: dict[str, tuple[int, int]], offsets: dict[str, int]) -> int:
+    """The arena's activation part: the end of the last byte any tensor uses."""
+    return max((offsets[n] + _tensor_bytes(model, shapes, n) for n in offsets), default=0)
 
 
 def pixel_table(model: IntegerModel, resolution: int):
@@ -168,59 +169,21 @@ def write_c(model: IntegerModel, folder) -> Path:
     shapes = tensor_shapes(model)
     scratch = _scratch_bytes(model)
     src = _Source()
-
-    weight_rows = []
-    for name in weights:
-        w = model.weights[name]
-        values = w.values if w.values.ndim == 4 else w.values[:, :, None, None]
-        rows = np.ascontiguousarray(values.transpose(0, 2, 3, 1))  # [out][kh][kw][in / groups]
-        data = src.array("uint8_t", np.frombuffer(pack_bits(rows, w.bits) + b"\0", np.uint8), "weights")
-        weight_rows.append(f"    {{{data}, {w.bits}, {rows.shape[0]}, {rows.shape[3]}, {rows.shape[1]}, "
-                           f"{rows.shape[2]}}}, /* {name} */")
-
-    op_rows = []
-    for op in model.ops:
-        ins = [index[n] for n in op.inputs] + [-1]
-        weight = weights.index(op.attrs["weight"]) if "weight" in op.attrs else -1
-        geometry = ", ".join(str(int(v)) for v in _layer_geometry(model, op))
-        op_rows.append(f"    {{{OP_KINDS.index(op.kind)}, {ins[0]}, {ins[1]}, {index[op.output]}, {weight}, "
-                       f"{geometry}}}, /* {op.kind} {op.name} */")
-
+    weight_rows = [_weight_row(src, name, model.weights[name]) for name in weights]
+    op_rows = [_op_row(model, op, index, weights) for op in model.ops]
     memory, mode_rows = {}, []
     for r in model.resolutions:
-        tables = model.tables[r]
-        table_rows = []
-        for op in model.ops:
-            t = tables[op.name]
-
-            def arr(key, hint=f"r{r}"):
-                return src.array("int32_t", t[key], hint) if key in t else "0"
-
-            a = "_a" if op.kind == "add" else ""
-            scalar = {k: int(t[k][0]) if k in t else 0 for k in ("bias_shift", "lo", "hi")}
-            table_rows.append(f"    {{{arr('bias')}, {arr('m0' + a)}, {arr('shift' + a)}, {arr('m0_b')}, "
-                              f"{arr('shift_b')}, {scalar['bias_shift']}, {scalar['lo']}, {scalar['hi']}}},")
         offsets = plan_arena(model, shapes[r])
-        activations = arena_bytes(model, shapes[r], offsets)
+        activations = activation_bytes(model, shapes[r], offsets)
         scratch_at = _align(activations)
         memory[r] = {"arena_bytes": scratch_at + scratch, "activation_bytes": activations, "scratch_bytes": scratch}
-        src.lines.append(f"static const rsq_table tables_r{r}[{len(model.ops)}] = {{\n" + "\n".join(table_rows)
-                         + "\n};")
-        heights = src.array("int32_t", [shapes[r][n][0] for n in tensors], f"height_r{r}")
-        widths = src.array("int32_t", [shapes[r][n][1] for n in tensors], f"width_r{r}")
-        places = src.array("int32_t", [offsets.get(n, -1) for n in tensors], f"offset_r{r}")
-        first = next(op for op in model.ops if op.kind == "quantize_input")
-        input_scale = float(np.float32(model.scales[r][first.output]))
-        pixels = pixel_table(model, r)
-        lut = "0" if pixels is None else src.array("int16_t", pixels, f"pixels_r{r}")
-        mode_rows.append(f"    {{{r}, (float){input_scale.hex()}, {float(model.scales[r][model.output]).hex()}, "
-                         f"{lut}, tables_r{r}, {heights}, {widths}, {places}, {scratch_at + scratch}, {scratch_at}}},")
-
+        mode_rows.append(_mode_row(src, model, r, tensors, shapes[r], offsets, scratch_at, scratch))
     types = ", ".join(f"{{{model.tensors[n].channels}, {element_type(model.tensors[n])}}}" for n in tensors)
     weight_bytes = sum(len(pack_bits(model.weights[n].values, model.weights[n].bits)) for n in weights)
-    body = "\n".join([
-        f"/* Generated by rsq (`rsq export --format c`): {model.model}, resolutions "
-        f"{'/'.join(map(str, model.resolutions))}. Tensors: {', '.join(tensors)}. */",
+    resolutions = "/".join(map(str, model.resolutions))
+    (folder / MODEL_SOURCE).write_text("\n".join([
+        f"/* Generated by rsq (`rsq export --format c`): {model.model}, resolutions {resolutions}. "
+        f"Tensors: {', '.join(tensors)}. */",
         f'#include "{MODEL_HEADER}"', "", *src.lines, "",
         f"static const rsq_tensor tensors[{len(tensors)}] = {{{types}}};",
         f"static const rsq_weight weights[{max(len(weights), 1)}] = {{\n" + "\n".join(weight_rows) + "\n};",
@@ -229,19 +192,60 @@ def write_c(model: IntegerModel, folder) -> Path:
         f"const rsq_model {MODEL_SYMBOL} = {{{json.dumps(model.model)}, {model.num_classes}, {model.in_chans}, "
         f"{len(model.ops)}, {len(tensors)}, {len(weights)}, {len(model.resolutions)}, {index[model.input]}, "
         f"{index[model.output]}, ops, tensors, weights, modes, {OC_BLOCK}}};",
-        "", f"const rsq_model *rsq_exported(void) {{ return &{MODEL_SYMBOL}; }}", ""])
-    (folder / MODEL_SOURCE).write_text(body)
+        "", f"const rsq_model *rsq_exported(void) {{ return &{MODEL_SYMBOL}; }}", ""]))
     largest = max(m["arena_bytes"] for m in memory.values())
-    defines = [f"#define RSQ_ARENA_BYTES_R{r} {m['arena_bytes']}" for r, m in memory.items()]
     (folder / MODEL_HEADER).write_text("\n".join([
-        f"/* Generated by rsq: {model.model} at {'/'.join(map(str, model.resolutions))} px; weights "
-        f"{weight_bytes} bytes bit-packed, shared by every resolution. */",
+        f"/* Generated by rsq: {model.model} at {resolutions} px; weights {weight_bytes} bytes bit-packed, shared "
+        "by every resolution. */",
         "#ifndef RSQ_MODEL_H", "#define RSQ_MODEL_H", "", '#include "rsq_runtime.h"', "",
         f"#define RSQ_NUM_CLASSES {model.num_classes}", f"#define RSQ_IN_CHANS {model.in_chans}",
         f"#define RSQ_NUM_RESOLUTIONS {len(model.resolutions)}", f"#define RSQ_MAX_ARENA_BYTES {largest}",
-        *defines, f"#define RSQ_MODEL {MODEL_SYMBOL}", "",
+        *(f"#define RSQ_ARENA_BYTES_R{r} {m['arena_bytes']}" for r, m in memory.items()),
+        f"#define RSQ_MODEL {MODEL_SYMBOL}", "",
         f"extern const rsq_model {MODEL_SYMBOL};", "const rsq_model *rsq_exported(void);", "", "#endif", ""]))
     (folder / MEMORY_FILE).write_text(json.dumps({
         "weight_bytes": weight_bytes,
         "resolutions": {str(r): m for r, m in memory.items()}}, indent=1) + "\n")
     return folder / MODEL_SOURCE
+
+
+def _weight_row(src: _Source, name: str, w) -> str:
+    """A layer's rsq_weight: rows [out][kh][kw][in / groups] (the order the conv reads), bit-packed, one spare byte."""
+    values = w.values if w.values.ndim == 4 else w.values[:, :, None, None]
+    rows = np.ascontiguousarray(values.transpose(0, 2, 3, 1))
+    data = src.array("uint8_t", np.frombuffer(pack_bits(rows, w.bits) + b"\0", np.uint8), "weights")
+    return f"    {{{data}, {w.bits}, {rows.shape[0]}, {rows.shape[3]}, {rows.shape[1]}, {rows.shape[2]}}}, /* {name} */"
+
+
+def _op_row(model: IntegerModel, op, index: dict[str, int], weights: list[str]) -> str:
+    ins = [index[n] for n in op.inputs] + [-1]
+    weight = weights.index(op.attrs["weight"]) if "weight" in op.attrs else -1
+    geometry = ", ".join(str(int(v)) for v in _layer_geometry(model, op))
+    return (f"    {{{OP_KINDS.index(op.kind)}, {ins[0]}, {ins[1]}, {index[op.output]}, {weight}, {geometry}}}, "
+            f"/* {op.kind} {op.name} */")
+
+
+def _mode_row(src: _Source, model: IntegerModel, r: int, tensors: list[str], shapes, offsets, scratch_at: int,
+              scratch: int) -> str:
+    """Resolution r's rsq_mode (its tables, tensor sizes and arena offsets written into ``src`` first)."""
+    table_rows = []
+    for op in model.ops:
+        t = model.tables[r][op.name]
+
+        def arr(key):
+            return src.array("int32_t", t[key], f"r{r}") if key in t else "0"
+
+        a = "_a" if op.kind == "add" else ""  # an add's first multiplier is the table's m0 / shift
+        scalar = {k: int(t[k][0]) if k in t else 0 for k in ("bias_shift", "lo", "hi")}
+        table_rows.append(f"    {{{arr('bias')}, {arr('m0' + a)}, {arr('shift' + a)}, {arr('m0_b')}, {arr('shift_b')}, "
+                          f"{scalar['bias_shift']}, {scalar['lo']}, {scalar['hi']}}},")
+    src.lines.append(f"static const rsq_table tables_r{r}[{len(model.ops)}] = {{\n" + "\n".join(table_rows) + "\n};")
+    heights = src.array("int32_t", [shapes[n][0] for n in tensors], f"height_r{r}")
+    widths = src.array("int32_t", [shapes[n][1] for n in tensors], f"width_r{r}")
+    places = src.array("int32_t", [offsets.get(n, -1) for n in tensors], f"offset_r{r}")
+    first = next(op for op in model.ops if op.kind == "quantize_input")
+    input_scale = float(np.float32(model.scales[r][first.output]))
+    pixels = pixel_table(model, r)
+    lut = "0" if pixels is None else src.array("int16_t", pixels, f"pixels_r{r}")
+    return (f"    {{{r}, (float){input_scale.hex()}, {float(model.scales[r][model.output]).hex()}, {lut}, "
+            f"tables_r{r}, {heights}, {widths}, {places}, {scratch_at + scratch}, {scratch_at}}},")
