@@ -100,7 +100,7 @@ def quant_config(config: TrainConfig):
 
     return QuantConfig(weight_bits=config.weight_bits, act_bits=config.act_bits, quantizer=config.quantizer,
                        first_last=config.first_last, act_per_mode=config.act_per_resolution,
-                       quantized_shortcut=config.quantized_shortcut)
+                       quantized_shortcut=config.quantized_shortcut, residual_bits=config.residual_bits)
 
 
 def load_model(path) -> tuple[nn.Module, dict]:

@@ -140,6 +140,9 @@ class TrainConfig:
                                        "grid, and its shortcut adds that quantized tensor: an integer residual "
                                        "stream, which int8 backends fuse into each block's second conv (the paper: "
                                        "float shortcuts)", cli="flag")
+    residual_bits: int = setting(32, "bits of the residual stream (2-8): what each residual add reads and each block's "
+                                 "output on learned grids, as int8 targets compute them (32: float, the paper's)",
+                                 bits=True)
     init: str = setting("", "start from this full-precision checkpoint")
     teacher: str = setting("", "also distil from this full-precision RS-Net checkpoint at each resolution")
     # running
@@ -178,6 +181,12 @@ class TrainConfig:
                                f"drop weight_bits/act_bits ({self.weight_bits}/{self.act_bits})")
         if self.quantized_shortcut and not self.quantized:
             raise RsqError("quantized_shortcut needs quantized activations: add --bits")
+        if self.residual_bits != 32:
+            if self.act_bits == 32:
+                raise RsqError("residual_bits needs quantized activations of one bit width: add --bits B")
+            if self.quantized_shortcut:
+                raise RsqError("residual_bits and quantized_shortcut are two ways to put the residual stream on a grid; "
+                               "pick one")
         if self.in_chans not in (0, 1, 3):
             raise RsqError(f"in_chans must be 0 (as the images are), 1 or 3, got {self.in_chans}")
         if not self.resolutions:

@@ -14,7 +14,7 @@ from .errors import RsqError, choices_error
 from .nn.quant_layers import QuantConv2d, QuantLinear
 from .nn.quantizers import (FULL_PRECISION, LQNetQuantizer, LSQQuantizer, QuantizationWarning, SwitchableQuantizer,
                             check_bits)
-from .nn.residual import plain_shortcuts_, quantize_shortcuts_
+from .nn.residual import plain_residual_, plain_shortcuts_, quantize_residual_, quantize_shortcuts_
 
 QUANTIZERS = {"lsq": LSQQuantizer, "lqnet": LQNetQuantizer}
 FIRST_LAST_POLICIES = ("8", "fp", "same")
@@ -31,6 +31,9 @@ class QuantConfig:
     act_per_mode: one activation quantizer per resolution instead of one shared by all.
     quantized_shortcut: every residual block quantizes its input once, on its conv1's grid, and
     its shortcut adds that quantized tensor (rsq/nn/residual.py); default: float shortcuts.
+    residual_bits: below 32, the residual stream on learned grids of these bits (rsq/nn/residual.py):
+    what each add reads (a branch's last BN, a downsample) and each block's output, so an int8 backend
+    computes every add as the model does; default 32: the float residual stream of RS-Nets.
     """
 
     weight_bits: int = 4
@@ -39,10 +42,15 @@ class QuantConfig:
     first_last: str = "8"
     act_per_mode: bool = False
     quantized_shortcut: bool = False
+    residual_bits: int = FULL_PRECISION
 
     def __post_init__(self):
         check_bits(self.weight_bits, "weight_bits")
         check_bits(self.act_bits, "act_bits")
+        check_bits(self.residual_bits, "residual_bits")
+        if self.residual_bits != FULL_PRECISION and self.quantized_shortcut:
+            raise RsqError("residual_bits and quantized_shortcut are two ways to put the residual stream on a grid; "
+                           "pick one")
         if self.quantizer not in QUANTIZERS:
             raise choices_error("quantizer", self.quantizer, sorted(QUANTIZERS))
         if self.first_last not in FIRST_LAST_POLICIES:
@@ -237,11 +245,20 @@ def quantize_(model: nn.Module, config: QuantConfig, example_input: Optional[tor
         if config.act_bits == FULL_PRECISION and not _joint_bit_widths(model):
             raise RsqError("quantized_shortcut needs quantized activations (act_bits below 32)")
         quantize_shortcuts_(model)
+    if config.residual_bits != FULL_PRECISION:
+        if _joint_bit_widths(model):
+            raise RsqError("residual_bits is for a model of one bit width (not one that switches bit widths)")
+        if config.act_bits == FULL_PRECISION:
+            raise RsqError("residual_bits needs quantized activations (act_bits below 32)")
+        device = next(model.parameters()).device
+        quantize_residual_(model, lambda signed: _act_quantizer(
+            model, config, lambda mode_bits=None: (config.residual_bits, config.residual_bits), signed).to(device))
     return model
 
 
 def dequantize_(model: nn.Module) -> nn.Module:
     """Undo ``quantize_`` in place: plain Conv2d / Linear on the same Parameters, quantizers dropped."""
+    plain_residual_(model)
     plain_shortcuts_(model)
     replacements: dict[int, nn.Module] = {}
     for module in model.modules():

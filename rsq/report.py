@@ -88,7 +88,9 @@ def _quant_text(run: dict) -> str:
     text = quant.get("label", "?")
     if quant.get("quantizer"):
         text += f" ({quant['quantizer']}, first/last at {quant.get('first_last')}"
-        text += ", quantized shortcut)" if quant.get("quantized_shortcut") else ")"
+        text += ", quantized shortcut" if quant.get("quantized_shortcut") else ""
+        residual = quant.get("residual_bits", 32)
+        text += f", {residual}-bit residual stream)" if residual != 32 else ")"
     return text
 
 

@@ -79,6 +79,9 @@ def export_checkpoint(checkpoint, fmt: str, out, resolutions: Optional[Iterable[
         if fmt in existing.get("formats", {}):
             raise RsqError(f"{out} already holds a {fmt} export; pass overwrite=True (--overwrite) to replace it")
     model, ckpt, config = _load(source, bits)
+    if fmt in ECOSYSTEM_FORMATS and getattr(config, "residual_bits", 32) != 32:
+        raise RsqError(f"the {fmt} format does not take a residual stream on learned grids (this checkpoint was "
+                       f"trained with residual_bits {config.residual_bits}); export it as {', '.join(INTEGER_FORMATS)}")
     if fmt in INTEGER_FORMATS:
         job = _Job(model, ckpt, lower_checkpoint_model(model, config, resolutions, bits), bits)
         chosen, entry_digest = list(job.integer_model.resolutions), job.integer_model.digest()

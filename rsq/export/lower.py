@@ -176,7 +176,9 @@ class _Lowering:
             for name in op.inputs:
                 if self.tensors[name].kind != "narrow" or op.kind in ("conv", "linear", "max_pool"):
                     continue
-                if not (op.kind == "add" and self._quantized_on_purpose(name)):  # only a quantized shortcut
+                # Only a quantize op's output (a quantized shortcut, the residual stream's grid) goes to an add,
+                # a pooling, or a requantization onto a reader's grid.
+                if not (op.kind in ("add", "global_avg_pool", "requantize") and self._quantized_on_purpose(name)):
                     raise RsqError(f"integer export: {name} is quantized but read by {op.kind} {op.name}")
 
     def _quantized_on_purpose(self, name: str) -> bool:
@@ -201,11 +203,11 @@ class _Lowering:
         source = self._source(op.inputs[0])
         kind = self.tensors[source].kind
         quantizer = act_quantizer(op.module, op.name, self.first_key)
-        if kind == "narrow":
-            if self.grid_owner.get(source) is not op.module.act_quantizer:
-                raise RsqError(f"integer export: layer {op.name} reads {source}, which is on another layer's grid")
+        if kind == "narrow" and self.grid_owner.get(source) is op.module.act_quantizer:
             read = source
-        else:
+        elif kind == "narrow" and not self._quantized_on_purpose(source):
+            raise RsqError(f"integer export: layer {op.name} reads {source}, which is on another layer's grid")
+        else:  # the float input, a wide tensor, or a quantize op's grid (the residual stream): onto this layer's
             read = f"{op.name}.input"
             self.tensors[read] = TensorInfo(read, "narrow", quantizer.bits, quantizer.signed, channels[source])
             self.ops.append(Op("quantize_input" if kind == "float" else "requantize", f"{op.name}.quantize",

@@ -44,7 +44,8 @@ from ..deps import require
 from ..errors import RsqError
 from ..nn.quant_layers import QuantConv2d, QuantLinear
 from ..nn.quantizers import FULL_PRECISION, LQNetQuantizer, LSQQuantizer, quantizer_in_mode
-from ..nn.residual import downsample_conv, has_quantized_input, plain_class, residual_blocks
+from ..nn.residual import (downsample_conv, has_quantized_input, plain_class, refuse_residual_grids,
+                           residual_blocks)
 from ..nn.switchable_bn import SwitchableBatchNorm2d
 
 PURPOSE = "PT2E export"
@@ -578,6 +579,7 @@ def to_pt2e(model: nn.Module, resolution: int, in_chans: int, batch: Optional[in
     ``fold_float_bn=False`` ("xnnpack" only): float-weight layers keep rsq's weight and apply their BN
     after it (unfold_float_layers), so every resolution's program holds the same float weights.
     """
+    refuse_residual_grids(model, "the PT2E / ExecuTorch path")
     activation_dtype(backend)  # an unknown backend fails before any work
     pt2e = _torchao_pt2e()
     float_model, grids = float_model_for(model, resolution, in_chans)

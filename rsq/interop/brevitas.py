@@ -25,7 +25,7 @@ from ..deps import require
 from ..errors import RsqError
 from ..nn import LQNetQuantizer, QuantConv2d, QuantLinear, SwitchableBatchNorm2d
 from ..nn.quantizers import FULL_PRECISION, quantizer_in_mode
-from ..nn.residual import has_quantized_input, plain_class, quantized_input_class
+from ..nn.residual import has_quantized_input, plain_class, quantized_input_class, refuse_residual_grids
 
 
 class _StepIsTheScale(nn.Module):
@@ -123,6 +123,7 @@ def to_brevitas(model: nn.Module, resolution: int) -> nn.Module:
     key = mode_state(model).find(resolution).key
     if not any(isinstance(m, (QuantConv2d, QuantLinear)) for m in model.modules()):
         raise RsqError("the model is not quantized (a full-precision checkpoint); brevitas export needs --bits")
+    refuse_residual_grids(model, "the brevitas bridge")
     twin = copy.deepcopy(model)
     for name, block in list(twin.named_modules()):
         if has_quantized_input(block):

@@ -107,3 +107,95 @@ def plain_shortcuts_(model: nn.Module) -> None:
             module.__class__ = plain_class(module)
         if isinstance(module, QuantConv2d):
             module.__dict__.pop("reads_quantized_input", None)
+
+
+# ---- the residual stream on learned grids (QuantConfig(residual_bits=8)) ----
+
+class ResidualGrid(nn.Sequential):
+    """A branch's last BN (or a downsample) followed by the quantizer of the residual add's input."""
+
+
+RESIDUAL_INPUT, RESIDUAL_OUTPUT = "residual_input", "residual_output"
+_GRID_CLASSES: dict[tuple[type, bool], type] = {}
+
+
+def residual_grid_class(base: type, quantize_input: bool) -> type:
+    """``base`` (a residual block) with its output, and with ``quantize_input`` its input, through the residual
+    stream's quantizers (attributes residual_output / residual_input)."""
+    if (base, quantize_input) not in _GRID_CLASSES:
+        class ResidualGridBlock(base):
+            def forward(self, x, *args, **kwargs):
+                if quantize_input:
+                    x = getattr(self, RESIDUAL_INPUT)(x)
+                return getattr(self, RESIDUAL_OUTPUT)(super().forward(x, *args, **kwargs))
+
+            def __reduce_ex__(self, protocol):
+                # Pickled as its importable base class; loading applies this subclass again.
+                return _restore_grid, (base, quantize_input, self.__getstate__())
+
+        ResidualGridBlock.__name__ = ResidualGridBlock.__qualname__ = f"ResidualGrid{base.__name__}"
+        _GRID_CLASSES[base, quantize_input] = ResidualGridBlock
+    return _GRID_CLASSES[base, quantize_input]
+
+
+def _restore_grid(base: type, quantize_input: bool, state: dict) -> nn.Module:
+    block = base.__new__(base)
+    block.__setstate__(state)
+    block.__class__ = residual_grid_class(base, quantize_input)
+    return block
+
+
+def _branch_end(block: nn.Module) -> str:
+    """The attribute of the BN that ends a block's branch (before the add): bn3 in a bottleneck, else bn2."""
+    for name in ("bn3", "bn2"):
+        if isinstance(getattr(block, name, None), nn.Module):
+            return name
+    raise RsqError(f"residual_bits needs each residual block's branch to end in a BatchNorm named bn2 or bn3; "
+                   f"{type(block).__name__} has neither")
+
+
+def quantize_residual_(model: nn.Module, quantizer) -> int:
+    """Put the residual stream of every block of a quantized ResNet on learned grids: the branch's last BN
+    output and the downsample output (what the add reads; ``quantizer(signed=True)``), the block's output
+    (``quantizer(signed=False)``: after the block's ReLU) and the first block's input (the stem's output).
+    Returns how many blocks changed."""
+    blocks = residual_blocks(model)
+    if not blocks:
+        raise RsqError("residual_bits needs residual blocks (a module with a quantized conv1 and a downsample "
+                       "attribute, as in ResNets); this model has none")
+    for i, (name, block) in enumerate(blocks):
+        end = _branch_end(block)
+        setattr(block, end, ResidualGrid(getattr(block, end), quantizer(signed=True)))
+        if block.downsample is not None:
+            if not isinstance(block.downsample, nn.Sequential):
+                raise RsqError(f"block {name}: residual_bits needs its downsample to be an nn.Sequential")
+            block.downsample = ResidualGrid(*block.downsample, quantizer(signed=True))
+        setattr(block, RESIDUAL_OUTPUT, quantizer(signed=False))
+        if i == 0:
+            setattr(block, RESIDUAL_INPUT, quantizer(signed=False))
+        block.__class__ = residual_grid_class(type(block), i == 0)
+    return len(blocks)
+
+
+def refuse_residual_grids(model: nn.Module, what: str) -> None:
+    """An RsqError when ``model`` has its residual stream on learned grids, which ``what`` does not carry."""
+    if any(isinstance(m, ResidualGrid) for m in model.modules()):
+        raise RsqError(f"{what} does not take a residual stream on learned grids (residual_bits); export the model "
+                       f"as onnx, qlinear, packed or c")
+
+
+def plain_residual_(model: nn.Module) -> None:
+    """Undo quantize_residual_: the blocks' own classes, BNs and downsamples, the residual quantizers dropped."""
+    for module in list(model.modules()):
+        base = next((b for (b, _), cls in _GRID_CLASSES.items() if type(module) is cls), None)
+        if base is None:
+            continue
+        module.__class__ = base
+        for attribute in (RESIDUAL_INPUT, RESIDUAL_OUTPUT):
+            if attribute in module._modules:
+                del module._modules[attribute]
+        end = _branch_end(module)
+        if isinstance(getattr(module, end), ResidualGrid):
+            setattr(module, end, getattr(module, end)[0])
+        if isinstance(module.downsample, ResidualGrid):
+            module.downsample = nn.Sequential(*list(module.downsample)[:-1])
