@@ -67,7 +67,7 @@ def test_run_files_and_their_schema(trained):
     assert (on_disk["epochs"], on_disk["distill"], on_disk["seed"]) == (3, "full", 0)
     assert on_disk["quant"] == {"label": "FP", "weight_bits": 32, "act_bits": 32, "bit_widths": [],
                                 "quantizer": None, "first_last": None, "quantized_shortcut": False,
-                                "left_full_precision": []}
+                                "residual_bits": 32, "left_full_precision": []}
     params = sum(p.numel() for p in create_model("resnet20", 10, 1).parameters())
     for row, r in zip(on_disk["rows"], RES):
         assert row["resolution"] == r
