@@ -1,6 +1,9 @@
 """The residual stream on learned grids (QuantConfig(residual_bits=8), `rsq train --residual-bits 8`): the
 modules it adds and removes, its integer lowering (every add reads and writes narrow integers), and the
 formats that take it."""
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -31,6 +34,10 @@ def test_quantizers_sit_where_the_adds_read_and_dequantize_removes_them():
     assert isinstance(transition.downsample, ResidualGrid) and len(transition.downsample) == 3
     assert not first.residual_output.signed and hasattr(first, "residual_input")
     assert not hasattr(model.layer1[1], "residual_input")  # only the stem's output needs one
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():  # deepcopy and pickle keep the block classes (they pickle as their base classes)
+        for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert type(twin.layer1[0]) is type(first) and torch.equal(twin.eval()(x), model.eval()(x))
     plain = rsq.create_model("resnet20", 10, 1, resolutions=RESOLUTIONS)
     restored = dequantize_(model)
     assert type(restored.layer1[0]) is type(plain.layer1[0])

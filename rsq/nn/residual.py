@@ -1,5 +1,6 @@
-"""Quantized shortcuts: a residual block's input quantized once, on the grid its first conv reads,
-and that same tensor carried by the shortcut (``QuantConfig(quantized_shortcut=True)``).
+"""The residual stream on a grid, two ways: quantized shortcuts (a block's input quantized once, on the
+grid its first conv reads, and that same tensor carried by the shortcut: ``QuantConfig(quantized_shortcut=True)``),
+or learned residual grids (what each add reads and each block's output: ``QuantConfig(residual_bits=8)``).
 
 By default (as in RS-Nets and LQ-Nets) each conv quantizes its own input and the shortcut adds the
 float block input, so an integer graph keeps a wide (int32) residual stream and int8 kernels cannot
@@ -17,47 +18,63 @@ from ..errors import RsqError
 from .quant_layers import QuantConv2d
 
 CONV1_GRID = "conv1.act_quantizer"
-_CLASSES: dict[tuple[type, str], type] = {}
+RESIDUAL_INPUT, RESIDUAL_OUTPUT = "residual_input", "residual_output"
+# (base class, kind, argument) -> the subclass of a block class that quantize_shortcuts_ ("input") or
+# quantize_residual_ ("grid") gives a block; both only wrap its forward.
+_VARIANTS: dict[tuple[type, str, object], type] = {}
+
+
+def _block_variant(base: type, kind: str, arg) -> type:
+    if (base, kind, arg) not in _VARIANTS:
+        if kind == "input":  # x through the quantizer at attribute path ``arg`` first
+            quantizer_of = attrgetter(arg)
+
+            def forward(self, x, *args, **kwargs):
+                return base.forward(self, quantizer_of(self)(x), *args, **kwargs)
+            attrs, prefix = {"input_quantizer": property(quantizer_of)}, "QuantizedInput"
+        else:  # the block's output, and with ``arg`` its input, through the residual stream's quantizers
+            def forward(self, x, *args, **kwargs):
+                if arg:
+                    x = getattr(self, RESIDUAL_INPUT)(x)
+                return getattr(self, RESIDUAL_OUTPUT)(base.forward(self, x, *args, **kwargs))
+            attrs, prefix = {}, "ResidualGrid"
+
+        def reduce(self, protocol):
+            # Pickled as its importable base class; loading applies this subclass again.
+            return _restore, (base, kind, arg, self.__getstate__())
+
+        name = prefix + base.__name__
+        variant = type(name, (base,), {**attrs, "forward": forward, "__reduce_ex__": reduce, "__qualname__": name})
+        _VARIANTS[base, kind, arg] = variant
+    return _VARIANTS[base, kind, arg]
+
+
+def _restore(base: type, kind: str, arg, state: dict) -> nn.Module:
+    block = base.__new__(base)
+    block.__setstate__(state)
+    block.__class__ = _block_variant(base, kind, arg)
+    return block
+
+
+def _base_of(block: nn.Module, kind: str):
+    """The class a ``kind`` variant was made from, or None when ``block`` is not one."""
+    return next((base for (base, k, _), cls in _VARIANTS.items() if k == kind and type(block) is cls), None)
 
 
 def quantized_input_class(base: type, via: str = CONV1_GRID) -> type:
     """``base`` (a block class whose forward(x) feeds x to conv1 and to the shortcut) with x passed through
     the quantizer at attribute path ``via`` first: conv1's own by default; the brevitas bridge gives its
     twin a QuantIdentity there instead."""
-    if (base, via) not in _CLASSES:
-        quantizer_of = attrgetter(via)
-
-        class QuantizedInputBlock(base):
-            @property
-            def input_quantizer(self) -> nn.Module:
-                return quantizer_of(self)
-
-            def forward(self, x, *args, **kwargs):
-                return super().forward(quantizer_of(self)(x), *args, **kwargs)
-
-            def __reduce_ex__(self, protocol):
-                # Pickled as its importable base class; loading applies this subclass again.
-                return _restore, (base, via, self.__getstate__())
-
-        QuantizedInputBlock.__name__ = QuantizedInputBlock.__qualname__ = f"QuantizedInput{base.__name__}"
-        _CLASSES[base, via] = QuantizedInputBlock
-    return _CLASSES[base, via]
-
-
-def _restore(base: type, via: str, state: dict) -> nn.Module:
-    block = base.__new__(base)
-    block.__setstate__(state)
-    block.__class__ = quantized_input_class(base, via)
-    return block
+    return _block_variant(base, "input", via)
 
 
 def plain_class(block: nn.Module) -> type:
     """The block's own class, before quantize_shortcuts_ (itself when it was never changed)."""
-    return next((base for (base, _), cls in _CLASSES.items() if type(block) is cls), type(block))
+    return _base_of(block, "input") or type(block)
 
 
 def has_quantized_input(block: nn.Module) -> bool:
-    return type(block) in _CLASSES.values()
+    return _base_of(block, "input") is not None
 
 
 def downsample_conv(block: nn.Module):
@@ -115,34 +132,10 @@ class ResidualGrid(nn.Sequential):
     """A branch's last BN (or a downsample) followed by the quantizer of the residual add's input."""
 
 
-RESIDUAL_INPUT, RESIDUAL_OUTPUT = "residual_input", "residual_output"
-_GRID_CLASSES: dict[tuple[type, bool], type] = {}
-
-
 def residual_grid_class(base: type, quantize_input: bool) -> type:
     """``base`` (a residual block) with its output, and with ``quantize_input`` its input, through the residual
     stream's quantizers (attributes residual_output / residual_input)."""
-    if (base, quantize_input) not in _GRID_CLASSES:
-        class ResidualGridBlock(base):
-            def forward(self, x, *args, **kwargs):
-                if quantize_input:
-                    x = getattr(self, RESIDUAL_INPUT)(x)
-                return getattr(self, RESIDUAL_OUTPUT)(super().forward(x, *args, **kwargs))
-
-            def __reduce_ex__(self, protocol):
-                # Pickled as its importable base class; loading applies this subclass again.
-                return _restore_grid, (base, quantize_input, self.__getstate__())
-
-        ResidualGridBlock.__name__ = ResidualGridBlock.__qualname__ = f"ResidualGrid{base.__name__}"
-        _GRID_CLASSES[base, quantize_input] = ResidualGridBlock
-    return _GRID_CLASSES[base, quantize_input]
-
-
-def _restore_grid(base: type, quantize_input: bool, state: dict) -> nn.Module:
-    block = base.__new__(base)
-    block.__setstate__(state)
-    block.__class__ = residual_grid_class(base, quantize_input)
-    return block
+    return _block_variant(base, "grid", quantize_input)
 
 
 def _branch_end(block: nn.Module) -> str:
@@ -187,7 +180,7 @@ def refuse_residual_grids(model: nn.Module, what: str) -> None:
 def plain_residual_(model: nn.Module) -> None:
     """Undo quantize_residual_: the blocks' own classes, BNs and downsamples, the residual quantizers dropped."""
     for module in list(model.modules()):
-        base = next((b for (b, _), cls in _GRID_CLASSES.items() if type(module) is cls), None)
+        base = _base_of(module, "grid")
         if base is None:
             continue
         module.__class__ = base
