@@ -15,7 +15,7 @@ from rsq.quantize import QuantConfig, quantize_
 from rsq.runtime import Runtime
 from rsq.runtime.native import NativeRuntime, compile_export, find_compiler
 
-from helpers import quantized_resnet20
+from helpers import quantized_resnet20, warmed_up
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(find_compiler() is None, reason="no C compiler")]
@@ -68,6 +68,16 @@ def test_c_runs_max_pooling_on_narrow_and_wide_grids(tmp_path):
     integer_model = lower(_initialised(model, [16, 8]))
     kinds = {integer_model.tensors[op.output].kind for op in integer_model.ops if op.kind == "max_pool"}
     assert kinds == {"narrow", "wide"}
+    _assert_c_equals_runtime(integer_model, tmp_path, in_chans=3)
+
+
+def test_c_runs_depthwise_convs_relu6_and_adds_without_relu(tmp_path):
+    # MobileNetV2: grouped (depthwise) convs, ReLU6 clamps and inverted-residual adds with no ReLU.
+    torch.manual_seed(0)
+    model = rsq.create_model("mobilenet_v2", 10, 3, resolutions=[32, 16])
+    quantize_(model, QuantConfig(4, 4))
+    integer_model = lower(warmed_up(model, [32, 16], 3, batch=4, rounds=1))
+    assert any(op.attrs.get("groups", 1) > 1 for op in integer_model.ops)
     _assert_c_equals_runtime(integer_model, tmp_path, in_chans=3)
 
 
