@@ -397,8 +397,19 @@ def export(checkpoint, fmt, out, resolutions, bits, overwrite):
     for name in FORMATS if fmt == "all" else [fmt]:
         written = export_checkpoint(checkpoint, name, out, resolutions, overwrite=overwrite, bits=bits)
         overwrite = False  # the next format joins this export
-        click.echo(f"wrote {written}")
+        click.echo(f"wrote {written}" + (_c_memory(written) if name == "c" else ""))
     return 0
+
+
+def _c_memory(folder) -> str:
+    """The C export's budget in one phrase: what a microcontroller user sizes a part by."""
+    import json
+    from pathlib import Path
+
+    from .export.c_source import MEMORY_FILE
+    memory = json.loads((Path(folder) / MEMORY_FILE).read_text())
+    arena = ", ".join(f"{r} px {m['arena_bytes'] / 1024:.0f} KiB" for r, m in memory["resolutions"].items())
+    return f" (weights {memory['weight_bytes'] / 1024:.0f} KiB for every resolution; RAM: {arena})"
 
 
 @cli.command()

@@ -206,3 +206,10 @@ def test_verify_reports_every_artifact(runs, capsys):
         assert row["agreement"] >= 90
     assert all(result["lowering_unchanged"].values())
     assert "agreement with fake-quant" in capsys.readouterr().out
+
+
+def test_cli_export_c_states_its_memory_budget(runs, tmp_path, capsys):
+    from rsq.cli import main
+    assert main(["export", str(runs[2][0]), "--format", "c", "--out", str(tmp_path / "e")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"wrote {tmp_path / 'e' / 'c'} (weights ") and "RAM: 16 px" in line and "12 px" in line
