@@ -392,12 +392,15 @@ def export(checkpoint, fmt, out, resolutions, bits, overwrite):
       rsq export runs/joint --bits 2 --format packed --out exports/joint_w2
       rsq export runs/fashion_mnist_w4a4 --format c --out exports/w4a4_c
     """
-    from .export import FORMATS, export_checkpoint
+    from .export import export_checkpoint, formats_for
 
-    for name in FORMATS if fmt == "all" else [fmt]:
+    names, left_out = formats_for(checkpoint) if fmt == "all" else ([fmt], "")
+    for name in names:
         written = export_checkpoint(checkpoint, name, out, resolutions, overwrite=overwrite, bits=bits)
         overwrite = False  # the next format joins this export
         click.echo(f"wrote {written}" + (_c_memory(written) if name == "c" else ""))
+    if left_out:
+        click.echo(left_out)
     return 0
 
 

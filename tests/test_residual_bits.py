@@ -107,7 +107,7 @@ def test_bad_combinations_are_clear_errors():
         quantize_(plain, QuantConfig(residual_bits=8))
 
 
-def test_a_trained_checkpoint_reloads_and_exports_the_integer_formats_only(tmp_path):
+def test_a_trained_checkpoint_reloads_and_exports_the_integer_formats_only(tmp_path, capsys):
     from rsq.checkpoint import load_model
     from rsq.export import export_checkpoint
     from rsq.train import train
@@ -120,6 +120,11 @@ def test_a_trained_checkpoint_reloads_and_exports_the_integer_formats_only(tmp_p
     assert isinstance(model.layer1[0].bn2, ResidualGrid)
     step = model.layer1[0].residual_output.step.detach()
     assert torch.equal(step, ckpt["model"]["layer1.0.residual_output.step"]) and bool(step.gt(0).all())
+    from rsq.cli import main
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "all")]) == 0  # --format all
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "all").iterdir() if p.is_dir()) == ["c", "onnx", "packed", "qlinear"]
+    assert "qonnx, pt2e, executorch, executorch-exact left out" in out
     export_checkpoint(tmp_path / "run", "packed", tmp_path / "export")
     with pytest.raises(RsqError, match="does not take a residual stream on learned grids"):
         export_checkpoint(tmp_path / "run", "pt2e", tmp_path / "export")

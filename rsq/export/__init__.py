@@ -105,6 +105,17 @@ def export_checkpoint(checkpoint, fmt: str, out, resolutions: Optional[Iterable[
     return out / fmt
 
 
+def formats_for(checkpoint) -> tuple[list[str], str]:
+    """The formats ``rsq export --format all`` writes for ``checkpoint``, and why the others are left out ("" when
+    none is): a residual stream on learned grids (residual_bits) goes to the IntegerModel's formats only."""
+    from ..checkpoint import checkpoint_config, checkpoint_file, load_checkpoint
+    config = checkpoint_config(load_checkpoint(checkpoint_file(checkpoint)))
+    if getattr(config, "residual_bits", 32) != 32:
+        return list(INTEGER_FORMATS), (f"{', '.join(ECOSYSTEM_FORMATS)} left out: they do not take a residual stream "
+                                       f"on learned grids (residual_bits {config.residual_bits})")
+    return list(FORMATS), ""
+
+
 class _Job:
     """What a writer needs: the IntegerModel for the integer formats, the model for the others."""
 
