@@ -6,9 +6,9 @@ Two .pte layouts of the same RS-Net, each with one method per resolution:
   shared   float-weight convs keep rsq's weight and apply their BN after it (a 1x1 depthwise conv),
            so every method reads the same constants, which ExecuTorch stores once (the default);
   folded   each resolution's BN folded into those weights: every method carries its own float32 copy.
-Sizes: one method alone, all methods shared, all methods folded. Latency: batch 1, one XNNPACK thread,
-shared and folded taking turns in each round, with PyTorch eager fp32 (the dequantized model) beside
-them. Models: the Fashion-MNIST ResNet-20 RS-Net (28..12, W4A4, trained 8 steps on 512 images: size and
+Sizes: one method alone, all methods shared, all methods folded (each also for `executorch-exact`, every
+conv a float op). Latency: batch 1, one XNNPACK thread, shared, folded and exact (shared) taking turns in
+each round, with PyTorch eager fp32 (the dequantized model) beside them. Models: the Fashion-MNIST ResNet-20 RS-Net (28..12, W4A4, trained 8 steps on 512 images: size and
 speed do not depend on the weights' values) and the ResNet-18 RS-Net of bench_export.py (224..96,
 W4A4, untrained). Writes OUT.md and OUT.json, naming the CPU.
 """
@@ -53,7 +53,8 @@ def bench(label: str, checkpoint: Path, in_chans: int, work: Path, repeats: int)
         build_s[name] = time.perf_counter() - start
         sizes[name] = paths[name].stat().st_size
     programs = {"shared": _runtime().load_program(paths["all methods, shared"]),
-                "folded": _runtime().load_program(paths["all methods, folded"])}
+                "folded": _runtime().load_program(paths["all methods, folded"]),
+                "exact": _runtime().load_program(paths["exact: all methods, shared"])}
     float_model = dequantize_(copy.deepcopy(model)).eval()
     rows = []
     for r in resolutions:
@@ -106,12 +107,14 @@ def write_report(args, results) -> None:
             base = m["sizes"]["exact: one method"] if name.startswith("exact") else one
             lines.append(f"| {name} | {size} | {size / base:.2f}x |")
         lines += ["", f"{m['repeats']} timed calls per engine; ms per image:", "",
-                  "| resolution | shared | folded | torch fp32 | shared / folded | torch fp32 / shared |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+                  "| resolution | shared | folded | exact (shared) | torch fp32 | shared / folded | torch fp32 / shared "
+                  "| torch fp32 / exact |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in m["rows"]:
             ms = row["ms"]
-            lines.append(f"| {row['resolution']} | {ms['shared']:.3f} | {ms['folded']:.3f} | {ms['torch fp32']:.3f} | "
-                         f"{ms['shared'] / ms['folded']:.2f}x | {ms['torch fp32'] / ms['shared']:.2f}x |")
+            lines.append(f"| {row['resolution']} | {ms['shared']:.3f} | {ms['folded']:.3f} | {ms['exact']:.3f} | "
+                         f"{ms['torch fp32']:.3f} | {ms['shared'] / ms['folded']:.2f}x | "
+                         f"{ms['torch fp32'] / ms['shared']:.2f}x | {ms['torch fp32'] / ms['exact']:.2f}x |")
         lines.append("")
     save_results(args.out, lines, cpu, results=results)
 
