@@ -20,7 +20,7 @@ import tomli_w
 from .distill import DISTILL_MODES
 from .errors import RsqError, choices_error
 from .nn.quantizers import VALID_BITS
-from .quantize import FIRST_LAST_POLICIES, QUANTIZERS
+from .quantize import FIRST_LAST_POLICIES, QUANTIZERS, RESIDUAL_OR_SHORTCUT
 
 DATA_SETS = ("fashion_mnist", "imagefolder")
 DEVICES = ("auto", "cpu", "cuda")
@@ -185,8 +185,7 @@ class TrainConfig:
             if self.act_bits == 32:
                 raise RsqError("residual_bits needs quantized activations of one bit width: add --bits B")
             if self.quantized_shortcut:
-                raise RsqError("residual_bits and quantized_shortcut are two ways to put the residual stream on a grid; "
-                               "pick one")
+                raise RsqError(RESIDUAL_OR_SHORTCUT)
         if self.in_chans not in (0, 1, 3):
             raise RsqError(f"in_chans must be 0 (as the images are), 1 or 3, got {self.in_chans}")
         if not self.resolutions:

@@ -18,6 +18,9 @@ from .nn.residual import plain_residual_, plain_shortcuts_, quantize_residual_, 
 
 QUANTIZERS = {"lsq": LSQQuantizer, "lqnet": LQNetQuantizer}
 FIRST_LAST_POLICIES = ("8", "fp", "same")
+# QuantConfig and TrainConfig both refuse the pair, with one message.
+RESIDUAL_OR_SHORTCUT = ("residual_bits and quantized_shortcut are two ways to put the residual stream on a grid; "
+                        "pick one")
 # A plain model has no resolutions to trace at; convs of ImageNet-style models run at this size.
 PLAIN_TRACE_RESOLUTION = 224
 
@@ -49,8 +52,7 @@ class QuantConfig:
         check_bits(self.act_bits, "act_bits")
         check_bits(self.residual_bits, "residual_bits")
         if self.residual_bits != FULL_PRECISION and self.quantized_shortcut:
-            raise RsqError("residual_bits and quantized_shortcut are two ways to put the residual stream on a grid; "
-                           "pick one")
+            raise RsqError(RESIDUAL_OR_SHORTCUT)
         if self.quantizer not in QUANTIZERS:
             raise choices_error("quantizer", self.quantizer, sorted(QUANTIZERS))
         if self.first_last not in FIRST_LAST_POLICIES:

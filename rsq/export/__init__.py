@@ -79,9 +79,9 @@ def export_checkpoint(checkpoint, fmt: str, out, resolutions: Optional[Iterable[
         if fmt in existing.get("formats", {}):
             raise RsqError(f"{out} already holds a {fmt} export; pass overwrite=True (--overwrite) to replace it")
     model, ckpt, config = _load(source, bits)
-    if fmt in ECOSYSTEM_FORMATS and getattr(config, "residual_bits", 32) != 32:
-        raise RsqError(f"the {fmt} format does not take a residual stream on learned grids (this checkpoint was "
-                       f"trained with residual_bits {config.residual_bits}); export it as {', '.join(INTEGER_FORMATS)}")
+    taken, feature = _formats_taking(config)
+    if fmt not in taken:
+        raise RsqError(f"the {fmt} format does not take {feature}; export it as {', '.join(taken)}")
     if fmt in INTEGER_FORMATS:
         job = _Job(model, ckpt, lower_checkpoint_model(model, config, resolutions, bits), bits)
         chosen, entry_digest = list(job.integer_model.resolutions), job.integer_model.digest()
@@ -109,10 +109,16 @@ def formats_for(checkpoint) -> tuple[list[str], str]:
     """The formats ``rsq export --format all`` writes for ``checkpoint``, and why the others are left out ("" when
     none is): a residual stream on learned grids (residual_bits) goes to the IntegerModel's formats only."""
     from ..checkpoint import checkpoint_config, checkpoint_file, load_checkpoint
-    config = checkpoint_config(load_checkpoint(checkpoint_file(checkpoint)))
-    if getattr(config, "residual_bits", 32) != 32:
-        return list(INTEGER_FORMATS), (f"{', '.join(ECOSYSTEM_FORMATS)} left out: they do not take a residual stream "
-                                       f"on learned grids (residual_bits {config.residual_bits})")
+    taken, feature = _formats_taking(checkpoint_config(load_checkpoint(checkpoint_file(checkpoint))))
+    left_out = [fmt for fmt in FORMATS if fmt not in taken]
+    return taken, f"{', '.join(left_out)} left out: they do not take {feature}" if left_out else ""
+
+
+def _formats_taking(config) -> tuple[list[str], str]:
+    """The formats that can carry a checkpoint of ``config``, and the feature of it the others cannot ("" when
+    every format can)."""
+    if config.residual_bits != 32:
+        return list(INTEGER_FORMATS), f"a residual stream on learned grids (residual_bits {config.residual_bits})"
     return list(FORMATS), ""
 
 
