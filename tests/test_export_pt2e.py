@@ -143,8 +143,10 @@ def test_xnnpack_weights_fill_int8(model):
         assert torch.equal(ints, rsq_ints * 2 ** k.reshape(per_channel)), layer
         assert ints.min() >= -128 and ints.max() <= 127
         assert (ints.reshape(len(ints), -1).abs().amax(1) >= 64).all(), layer  # at least half of int8
+        # The real weights are rsq's up to the fitted scale (fit_xnnpack_requantization): within the
+        # per-mille that moves no rounding boundary of the layer's output.
         torch.testing.assert_close(ints * scale.reshape(per_channel), float_model.get_submodule(layer).weight,
-                                   rtol=1e-6, atol=1e-7)
+                                   rtol=2e-3, atol=1e-7)
         checked += 1
     assert checked >= 3
 
@@ -229,13 +231,21 @@ def test_executorch_matches_fake_quant(model, pte, resolution):
     reference = _reference(model, x, resolution)
     logits = torch.from_numpy(run_executorch(pte, f"r{resolution}", x.numpy()))
     assert logits.shape == reference.shape
-    # Not bit-equal: XNNPACK's int8 conv adds its bias as int32 in units of input step x weight
-    # step, and that rounding (a few % of an output step) moves some activations by one step.
-    agreement = (logits.argmax(1) == reference.argmax(1)).float().mean().item()
-    relative_error = ((logits - reference).abs().mean() / reference.abs().mean()).item()
-    print(f"r{resolution}: ExecuTorch top-1 agreement {agreement:.3f}, mean relative logit error {relative_error:.3f}")
-    assert agreement >= 0.9
-    assert relative_error <= 0.1
+    # XNNPACK's int8 convs requantize in float32 with an int32 bias; the fitted scale and bias make them give
+    # rsq.runtime's integers (requant_fit), so what is left is float32 summation order in the float ops.
+    assert (logits.argmax(1) == reference.argmax(1)).float().mean() >= 0.99
+    row_error = (logits - reference).abs().amax(1)
+    assert (row_error <= 1e-4 * reference.abs().max()).float().mean() >= 0.95
+
+
+def test_xnnpack_requantization_fits_every_4bit_channel(model):
+    """Every requantized int8 conv of a W4A4 XNNPACK program gets a scale and bias that reproduce
+    rsq.runtime's integers for any input (15 boundaries on a 16x finer accumulator)."""
+    from rsq.export.pt2e import fit_xnnpack_requantization
+    resolution = RESOLUTIONS[0]
+    float_model, grids = float_model_for(model, resolution, 1)
+    report = fit_xnnpack_requantization(model, float_model, grids, resolution)
+    assert report and all(exact == channels for exact, channels in report.values()), report
 
 
 def test_executorch_methods_share_their_weights(model, pte, tmp_path):

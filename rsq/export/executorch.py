@@ -9,16 +9,16 @@ dequantized values) and run as XNNPACK float ops on the dequantized input, so th
 one XNNPACK delegate: with those layers left as int8-weight portable ops beside int8 delegates,
 executorch 1.5.1 returned logits unrelated to the reference.
 
-Not bit-equal to the fake-quant model: XNNPACK's int8 conv rounds its float bias to int32 in
-accumulator units (input step x weight scale), then requantizes acc x M, M = that unit / the
-output step. The bias is then off by up to M / 2 of an output step, and every conv output within
-that distance of a rounding boundary moves by one step (about M / 4 of them). Weights are stored
-shifted left inside int8 (pt2e.weight_shift: 4-bit weights as multiples of 16), so the unit is 2**k
-times finer. On Fashion-MNIST ResNet-20s the largest M per layer goes from 0.02-0.08 (W4A4), 0.1-0.3
-(W2A2) and 0.008-0.02 (W8A8, whose weights mostly fill int8 already: k is 0-2) to 0.001-0.006. That
-still moves about one requantized conv output in a thousand, and the next layers carry it on, so a
-model whose top two logits are often close changes a few % of its answers at 2 and 4 bits and under
-1 % at 8 bits. No int8 layout makes the bias exact: the accumulator unit is fixed by the integers.
+XNNPACK's int8 conv rounds its float bias to int32 in accumulator units (input step x weight scale),
+then requantizes in float32: round(acc x M), M = that unit / the output step. A bias rounded so moves
+every output within M / 2 of a rounding boundary by one step. Weights are stored shifted left inside
+int8 (pt2e.weight_shift: 4-bit weights as multiples of 16), so the unit is 2**k times finer, and each
+requantized conv takes the per-channel weight scale and integer bias that make XNNPACK's rounding give
+rsq.runtime's integers for every input (pt2e.fit_xnnpack_requantization, docs/export.md §8c). Such a
+pair exists for every channel of the W4A4 and W2A2 models measured, so the int8 program then agrees
+with the fake-quant model as the float one does; an 8-bit output (255 rounding boundaries on an
+accumulator at most 4x finer) rarely has one, and keeps the rounded bias: about one requantized
+output in a thousand moves by one step (under 0.3 % of the answers of the W8A8 models measured).
 
 One program for every resolution, one set of weights: ExecuTorch stores a constant once however many
 methods use it, so the int8 weights (rsq's integers, the same in every mode) are shared as they are.
@@ -28,8 +28,8 @@ instead they keep rsq's weight and apply the BN after it as a 1x1 depthwise conv
 (pt2e.unfold_float_layers), so five methods cost about one. The price is that one extra pass per
 such layer (tools/results/bench_executorch_sharing.md). ``share_weights=False`` folds as before.
 
-``int8_gemms=False`` is the exact variant: every conv / linear is an XNNPACK float op on the
-dequantized activations (the q/dq pairs still put each activation on rsq's grid), so the program
+``int8_gemms=False`` is the exact variant for any bit width: every conv / linear is an XNNPACK float op
+on the dequantized activations (the q/dq pairs still put each activation on rsq's grid), so the program
 equals the fake-quant model up to float32 summation order, as the PT2E program does, at XNNPACK's
 float speed.
 """
@@ -58,7 +58,7 @@ def to_executorch_bytes(model: nn.Module, resolutions: Iterable[int], in_chans: 
     """The serialised .pte: every resolution's PT2E program, XNNPACK-delegated, in one program.
 
     ``int8_gemms=False``: every conv / linear a float op on the dequantized activations (no int8 conv,
-    so no bias rounding, see the module docstring). ``share_weights=False`` folds each resolution's BN
+    so no bias rounding even where no exact fit exists, see the module docstring). ``share_weights=False`` folds each resolution's BN
     into its float weights: one method per resolution, each with its own copy (see the module docstring).
     """
     exir = require("executorch.exir", PURPOSE, "executorch")

@@ -16,7 +16,9 @@ Grid mapping (8-bit containers; the integers stay rsq's, shifted by the zero poi
   a negative BN gain flips a channel's integers to [-Qp, Qn]. Linears declare rsq's range
   [-Qn, Qp]; convs declare [-128, 127] (see _fold_layer). Backend "xnnpack" stores each channel's
   integers shifted left by k bits, scale / 2**k, range [-128, 127] (xnnpack_weight_scale): the same
-  real weights, a finer accumulator unit for the bias XNNPACK rounds to int32, positive scales only.
+  real weights, a finer accumulator unit for the bias XNNPACK rounds to int32, positive scales only;
+  a requantized conv's scale and bias are then fitted so that XNNPACK's rounding is rsq.runtime's
+  (fit_xnnpack_requantization).
 Residual adds, pooling and the logits stay float, exactly as in the fake-quant model. With quantized
 shortcuts (rsq/nn/residual.py) a block's input is one quantized tensor: its conv1 owns the grid, and the
 downsample conv and the add's shortcut input share that one q/dq (SharedQuantizationSpec), so Inductor
@@ -35,6 +37,7 @@ import copy
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -118,6 +121,9 @@ class LayerGrid:
         self.saturates = False
         # rsq's own weight and the BN that follows it, unfolded (None without a BN): see unfold_float_layers.
         self.unfolded: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        # xnnpack: per-channel weight scales chosen with the bias so that XNNPACK's int8 requantization
+        # gives rsq.runtime's integers (fit_xnnpack_requantization); None: xnnpack_weight_scale's.
+        self.fitted_scale: Optional[torch.Tensor] = None
 
 
 def _outermost_bn(root: nn.Module, bn_name: str) -> str:
@@ -310,11 +316,67 @@ def xnnpack_weight_scale(grid: LayerGrid) -> Optional[torch.Tensor]:
     (input step x weight scale): integers shifted left by k bits (weight_shift) make that unit
     2**k times finer.
     """
+    ints = _xnnpack_integers(grid)
+    if ints is None:
+        return None
+    if grid.fitted_scale is not None:
+        return grid.fitted_scale
+    return grid.weight_scale.abs() / 2.0 ** weight_shift(ints)
+
+
+def _xnnpack_integers(grid: LayerGrid) -> Optional[torch.Tensor]:
+    """The layer's integers with each channel's sign flipped where its scale is negative (before the shift);
+    None when one leaves int8."""
     sign = torch.where(grid.weight_scale < 0, -1, 1)
     ints = grid.weight_int * sign.reshape((-1,) + (1,) * (grid.weight_int.dim() - 1))
     if ints.min() < INT8_MIN or ints.max() > INT8_MAX:
         return None
-    return grid.weight_scale.abs() / 2.0 ** weight_shift(ints)
+    return ints
+
+
+@torch.no_grad()
+def fit_xnnpack_requantization(model: nn.Module, float_model: nn.Module, grids: dict[str, LayerGrid],
+                               resolution: int) -> dict[str, tuple[int, int]]:
+    """Give every int8 conv of an XNNPACK program whose output is requantized the per-channel weight scale
+    and int32 bias that make XNNPACK's float32 requantization reproduce rsq.runtime's integers for every
+    input, where one exists (rsq/export/requant_fit.py); returns {layer: (channels exact, channels)}.
+
+    The float layer gets weights equal to its int8 integers times the fitted scale and a bias equal to the
+    fitted integer bias times its accumulator unit, which XNNPACK's own rounding gives back unchanged.
+    """
+    from .lower import lower
+    from .requant_fit import fit_layer, input_range
+    try:
+        integer = lower(model, [resolution])
+    except RsqError:
+        return {}  # nothing rsq.runtime can define: the writer's own rounding stays
+    tables, scales, report = integer.tables[resolution], integer.scales[resolution], {}
+    for op in integer.ops:
+        grid = grids.get(op.name)
+        if op.kind != "conv" or integer.tensors[op.output].kind != "narrow" or grid is None or grid.weight_int is None:
+            continue
+        ints = _xnnpack_integers(grid)
+        if ints is None:
+            continue
+        shifts = weight_shift(ints)
+        rsq_ints = integer.weights[op.attrs["weight"]].values
+        fit = fit_layer(tables[op.name], rsq_ints, (1 << shifts).numpy(), input_range(integer, resolution, op.inputs[0]))
+        shape = (-1,) + (1,) * (ints.dim() - 1)
+        if not np.array_equal(ints.numpy(), rsq_ints * fit.sign.reshape(shape)):
+            continue  # not the orientation the fit assumes (cannot happen for an LSQ layer; keep the old way)
+        s_in, s_out = float(scales[op.inputs[0]]), float(scales[op.output])
+        # Channels without an exact fit keep what they had: XNNPACK rounds their float bias itself.
+        exact = torch.from_numpy(fit.exact)
+        fitted = torch.from_numpy(fit.scale * s_out / s_in).float()
+        w_scale = torch.where(exact, fitted, grid.weight_scale.abs() / 2.0 ** shifts)
+        layer = float_model.get_submodule(op.name)
+        weight = (ints << shifts.reshape(shape)).float() * w_scale.reshape(shape)
+        layer.weight = nn.Parameter(torch.where(exact.reshape(shape), weight, layer.weight), requires_grad=False)
+        bias = (torch.from_numpy(fit.bias).double() * w_scale.double() * float(np.float32(s_in))).float()
+        layer.bias = nn.Parameter(torch.where(exact, bias, layer.bias), requires_grad=False)
+        grid.fitted_scale = w_scale
+        report[op.name] = (int(fit.exact.sum()), len(fit.exact))
+    return report
 
 
 def make_quantizer(grids: dict[str, LayerGrid], backend: str = "x86", int8_weights: bool = True):
@@ -583,6 +645,8 @@ def to_pt2e(model: nn.Module, resolution: int, in_chans: int, batch: Optional[in
     activation_dtype(backend)  # an unknown backend fails before any work
     pt2e = _torchao_pt2e()
     float_model, grids = float_model_for(model, resolution, in_chans)
+    if backend == "xnnpack" and int8_weights:
+        fit_xnnpack_requantization(model, float_model, grids, resolution)
     # Batch 2 when dynamic: export specialises a size-1 dimension instead of keeping it symbolic.
     example = (torch.randn(batch or 2, in_chans, resolution, resolution),)
     dynamic = None if batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)

@@ -9,7 +9,8 @@ stored once in weights.bin for every resolution.
 
 Not bit-exact with rsq.runtime (docs/export.md §8a says where and measures it):
 - onnxruntime requantizes in float32 (round half to even) where rsq.runtime uses Q31 fixed point;
-- QLinearConv's int32 bias has no fraction bits (rsq's keeps up to 16);
+- QLinearConv's int32 bias has no fraction bits (rsq's keeps up to 16), except as the per-channel scale
+  and bias fitted where a conv's output is narrow make up for (requant_fit; every channel at 4 bits);
 - every "wide" tensor (the residual stream and the conv outputs that feed an add or a pooling,
   int32 in the IntegerModel) becomes 8-bit, on a grid calibrated on training images
   (``wide_ranges``): the one choice this writer makes that the lowering did not.
@@ -25,6 +26,7 @@ import numpy as np
 from ..runtime.fixedpoint import MANTISSA_BITS
 from ..runtime.model import IntegerModel
 from .onnx import SWITCHABLE_FILE, WEIGHTS_FILE, OnnxGraph, describe, graph_file, require_onnx, write_weights
+from .requant_fit import fit_layer, input_range
 
 RANGES_FILE = "ranges.json"
 CALIBRATION_IMAGES = 256
@@ -295,11 +297,19 @@ class _QLinearGraph(OnnxGraph):
         self.clamped(op, lambda out: self.node("QLinearAdd", args, out, domain=MS))
 
     def _weight_scales(self, op, table) -> tuple[np.ndarray, np.ndarray]:
-        """(real value of one accumulator unit per channel, int32 bias in accumulator units)."""
-        finer = 2.0 ** self.shifts.get(op.attrs["weight"], 0)  # accumulator units per rsq.runtime unit
+        """(real value of one accumulator unit per channel, int32 bias in accumulator units).
+
+        A conv with a narrow output takes the per-channel scale and bias that reproduce rsq.runtime's
+        integers for every input where one exists (requant_fit); elsewhere, the bias rounded to the
+        accumulator's units."""
+        multiple = 2 ** self.shifts.get(op.attrs["weight"], 0)  # accumulator units per rsq.runtime unit
+        if self.model.tensors[op.output].kind == "narrow":
+            fit = fit_layer(table, self.model.weights[op.attrs["weight"]].values, multiple,
+                            input_range(self.model, self.r, op.inputs[0]))
+            return fit.sign * fit.scale * self.scales[op.output], (fit.sign * fit.bias).astype(np.int32)
         shift = 2.0 ** int(table["bias_shift"][0])
-        unit = _multiplier(table) * shift * self.scales[op.output] / finer
-        bias = np.rint(table["bias"].astype(np.float64) * finer / shift).astype(np.int32)
+        unit = _multiplier(table) * shift * self.scales[op.output] / multiple
+        bias = np.rint(table["bias"].astype(np.float64) * multiple / shift).astype(np.int32)
         return unit, bias
 
     def _integer_inputs(self, op, table, x: str) -> tuple[list[str], np.ndarray]:

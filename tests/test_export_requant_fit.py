@@ -1,0 +1,76 @@
+"""Exact requantization on float32-scaled int8 kernels (rsq/export/requant_fit.py): the fitted scale and
+integer bias give rsq.runtime's integers for every reachable accumulator."""
+import numpy as np
+import pytest
+
+from rsq.export.requant_fit import accumulator_bounds, fit_layer
+from rsq.runtime.fixedpoint import quantize_multipliers, requantize
+
+
+def _table(rng, channels: int, lo: int, hi: int, unit_range, bias_shift: int = 12) -> dict:
+    """A conv's requantization table as lower writes it: real multipliers of either sign, fractional biases."""
+    real = rng.uniform(*unit_range, channels) * rng.choice([-1, 1], channels)
+    m0, shift = quantize_multipliers(real / 2 ** bias_shift)
+    return {"m0": np.asarray(m0, np.int64), "shift": np.asarray(shift, np.int64),
+            "bias": np.rint(rng.normal(0, 40, channels) * 2 ** bias_shift).astype(np.int64),
+            "bias_shift": np.array([bias_shift]), "lo": np.array([lo]), "hi": np.array([hi])}
+
+
+def _exact(table, acc: np.ndarray) -> np.ndarray:
+    """rsq.runtime's requantization of every channel's accumulators (acc [channels, N])."""
+    shifted = (acc.astype(np.int64) << int(table["bias_shift"][0])) + table["bias"][:, None]
+    out = requantize(shifted, table["m0"][:, None], table["shift"][:, None])
+    return np.clip(out, int(table["lo"][0]), int(table["hi"][0]))
+
+
+def _kernel(fit, multiple, acc: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """onnxruntime's / XNNPACK's requantization: round_half_even(float32(acc + B) * float32(S)), clamped,
+    on the kernel's accumulator (the rsq.runtime one times the weights' shift, sign-oriented)."""
+    kernel_acc = fit.sign[:, None] * np.asarray(multiple)[..., None] * acc + fit.bias[:, None]
+    assert np.abs(kernel_acc).max() < 2 ** 24
+    value = kernel_acc.astype(np.float32) * fit.scale.astype(np.float32)[:, None]
+    return np.clip(np.rint(value), lo, hi).astype(np.int64)
+
+
+@pytest.mark.parametrize("multiple", [16, 1])
+def test_fitted_channels_reproduce_every_reachable_accumulator(multiple):
+    rng = np.random.default_rng(multiple)
+    channels, lo, hi = 48, 0, 15  # a 4-bit activation after a ReLU
+    weights = rng.integers(-8, 8, (channels, 16, 3, 3))
+    table = _table(rng, channels, lo, hi, (0.01, 0.06))
+    fit = fit_layer(table, weights, multiple, (0, 15))
+    least, most = accumulator_bounds(weights, 0, 15)
+    for c in range(channels):
+        acc = np.arange(least[c], most[c] + 1)[None, :]
+        exact = _exact({k: (v[c:c + 1] if len(v) == channels else v) for k, v in table.items()}, acc)
+        sub = type(fit)(fit.scale[c:c + 1], fit.bias[c:c + 1], fit.sign[c:c + 1], fit.exact[c:c + 1])
+        got = _kernel(sub, multiple, acc, lo, hi)
+        if fit.exact[c]:
+            assert np.array_equal(got, exact), c
+    # 15 boundaries on a 16x finer accumulator: the fit finds a scale for (nearly) every channel; with the
+    # weights unshifted, many channels keep one or more boundaries off by one accumulator value.
+    assert fit.exact.mean() >= (0.95 if multiple == 16 else 0.2)
+
+
+def test_a_channel_without_exact_fit_keeps_the_rounded_bias():
+    """8-bit outputs on unshifted weights: 255 boundaries rarely fit at once. Such a channel keeps the
+    bias rounded to the accumulator unit and the multiplier's own scale, the writers' behaviour before the
+    fit; one that fits reproduces every accumulator."""
+    rng = np.random.default_rng(3)
+    channels, lo, hi, bias_shift = 16, -128, 127, 13
+    weights = rng.integers(-128, 128, (channels, 1, 3, 3))
+    table = _table(rng, channels, lo, hi, (0.03, 0.1), bias_shift=bias_shift)
+    fit = fit_layer(table, weights, 1, (-128, 127))
+    least, most = accumulator_bounds(weights, -128, 127)
+    real = np.abs(table["m0"]) * np.exp2(-(31.0 + table["shift"]) + bias_shift)
+    assert (fit.sign == np.sign(table["m0"])).all()
+    for c in range(channels):
+        if fit.exact[c]:
+            acc = np.arange(least[c], most[c] + 1)[None, :]
+            one = {k: (v[c:c + 1] if len(v) == channels else v) for k, v in table.items()}
+            sub = type(fit)(fit.scale[c:c + 1], fit.bias[c:c + 1], fit.sign[c:c + 1], fit.exact[c:c + 1])
+            assert np.array_equal(_kernel(sub, 1, acc, lo, hi), _exact(one, acc)), c
+        else:
+            assert fit.scale[c] == real[c]
+            assert fit.bias[c] == np.rint(fit.sign[c] * table["bias"][c] / 2 ** bias_shift)
+    assert not fit.exact.all()
