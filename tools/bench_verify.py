@@ -17,6 +17,10 @@ checkpoint, every resolution, the whole test set (the issue's goal is stated on 
 
     python tools/bench_verify.py --recipes --bits 8,4 --reuse --out tools/results/bench_verify_recipes
 
+The W4A4 rerun after the exact requantization fit (docs/export.md §8c), one run on both cores:
+
+    python tools/bench_verify.py --recipes --bits 4 --jobs 1 --threads 2 --reuse --out tools/results/bench_verify_recipes_w4
+
 With --shortcut the quantized runs add --quantized-shortcut (runs w{B}_shortcut, from the same --init):
 
     python tools/bench_verify.py --recipes --bits 8,4 --shortcut --reuse --out tools/results/bench_verify_shortcut
@@ -41,6 +45,7 @@ def main() -> None:
                         help="run folder (default runs/bench_verify; with --recipes runs/bench_verify_recipes)")
     parser.add_argument("--out", default="tools/results/bench_verify")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="threads of each quantized run")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--init-epochs", type=int, default=0, help="start from a full-precision RS-Net "
                         "trained this many epochs on all images (0: train from scratch)")
@@ -54,7 +59,7 @@ def main() -> None:
     bits = [int(b) for b in args.bits.split(",")]
     if args.recipes:  # the shipped recipes: the main job, then the W4A4 recipe at each bit width from it
         args.work = args.work or "runs/bench_verify_recipes"
-        fp, fp_threads, common, test_subset = ["fashion_mnist", "--seed", "0"], 1, ["fashion_mnist_w4a4"], None
+        fp, fp_threads, common, test_subset = ["fashion_mnist", "--seed", "0"], 2, ["fashion_mnist_w4a4"], None
         heading = (f"Each model: `rsq train fashion_mnist_w4a4 --bits B --init {args.work}/fp/checkpoint.pt` "
                    "(the W4A4 recipe, 4 epochs on all 60k images, from the main job's full-precision RS-Net, "
                    "`rsq train fashion_mnist --seed 0`), then every format of `rsq export` and `rsq verify` on "
@@ -79,8 +84,8 @@ def main() -> None:
     extra = ["--quantized-shortcut"] if args.shortcut else []
     if args.shortcut:
         heading += "; with `--quantized-shortcut`"
-    runs = run_configs({f"w{b}{suffix}": ["--bits", str(b), *init, *extra] for b in bits}, common, args.work, 1,
-                       args.jobs, reuse=args.reuse)
+    runs = run_configs({f"w{b}{suffix}": ["--bits", str(b), *init, *extra] for b in bits}, common, args.work,
+                       args.threads, args.jobs, reuse=args.reuse)
     runs = {name.removesuffix(suffix): run for name, run in runs.items()}
     verify_all(bits, runs, args, test_subset, heading, "after the recipe" if args.recipes else "after the short run")
 

@@ -96,7 +96,8 @@ def fit_channel(thresholds: np.ndarray, lo: int, multiple: int, bias_real: float
     # The scale nearest the multiplier's own (kept where it is inside): the real weights move the least.
     low, high = low * (1 + 2 * MARGIN), high * (1 - 2 * MARGIN)
     nearest = np.clip(own, low, high)
-    distance = np.where(usable, np.abs(np.log(nearest) - np.log(own)), np.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):  # rows that are not usable hold anything
+        distance = np.where(usable, np.abs(np.log(nearest) - np.log(own)), np.inf)
     best = int(np.argmin(distance))
     return float(nearest[best]), int(candidates[best, 0])
 
