@@ -134,6 +134,37 @@ def test_qlinear_ops_stay_within_one_step_of_the_runtime(export, images):
         assert agree >= 0.7, (r, agree)
 
 
+def test_qlinear_convs_with_a_narrow_output_give_the_runtime_integers(export, images):
+    """Each QLinearConv whose output is narrow (a block's first conv), fed rsq.runtime's integer input, gives
+    rsq.runtime's integers in onnxruntime: its per-channel scale and bias are fitted (requant_fit), not the
+    bias rounded to the accumulator unit."""
+    reference = Runtime(load(export / "packed"))
+    model = reference.model
+    r = RESOLUTIONS[0]
+    values = reference.run_all(resize_batch(images, r).numpy(), r)
+    proto = onnx.load(str(export / "qlinear" / f"model_r{r}.onnx"))  # with the weights from weights.bin
+    initializers = {t.name: t for t in proto.graph.initializer}
+    helper, checked = onnx.helper, 0
+    for op in model.ops:
+        if op.kind != "conv" or model.tensors[op.output].kind != "narrow":
+            continue
+        conv = next(n for n in proto.graph.node if n.op_type == "QLinearConv" and n.output[0].startswith(op.output))
+        nodes = [conv] + [n for n in proto.graph.node if n.op_type == "Clip" and n.input[0] == conv.output[0]]
+        graph = helper.make_graph(
+            nodes, "one_conv", [helper.make_tensor_value_info(conv.input[0], onnx.TensorProto.UINT8, None)],
+            [helper.make_tensor_value_info(nodes[-1].output[0], onnx.TensorProto.UINT8, None)],
+            [initializers[name] for n in nodes for name in n.input[1:] if name in initializers])
+        one = helper.make_model(graph, opset_imports=proto.opset_import, ir_version=proto.ir_version)
+        session = ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"])
+        x_zero = int(onnx.numpy_helper.to_array(initializers[conv.input[2]]))
+        y_zero = int(onnx.numpy_helper.to_array(initializers[conv.input[7]]))
+        x = (values[op.inputs[0]].transpose(0, 3, 1, 2) + x_zero).astype(np.uint8)
+        got = session.run(None, {conv.input[0]: x})[0].astype(np.int64).transpose(0, 2, 3, 1) - y_zero
+        assert np.array_equal(got, values[op.output]), op.name
+        checked += 1
+    assert checked == 9  # ResNet-20: each block's first conv
+
+
 def test_qlinear_without_its_data_is_one_clear_error(export, tmp_path):
     from rsq.checkpoint import load_checkpoint
     from rsq.errors import RsqError
