@@ -1,6 +1,7 @@
 """One model switchable in resolution AND bit width (`rsq train --bits 2,4,32`)."""
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -206,4 +207,27 @@ def test_export_writes_one_bit_width_of_a_joint_checkpoint(joint_run, tmp_path, 
     packed = [row for row in checked["rows"] if row["artifact"] == "packed"]
     assert [row["resolution"] for row in packed] == RES
     assert all(row["integers_vs_runtime"] == "identical" for row in packed)
-    assert all(row["agreement"] >= 95.0 for row in packed), packed  # against the model switched to 2 bits
+    # The export is the model switched to 2 bits: 2-bit weights (first and last layer at 8), and logits near
+    # that mode's, far from the 4-bit mode's. Not top-1 agreement over every image: this one-epoch, 256-image
+    # model is near chance, and one of its trainings (one thread, an AMD EPYC) departs from its fake-quant
+    # self at 12 px by cascading one-step flips (6 % mean logit error, against 71 % for the 4-bit mode).
+    from rsq.checkpoint import load_model
+    from rsq.convert import using_mode
+    from rsq.data import fashion_mnist
+    from rsq.data.multires import resize_batch
+    from rsq.runtime import Runtime, dequantize_logits, load
+
+    model, _ = load_model(out / "checkpoint.pt")
+    runtime = Runtime(load(tmp_path / "w2" / "packed"))
+    assert {w.bits for w in runtime.model.weights.values()} == {2, 8}
+    images, _ = fashion_mnist.load("test", None)
+    images = (images[:64].float() / 255 - fashion_mnist.MEAN[0]) / fashion_mnist.STD[0]
+    for r in RES:
+        x = resize_batch(images, r)
+        logits = dequantize_logits(runtime.model, runtime.run(x.numpy(), r), r)
+        error = {}
+        for bits in (2, 4):
+            with torch.no_grad(), using_mode(model, r, bits):
+                fake = model(x).numpy()
+            error[bits] = np.abs(logits - fake).mean() / np.abs(fake).mean()
+        assert error[2] <= 0.2 * error[4], (r, error)
