@@ -241,10 +241,10 @@ def test_executorch_matches_fake_quant(model, pte, resolution):
 def test_xnnpack_requantization_fits_every_4bit_channel(model):
     """Every requantized int8 conv of a W4A4 XNNPACK program gets a scale and bias that reproduce
     rsq.runtime's integers for any input (15 boundaries on a 16x finer accumulator)."""
-    from rsq.export.pt2e import fit_xnnpack_requantization
+    from rsq.export.pt2e import fit_xnnpack_requantization, lowered
     resolution = RESOLUTIONS[0]
     float_model, grids = float_model_for(model, resolution, 1)
-    report = fit_xnnpack_requantization(model, float_model, grids, resolution)
+    report = fit_xnnpack_requantization(lowered(model, [resolution]), float_model, grids, resolution)
     assert report and all(exact == channels for exact, channels in report.values()), report
 
 

@@ -20,7 +20,7 @@ def coverage(checkpoint: Path) -> list[dict]:
     from rsq.checkpoint import checkpoint_config, checkpoint_file, load_model
     from rsq.convert import mode_state
     from rsq.export import lower_checkpoint_model
-    from rsq.export.pt2e import fit_xnnpack_requantization, float_model_for
+    from rsq.export.pt2e import fit_xnnpack_requantization, float_model_for, lowered
     from rsq.export.qlinear import weight_shifts
     from rsq.export.requant_fit import fit_layer, input_range
 
@@ -31,7 +31,7 @@ def coverage(checkpoint: Path) -> list[dict]:
     for r in mode_state(model).resolutions:
         start = time.perf_counter()
         float_model, grids = float_model_for(model, r, integer.in_chans)
-        xnnpack = fit_xnnpack_requantization(model, float_model, grids, r)
+        xnnpack = fit_xnnpack_requantization(lowered(model, [r]), float_model, grids, r)
         xnnpack_s = time.perf_counter() - start
         exact = total = 0
         start = time.perf_counter()

@@ -44,7 +44,7 @@ from torch import nn
 
 from ..deps import require
 from ..errors import RsqError
-from .pt2e import to_pt2e
+from .pt2e import lowered, to_pt2e
 
 PURPOSE = "ExecuTorch export"
 
@@ -68,8 +68,9 @@ def to_executorch_bytes(model: nn.Module, resolutions: Iterable[int], in_chans: 
     resolutions = [int(r) for r in resolutions]
     if not resolutions:
         raise RsqError("ExecuTorch export needs at least one resolution")
+    integer = lowered(model, resolutions) if int8_gemms else None  # once for every method's requantization fit
     programs = {method_name(r): to_pt2e(model, r, in_chans, batch=1, backend="xnnpack", int8_weights=int8_gemms,
-                                        fold_float_bn=not share_weights)
+                                        fold_float_bn=not share_weights, integer=integer)
                 for r in resolutions}
     # One partitioner list per method: a partitioner instance keeps state from the program it saw.
     partitioners = {name: [xnnpack.XnnpackPartitioner()] for name in programs}

@@ -334,22 +334,31 @@ def _xnnpack_integers(grid: LayerGrid) -> Optional[torch.Tensor]:
     return ints
 
 
+def lowered(model: nn.Module, resolutions: list[int]):
+    """rsq.runtime's definition of ``model`` at ``resolutions`` (an IntegerModel), which
+    fit_xnnpack_requantization reproduces; None where the lowering refuses the model."""
+    from .lower import lower
+    try:
+        return lower(model, resolutions)
+    except RsqError:
+        return None
+
+
 @torch.no_grad()
-def fit_xnnpack_requantization(model: nn.Module, float_model: nn.Module, grids: dict[str, LayerGrid],
+def fit_xnnpack_requantization(integer, float_model: nn.Module, grids: dict[str, LayerGrid],
                                resolution: int) -> dict[str, tuple[int, int]]:
     """Give every int8 conv of an XNNPACK program whose output is requantized the per-channel weight scale
     and int32 bias that make XNNPACK's float32 requantization reproduce rsq.runtime's integers for every
     input, where one exists (rsq/export/requant_fit.py); returns {layer: (channels exact, channels)}.
+    ``integer``: the model lowered at ``resolution`` among others (``lowered``); None keeps the writer's
+    own rounding everywhere.
 
     The float layer gets weights equal to its int8 integers times the fitted scale and a bias equal to the
     fitted integer bias times its accumulator unit, which XNNPACK's own rounding gives back unchanged.
     """
-    from .lower import lower
     from .requant_fit import fit_layer, input_range
-    try:
-        integer = lower(model, [resolution])
-    except RsqError:
-        return {}  # nothing rsq.runtime can define: the writer's own rounding stays
+    if integer is None:
+        return {}
     tables, scales, report = integer.tables[resolution], integer.scales[resolution], {}
     for op in integer.ops:
         grid = grids.get(op.name)
@@ -632,7 +641,7 @@ def _layer_of(node: torch.fx.Node) -> Optional[str]:
 
 def to_pt2e(model: nn.Module, resolution: int, in_chans: int, batch: Optional[int] = None,
             backend: str = "x86", int8_weights: bool = True,
-            fold_float_bn: bool = True) -> torch.export.ExportedProgram:
+            fold_float_bn: bool = True, integer=None) -> torch.export.ExportedProgram:
     """The converted PT2E program (q/dq + float ops) of ``model`` at ``resolution``.
 
     ``batch=None`` keeps the batch dimension dynamic (the server path); an int fixes it.
@@ -640,13 +649,16 @@ def to_pt2e(model: nn.Module, resolution: int, in_chans: int, batch: Optional[in
     ``int8_weights=False``: float weights (rsq's dequantized ones) everywhere, see make_quantizer.
     ``fold_float_bn=False`` ("xnnpack" only): float-weight layers keep rsq's weight and apply their BN
     after it (unfold_float_layers), so every resolution's program holds the same float weights.
+    ``integer`` ("xnnpack" with int8 weights): the model already lowered at this resolution (``lowered``),
+    so that a caller writing several resolutions lowers once; lowered here when not given.
     """
     refuse_residual_grids(model, "the PT2E / ExecuTorch path")
     activation_dtype(backend)  # an unknown backend fails before any work
     pt2e = _torchao_pt2e()
     float_model, grids = float_model_for(model, resolution, in_chans)
     if backend == "xnnpack" and int8_weights:
-        fit_xnnpack_requantization(model, float_model, grids, resolution)
+        integer = integer if integer is not None else lowered(model, [resolution])
+        fit_xnnpack_requantization(integer, float_model, grids, resolution)
     # Batch 2 when dynamic: export specialises a size-1 dimension instead of keeping it symbolic.
     example = (torch.randn(batch or 2, in_chans, resolution, resolution),)
     dynamic = None if batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)

@@ -23,10 +23,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..runtime.fixedpoint import MANTISSA_BITS
 from ..runtime.model import IntegerModel
 from .onnx import SWITCHABLE_FILE, WEIGHTS_FILE, OnnxGraph, describe, graph_file, require_onnx, write_weights
-from .requant_fit import fit_layer, input_range
+from .requant_fit import fit_layer, input_range, rounded
 
 RANGES_FILE = "ranges.json"
 CALIBRATION_IMAGES = 256
@@ -203,12 +202,6 @@ def features_zero_point(model: IntegerModel, resolution: int) -> int:
     return zero_point(model, resolution, _producer(model, features_tensor(model)))
 
 
-def _multiplier(table: dict, suffix: str = "") -> np.ndarray:
-    """The real multipliers (m0, shift) stand for, per entry."""
-    m0 = table[f"m0{suffix}"].astype(np.float64)
-    return m0 * np.exp2(-(MANTISSA_BITS + table[f"shift{suffix}"].astype(np.float64)))
-
-
 class _QLinearGraph(OnnxGraph):
     def __init__(self, onnx, model: IntegerModel, resolution: int, locations, ranges: dict[str, int],
                  shifts: dict[str, int]):
@@ -306,11 +299,9 @@ class _QLinearGraph(OnnxGraph):
         if self.model.tensors[op.output].kind == "narrow":
             fit = fit_layer(table, self.model.weights[op.attrs["weight"]].values, multiple,
                             input_range(self.model, self.r, op.inputs[0]))
-            return fit.sign * fit.scale * self.scales[op.output], (fit.sign * fit.bias).astype(np.int32)
-        shift = 2.0 ** int(table["bias_shift"][0])
-        unit = _multiplier(table) * shift * self.scales[op.output] / multiple
-        bias = np.rint(table["bias"].astype(np.float64) * multiple / shift).astype(np.int32)
-        return unit, bias
+        else:
+            fit = rounded(table, multiple)
+        return fit.sign * fit.scale * self.scales[op.output], (fit.sign * fit.bias).astype(np.int32)
 
     def _integer_inputs(self, op, table, x: str) -> tuple[list[str], np.ndarray]:
         """QLinearConv's and QGemm's first six inputs (x, its grid, the int8 weights, their per-channel

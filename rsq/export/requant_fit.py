@@ -102,22 +102,30 @@ def fit_channel(thresholds: np.ndarray, lo: int, multiple: int, bias_real: float
     return float(nearest[best]), int(candidates[best, 0])
 
 
+def rounded(table: dict, multiple) -> ChannelFit:
+    """The kernel's (S, B) without a fit: the multiplier's own scale and the bias rounded to the kernel's
+    accumulator unit. ``multiple``: kernel accumulator units per rsq.runtime unit (the weights' shift inside
+    int8), one for the layer or one per channel."""
+    bias_shift = int(table["bias_shift"][0])
+    m0s, shifts = table["m0"], table["shift"]
+    multiples = np.broadcast_to(np.asarray(multiple, dtype=np.int64), (len(m0s),))
+    sign = np.where(m0s < 0, -1, 1).astype(np.int64)
+    real = np.abs(m0s.astype(np.float64)) * np.exp2(-(MANTISSA_BITS + shifts.astype(np.float64)) + bias_shift)
+    bias = np.rint(sign * table["bias"].astype(np.float64) * multiples / 2.0 ** bias_shift).astype(np.int64)
+    return ChannelFit(real / multiples, bias, sign, np.zeros(len(m0s), dtype=bool))
+
+
 def fit_layer(table: dict, weights: np.ndarray, multiple, x_range: tuple[int, int]) -> ChannelFit:
     """The kernel's (S, B) per output channel of one conv/linear with a narrow output, reproducing ``table``'s
-    requantization (rsq.runtime's). ``multiple``: kernel accumulator units per rsq.runtime unit (the weights'
-    shift inside int8), one for the layer or one per channel."""
+    requantization (rsq.runtime's) where a fit exists, else ``rounded``'s."""
+    fit = rounded(table, multiple)
     bias_shift = int(table["bias_shift"][0])
     lo, hi = int(table["lo"][0]), int(table["hi"][0])
     least, most = accumulator_bounds(weights, *x_range)
     m0s, shifts, biases = table["m0"], table["shift"], table["bias"]
-    channels = len(m0s)
-    multiples = np.broadcast_to(np.asarray(multiple, dtype=np.int64), (channels,))
-    sign = np.where(m0s < 0, -1, 1).astype(np.int64)
-    real = np.abs(m0s.astype(np.float64)) * np.exp2(-(MANTISSA_BITS + shifts.astype(np.float64)) + bias_shift)
-    scale = real / multiples
-    bias = np.rint(sign * biases.astype(np.float64) * multiples / 2.0 ** bias_shift).astype(np.int64)
-    exact = np.zeros(channels, dtype=bool)
-    for c in range(channels):
+    sign, scale, bias, exact = fit.sign, fit.scale, fit.bias, fit.exact
+    multiples = np.broadcast_to(np.asarray(multiple, dtype=np.int64), (len(m0s),))
+    for c in range(len(m0s)):
         if m0s[c] == 0:
             continue
         # A negative multiplier is the positive case on the negated accumulator (and negated bias).
@@ -128,4 +136,4 @@ def fit_layer(table: dict, weights: np.ndarray, multiple, x_range: tuple[int, in
                             int(high_acc), search=max(2 * m, 4))
         if found is not None:
             (scale[c], bias[c]), exact[c] = found, True
-    return ChannelFit(scale, bias, sign, exact)
+    return fit
