@@ -24,6 +24,11 @@ The W4A4 rerun after the exact requantization fit (docs/export.md §8c), one run
 With --shortcut the quantized runs add --quantized-shortcut (runs w{B}_shortcut, from the same --init):
 
     python tools/bench_verify.py --recipes --bits 8,4 --shortcut --reuse --out tools/results/bench_verify_shortcut
+
+With --residual-bits 8 the residual stream is trained on learned 8-bit grids (runs w{B}_res8), which the
+QLinear graph then carries without a grid of its own:
+
+    python tools/bench_verify.py --recipes --bits 8,4 --residual-bits 8 --reuse --out tools/results/bench_verify_res8
 """
 from __future__ import annotations
 
@@ -51,6 +56,8 @@ def main() -> None:
                         "trained this many epochs on all images (0: train from scratch)")
     parser.add_argument("--reuse", action="store_true", help="keep runs already finished in --work")
     parser.add_argument("--shortcut", action="store_true", help="train the quantized runs with --quantized-shortcut")
+    parser.add_argument("--residual-bits", type=int, default=0,
+                        help="train the quantized runs with --residual-bits N (the residual stream on learned grids)")
     parser.add_argument("--recipes", action="store_true", help="the recipes' models: fashion_mnist (4 epochs), "
                         "then fashion_mnist_w4a4 --bits B from it; all images, all resolutions, the whole test set")
     args = parser.parse_args()
@@ -80,19 +87,22 @@ def main() -> None:
     if fp:
         run_configs({"fp": []}, fp, args.work, fp_threads, 1, reuse=args.reuse)
         init = ["--init", str(Path(args.work) / "fp" / "checkpoint.pt")]
-    suffix = "_shortcut" if args.shortcut else ""
-    extra = ["--quantized-shortcut"] if args.shortcut else []
+    suffix, extra = "", []
     if args.shortcut:
-        heading += "; with `--quantized-shortcut`"
+        suffix, extra = suffix + "_shortcut", extra + ["--quantized-shortcut"]
+    if args.residual_bits:
+        suffix, extra = suffix + f"_res{args.residual_bits}", extra + ["--residual-bits", str(args.residual_bits)]
+    if extra:
+        heading += f"; with `{' '.join(extra)}`"
     runs = run_configs({f"w{b}{suffix}": ["--bits", str(b), *init, *extra] for b in bits}, common, args.work,
                        args.threads, args.jobs, reuse=args.reuse)
     runs = {name.removesuffix(suffix): run for name, run in runs.items()}
-    verify_all(bits, runs, args, test_subset, heading, "after the recipe" if args.recipes else "after the short run")
+    verify_all(bits, runs, args, test_subset, heading, "after the recipe" if args.recipes else "after the short run",
+               suffix)
 
 
-def verify_all(bits: list[int], runs: dict, args, test_subset, heading: str, when: str) -> None:
-    suffix = "_shortcut" if getattr(args, "shortcut", False) else ""
-    """Export every format of each bit width's run, verify it, write the table."""
+def verify_all(bits: list[int], runs: dict, args, test_subset, heading: str, when: str, suffix: str = "") -> None:
+    """Export every format of each bit width's run (w{B}{suffix}), verify it, write the table."""
     from rsq.export import FORMATS, export_checkpoint
     from rsq.verify import format_verify_table, verify_export
 
