@@ -398,10 +398,16 @@ def export(checkpoint, fmt, out, resolutions, bits, overwrite):
     for name in names:
         written = export_checkpoint(checkpoint, name, out, resolutions, overwrite=overwrite, bits=bits)
         overwrite = False  # the next format joins this export
-        click.echo(f"wrote {written}" + (_c_memory(written) if name == "c" else ""))
+        click.echo(f"wrote {written}" + (_c_memory(written) if name == "c" else "")
+                   + (QLINEAR_NOTE if name == "qlinear" else ""))
     if left_out:
         click.echo(left_out)
     return 0
+
+
+# What a user deploying the QLinear graph must know before trusting it as the model (docs/export.md §8a, §8c).
+QLINEAR_NOTE = (" (onnxruntime's fused 8-bit kernels: fast, but not bit-exact; `rsq verify` measures its agreement, "
+                "and the onnx, packed and c formats are the exact ones)")
 
 
 def _c_memory(folder) -> str:
