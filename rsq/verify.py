@@ -249,6 +249,12 @@ def format_verify_table(result: dict) -> str:
         lines.append(f"| {row['resolution']} | {row['artifact']} | {row['top1']:.2f} | {row['agreement']:.2f} | "
                      f"{row['top1_diff']:+.2f} | {row['ms_per_image']:.3f} | {row['integers_vs_runtime']} |")
     lines += [f"{fmt}: skipped, {why}" for fmt, why in result.get("skipped", {}).items()]
+    if any(row["artifact"].startswith("qlinear") and row["integers_vs_runtime"]
+           and not row["integers_vs_runtime"].endswith("identical")
+           for row in result["rows"]):
+        lines.append("note: qlinear differs from rsq.runtime by design: its residual stream is 8-bit, and onnxruntime's "
+                     "kernels round each conv's bias to a whole accumulator unit where no exact fit exists "
+                     "(docs/export.md §8a, §8c)")
     stale = [fmt for fmt, same in result["lowering_unchanged"].items() if not same]
     if stale:
         lines.append(f"note: lowering the checkpoint now gives a different integer model than the {', '.join(stale)} "

@@ -177,7 +177,7 @@ def test_qlinear_without_its_data_is_one_clear_error(export, tmp_path):
 
 
 def test_verify_compares_qlinear_features_with_the_runtime(export):
-    from rsq.verify import verify_export
+    from rsq.verify import format_verify_table, verify_export
     result = verify_export(export, test_subset=32, quiet=True)
     rows = [row for row in result["rows"] if row["artifact"] == "qlinear"]
     assert [row["resolution"] for row in rows] == RESOLUTIONS
@@ -187,3 +187,5 @@ def test_verify_compares_qlinear_features_with_the_runtime(export):
     for row in rows:
         assert row["integers_vs_runtime"].startswith(features_tensor(load(export / "packed")) + ":")
         assert row["agreement"] >= 50  # far above chance (10 classes); this 12-step model has many near-ties
+    differ = any(not row["integers_vs_runtime"].endswith("identical") for row in rows)
+    assert ("qlinear differs from rsq.runtime by design" in format_verify_table(result)) == differ
