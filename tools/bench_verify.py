@@ -26,9 +26,10 @@ With --shortcut the quantized runs add --quantized-shortcut (runs w{B}_shortcut,
     python tools/bench_verify.py --recipes --bits 8,4 --shortcut --reuse --out tools/results/bench_verify_shortcut
 
 With --residual-bits 8 the residual stream is trained on learned 8-bit grids (runs w{B}_res8), which the
-QLinear graph then carries without a grid of its own:
+QLinear graph then carries without a grid of its own; the formats that refuse such a model are listed
+under its table:
 
-    python tools/bench_verify.py --recipes --bits 8,4 --residual-bits 8 --reuse --out tools/results/bench_verify_res8
+    python tools/bench_verify.py --bits 4 --quick --residual-bits 8
 """
 from __future__ import annotations
 

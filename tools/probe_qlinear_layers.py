@@ -50,16 +50,14 @@ def aligned_grids(qlinear):
 
 
 def fit_coverage(integer, resolution: int) -> list[str]:
-    from rsq.export.qlinear import weight_shifts
-    from rsq.export.requant_fit import fit_layer, input_range
+    from rsq.export.qlinear import narrow_output_fit, weight_shifts
     shifts, lines = weight_shifts(integer), []
     for op in integer.ops:
         if op.kind not in ("conv", "linear") or integer.tensors[op.output].kind != "narrow":
             continue
-        weight = integer.weights[op.attrs["weight"]]
-        fit = fit_layer(integer.tables[resolution][op.name], weight.values, 2 ** shifts.get(op.attrs["weight"], 0),
-                        input_range(integer, resolution, op.inputs[0]))
-        lines.append(f"| {op.name} | {weight.bits} | {integer.tensors[op.inputs[0]].bits} | "
+        fit = narrow_output_fit(integer, resolution, op, shifts)
+        weight_bits = integer.weights[op.attrs["weight"]].bits
+        lines.append(f"| {op.name} | {weight_bits} | {integer.tensors[op.inputs[0]].bits} | "
                      f"{integer.tensors[op.output].bits} | {int(fit.exact.sum())} of {len(fit.exact)} |")
     return lines
 
@@ -95,7 +93,8 @@ def main() -> None:
     qlinear.write_qlinear(integer, ranges, folder)
     test = _test_data(ckpt, resolutions, args.images, None)
     runtime = Runtime(integer, gemm="float")
-    lines = [f"# QLinear against rsq.runtime, layer by layer{' (grids aligned to their readers)' if args.align else ''}",
+    aligned = " (grids aligned to their readers)" if args.align else ""
+    lines = [f"# QLinear against rsq.runtime, layer by layer{aligned}",
              "", f"CPU: {cpu_name()}.", "",
              f"`python tools/probe_qlinear_layers.py {args.checkpoint} --images {args.images}"
              f"{' --align' if args.align else ''}`", ""]

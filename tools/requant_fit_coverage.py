@@ -21,8 +21,7 @@ def coverage(checkpoint: Path) -> list[dict]:
     from rsq.convert import mode_state
     from rsq.export import lower_checkpoint_model
     from rsq.export.pt2e import fit_xnnpack_requantization, float_model_for, lowered
-    from rsq.export.qlinear import weight_shifts
-    from rsq.export.requant_fit import fit_layer, input_range
+    from rsq.export.qlinear import narrow_output_fit, weight_shifts
 
     model, ckpt = load_model(checkpoint_file(checkpoint))
     integer = lower_checkpoint_model(model, checkpoint_config(ckpt))
@@ -37,8 +36,7 @@ def coverage(checkpoint: Path) -> list[dict]:
         start = time.perf_counter()
         for op in integer.ops:
             if op.kind == "conv" and integer.tensors[op.output].kind == "narrow":
-                fit = fit_layer(integer.tables[r][op.name], integer.weights[op.attrs["weight"]].values,
-                                2 ** shifts.get(op.attrs["weight"], 0), input_range(integer, r, op.inputs[0]))
+                fit = narrow_output_fit(integer, r, op, shifts)
                 exact, total = exact + int(fit.exact.sum()), total + len(fit.exact)
         rows.append({"checkpoint": str(checkpoint), "resolution": r,
                      "xnnpack_exact": sum(e for e, _ in xnnpack.values()),

@@ -164,6 +164,13 @@ def weight_shifts(model: IntegerModel) -> dict[str, int]:
     return shifts
 
 
+def narrow_output_fit(model: IntegerModel, resolution: int, op, shifts: dict[str, int]):
+    """The exact requantization fit (requant_fit.fit_layer) of a conv/linear whose output is narrow, on the
+    weights as this writer stores them (``shifts``: weight_shifts)."""
+    return fit_layer(model.tables[resolution][op.name], model.weights[op.attrs["weight"]].values,
+                     2 ** shifts.get(op.attrs["weight"], 0), input_range(model, resolution, op.inputs[0]))
+
+
 def _producer(model: IntegerModel, tensor: str):
     return next(op for op in model.ops if op.output == tensor)
 
@@ -295,12 +302,10 @@ class _QLinearGraph(OnnxGraph):
         A conv with a narrow output takes the per-channel scale and bias that reproduce rsq.runtime's
         integers for every input where one exists (requant_fit); elsewhere, the bias rounded to the
         accumulator's units."""
-        multiple = 2 ** self.shifts.get(op.attrs["weight"], 0)  # accumulator units per rsq.runtime unit
         if self.model.tensors[op.output].kind == "narrow":
-            fit = fit_layer(table, self.model.weights[op.attrs["weight"]].values, multiple,
-                            input_range(self.model, self.r, op.inputs[0]))
-        else:
-            fit = rounded(table, multiple)
+            fit = narrow_output_fit(self.model, self.r, op, self.shifts)
+        else:  # accumulator units per rsq.runtime unit: the weights' shift inside int8
+            fit = rounded(table, 2 ** self.shifts.get(op.attrs["weight"], 0))
         return fit.sign * fit.scale * self.scales[op.output], (fit.sign * fit.bias).astype(np.int32)
 
     def _integer_inputs(self, op, table, x: str) -> tuple[list[str], np.ndarray]:
