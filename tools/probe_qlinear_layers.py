@@ -9,9 +9,10 @@ output, how many channels the exact requantization fit covers (docs/export.md §
 
 --align puts each wide tensor read by one requantization on a grid of step s_reader / n (n odd, the
 largest that still holds the calibrated range), so that the reader's rounding boundaries fall between
-the wide tensor's integers: an experiment, not what the writer does.
+the wide tensor's integers: an experiment, not what the writer does. --range-scale F calibrates every wide
+tensor's 8-bit grid to F times its largest calibration value (F < 1 saturates the rest): another one.
 
-    python tools/probe_qlinear_layers.py RUN/checkpoint.pt [--images 256] [--align] [--out FILE]
+    python tools/probe_qlinear_layers.py RUN/checkpoint.pt [--images 256] [--align] [--range-scale F] [--out FILE]
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--align", action="store_true")
+    parser.add_argument("--range-scale", type=float, default=1.0)
     parser.add_argument("--out", default=None, help="write FILE.md and FILE.json (default: print only)")
     args = parser.parse_args()
     import onnx
@@ -87,17 +89,21 @@ def main() -> None:
     integer = lower_checkpoint_model(model, config, resolutions, None)
     pool = training_pool(config.replace(device="cpu"), qlinear.CALIBRATION_IMAGES)
     ranges = qlinear.wide_ranges(integer, {r: resize_batch(pool, r).numpy() for r in resolutions})
+    if args.range_scale != 1.0:
+        ranges = {r: {t: max(1, int(v * args.range_scale)) for t, v in wide.items()} for r, wide in ranges.items()}
     if args.align:
         qlinear._QLinearGraph._grids = aligned_grids(qlinear)
     folder = Path(tempfile.mkdtemp(prefix="probe_qlinear_layers."))
     qlinear.write_qlinear(integer, ranges, folder)
     test = _test_data(ckpt, resolutions, args.images, None)
     runtime = Runtime(integer, gemm="float")
-    aligned = " (grids aligned to their readers)" if args.align else ""
-    lines = [f"# QLinear against rsq.runtime, layer by layer{aligned}",
+    variant = (" (grids aligned to their readers)" if args.align else "") + (
+        f" (wide ranges x {args.range_scale:g})" if args.range_scale != 1.0 else "")
+    lines = [f"# QLinear against rsq.runtime, layer by layer{variant}",
              "", f"CPU: {cpu_name()}.", "",
              f"`python tools/probe_qlinear_layers.py {args.checkpoint} --images {args.images}"
-             f"{' --align' if args.align else ''}`", ""]
+             f"{' --align' if args.align else ''}"
+             f"{f' --range-scale {args.range_scale:g}' if args.range_scale != 1.0 else ''}`", ""]
     payload = {"cpu": cpu_name(), "settings": vars(args), "resolutions": {}}
     for r in resolutions:
         proto = onnx.load(str(folder / qlinear.graph_file(r)), load_external_data=False)
