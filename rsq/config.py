@@ -122,6 +122,9 @@ class TrainConfig:
     conv_decay_factor: float = setting(1.0, "with conv_decay sum and more than one mode: a further factor on the "
                                        "convolutions' decay (2: 2n times the weight decay; a single-mode run "
                                        "keeps one model's)", range=Range(0, open=True))
+    norm_lr_factor: float = setting(1.0, "with more than one mode: the private BatchNorms' weights and biases "
+                                    "learn at this factor times the learning rate (1: a single model's step, as "
+                                    "each takes one mode's gradient)", range=Range(0, open=True))
     seed: int = setting(0, "random seed (a run repeats exactly on the CPU)", range=Range(0, high=MAX_SEED))
     # quantization (32/32 = full precision)
     weight_bits: int = setting(32, "weight bits: 2-8, or 32 for full precision", bits=True)

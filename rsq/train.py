@@ -183,8 +183,12 @@ class TrainJob:
         float_weights = config.weight_bits >= 32 and not config.joint
         conv_decay_scale = (n_modes * config.conv_decay_factor if config.conv_decay == "sum" and float_weights
                             and n_modes > 1 else 1.0)
+        # norm_lr_factor: each private BN takes one mode's gradient while the convolutions it follows
+        # move with n modes' (a setting under test, tools/results/bench_rsnet_bnlr5_amd.md).
+        norm_lr_scale = config.norm_lr_factor if n_modes > 1 else 1.0
         optimizer = torch.optim.SGD(param_groups([model, ensemble], config.weight_decay, head_lr_scale,
-                                                 conv_decay_scale), lr=config.lr, momentum=config.momentum)
+                                                 conv_decay_scale, norm_lr_scale), lr=config.lr,
+                                    momentum=config.momentum)
         # Side-by-side modes need one process on the CPU in fp32 and eager mode, 2+ threads to share,
         # and forwards that only read shared state (LQ-Nets refits its shared levels in every forward).
         # Compiled modes side by side ran slower than either alone in a one-off probe (0.83x of a plain

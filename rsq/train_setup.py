@@ -94,21 +94,22 @@ def start_run_dir(out: Path, overwrite: bool, config: TrainConfig) -> None:
 
 
 def param_groups(modules: list[nn.Module], weight_decay: float, head_lr_scale: float = 1.0,
-                 conv_decay_scale: float = 1.0) -> list[dict]:
+                 conv_decay_scale: float = 1.0, norm_lr_scale: float = 1.0) -> list[dict]:
     """Parameters marked ``_rsq_no_weight_decay`` (alpha, quantizer steps) get none.
 
     With ``head_lr_scale`` != 1 the weights and biases of the Linear layers (the classifier) form a
     group whose ``lr_scale`` the training step multiplies its learning rate by; with
-    ``conv_decay_scale`` != 1 the convolution weights form one whose weight decay is that many times
-    ``weight_decay``.
+    ``norm_lr_scale`` != 1 so do the BatchNorms' weights and biases; with ``conv_decay_scale`` != 1
+    the convolution weights form one whose weight decay is that many times ``weight_decay``.
     """
     def ids(kind, names):
         return {id(p) for module in modules for m in module.modules() if isinstance(m, kind)
                 for p in (getattr(m, name) for name in names) if p is not None}
 
     head_ids = ids(nn.Linear, ("weight", "bias")) if head_lr_scale != 1.0 else set()
+    norm_ids = ids(nn.modules.batchnorm._BatchNorm, ("weight", "bias")) if norm_lr_scale != 1.0 else set()
     conv_ids = ids(nn.Conv2d, ("weight",)) if conv_decay_scale != 1.0 else set()
-    decay, no_decay, head, conv, seen = [], [], [], [], set()
+    decay, no_decay, head, norm, conv, seen = [], [], [], [], [], set()
     for module in modules:
         for p in module.parameters():
             if id(p) in seen or not p.requires_grad:
@@ -118,11 +119,15 @@ def param_groups(modules: list[nn.Module], weight_decay: float, head_lr_scale: f
                 no_decay.append(p)
             elif id(p) in head_ids:
                 head.append(p)
+            elif id(p) in norm_ids:
+                norm.append(p)
             else:
                 (conv if id(p) in conv_ids else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if head:
         groups.append({"params": head, "weight_decay": weight_decay, "lr_scale": head_lr_scale})
+    if norm:
+        groups.append({"params": norm, "weight_decay": weight_decay, "lr_scale": norm_lr_scale})
     if conv:
         groups.append({"params": conv, "weight_decay": weight_decay * conv_decay_scale})
     return groups

@@ -336,3 +336,25 @@ def test_head_grad_mean_gives_the_classifier_a_single_models_step(resolutions, h
     lrs = {id(p): group["lr"] for group in job.optimizer.param_groups for p in group["params"]}
     assert lrs[id(model.fc.weight)] == pytest.approx(0.05 * (scale or 1.0))
     assert lrs[id(model.conv1.weight)] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("resolutions, factor, scale", [([20, 16, 12], 5.0, 5.0), ([20, 16, 12], 1.0, None),
+                                                        ([20], 5.0, None)])
+def test_norm_lr_factor_steps_the_private_batchnorms_only(resolutions, factor, scale):
+    config = TrainConfig(model="resnet20", resolutions=resolutions, batch_size=8, lr=0.05, device="cpu",
+                         norm_lr_factor=factor)
+    model = rsq.create_model("resnet20", 10, 1, resolutions=resolutions)
+    job = TrainJob.create(config, model)
+    g = torch.Generator().manual_seed(0)
+    train_step(job, torch.randn(8, 1, 20, 20, generator=g), torch.randint(0, 10, (8,), generator=g), 0.05)
+    groups = {id(p): group for group in job.optimizer.param_groups for p in group["params"]}
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 21 * len(resolutions)  # every mode's private BN
+    for bn in bns:
+        for p in (bn.weight, bn.bias):
+            assert groups[id(p)]["lr"] == pytest.approx(0.05 * (scale or 1.0))
+            assert groups[id(p)]["weight_decay"] == config.weight_decay
+    assert groups[id(model.conv1.weight)]["lr"] == pytest.approx(0.05)  # the shared weights keep the rate
+    assert groups[id(model.fc.weight)]["lr"] == pytest.approx(0.05 / len(resolutions))  # head_grad mean
+    # decay, no decay, the head's and the convolutions' groups, and the BNs' own; a single mode is a plain model
+    assert len(job.optimizer.param_groups) == {5.0: 5, None: 4 if len(resolutions) > 1 else 2}[scale]

@@ -16,24 +16,28 @@ training time of each side (the RS-Net's one run against the sum of the five sep
     python tools/bench_rsnet.py --epochs 2 --seeds 0,1 --paper --extra 'head_sum=fashion_mnist --head-grad sum' \
         --out tools/results/bench_rsnet_paper
     python tools/bench_rsnet.py --epochs 4 --seeds 0,1 --out tools/results/bench_rsnet_4ep
+    python tools/bench_rsnet.py --epochs 2 --seeds 0,1 --extra 'kd2=fashion_mnist --distill-weight 2' \
+        --baseline tools/results/bench_rsnet_6seeds.json    # only kd2 trained; the rest read from that file
     python tools/bench_rsnet.py --quick                      # a smoke run
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import statistics
 import sys
 from pathlib import Path
 
-from benchlib import cpu_name, run_configs, top1, write_outputs
+from benchlib import cpu_name, finished_run, run_configs, top1, write_outputs
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
 LABELS = {"rsnet": "RS-Net (recipe)", "paper": "RS-Net, paper's MRED", "ramp_all": "RS-Net, ramp over all steps",
           "paper_lr005": "RS-Net, paper's MRED, lr 0.05", "head_sum": "RS-Net, summed classifier gradient",
           "kd2": "RS-Net, MRED weight 2", "conv_sum": "RS-Net, conv decay x n modes",
           "conv_single": "RS-Net, conv decay single (the recipe before conv_decay)",
-          "nokd": "RS-Net without MRED (distill none)", "decay2n": "RS-Net, conv decay x 2n (conv_decay_factor 2)"}
+          "nokd": "RS-Net without MRED (distill none)", "decay2n": "RS-Net, conv decay x 2n (conv_decay_factor 2)",
+          "bnlr5": "RS-Net, BNs at 5x lr (norm_lr_factor 5)"}
 
 
 def configs_for(args) -> dict[str, list[str]]:
@@ -145,6 +149,9 @@ def main() -> None:
     parser.add_argument("--out", default="tools/results/bench_rsnet")
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished runs in --work (same settings) and train only the missing ones")
+    parser.add_argument("--baseline", metavar="JSON",
+                        help="a committed output of this script: runs missing from --work are read from it instead of "
+                             "trained (the table says which, and on which CPU they ran)")
     parser.add_argument("--quick", action="store_true", help="tiny setting, to check the script runs")
     args = parser.parse_args()
     epochs_list = [int(e) for e in args.epochs.split(",")]
@@ -160,7 +167,20 @@ def main() -> None:
     todo = sorted(((e, s, name) for e in epochs_list for s in seeds for name in runs),
                   key=lambda k: (-k[0], k[2] not in sides, k[1]))
     configs = {run_key(*key): runs[key[2]] + ["--epochs", str(key[0]), "--seed", str(key[1]), *extra] for key in todo}
-    finished = run_configs(configs, [], args.work, args.threads, args.jobs, args.reuse)
+    borrowed, baseline_cpu = {}, None
+    if args.baseline:
+        saved = json.loads(Path(args.baseline).read_text())
+        baseline_cpu = saved["cpu"]
+        borrowed = {name: saved["results"][name] for name in configs
+                    if name in saved["results"] and finished_run(args.work, name) is None}
+    # Borrowed runs stand in for runs of this machine only if training repeats bit for bit here: the
+    # cheapest of them (a separate model at the smallest resolution) is retrained and compared.
+    check = min(borrowed, key=lambda name: borrowed[name]["train_time_s"]) if borrowed else None
+    todo_now = {k: v for k, v in configs.items() if k not in borrowed}
+    if check:
+        todo_now[check + "_recheck"] = configs[check]
+    trained = run_configs(todo_now, [], args.work, args.threads, args.jobs, args.reuse)
+    finished = {**borrowed, **trained}
     results = {key: finished[run_key(*key)] for key in todo}
 
     lines = ["# RS-Net vs separately trained models (Fashion-MNIST, ResNet-20)", "",
@@ -169,12 +189,24 @@ def main() -> None:
              f"{', '.join(map(str, seeds))}; each run one process, {args.threads} thread(s), {args.jobs} at a time "
              f"(times are comparable within this table only).",
              "Command: `" + "python tools/bench_rsnet.py " + shlex.join(sys.argv[1:]) + "`", ""]
+    if borrowed:
+        sides_borrowed = sorted({name.split("/", 1)[1] for name in borrowed})
+        again = [row["top1"] for row in trained[check + "_recheck"]["rows"]]
+        saved_top1 = [row["top1"] for row in borrowed[check]["rows"]]
+        verdict = ("the same top-1, so these runs repeat here" if again == saved_top1 else
+                   "a DIFFERENT top-1: the borrowed runs do not repeat on this machine, compare with care")
+        lines += [f"Read from `{args.baseline}`, not trained in this run ({len(borrowed)} runs: "
+                  f"{', '.join(sides_borrowed)}), trained on: {baseline_cpu}. Spot check: `{check}` retrained here "
+                  f"gave {again} against the file's {saved_top1}: {verdict}.", ""]
     for epochs in epochs_list:
         lines += [f"## {epochs} epochs", ""] + table(epochs, results, seeds, sides) + [""]
     plot(results, epochs_list, seeds, sides, Path(args.out + ".png"))
     lines.append(f"Plot: `{Path(args.out).name}.png`.")
-    write_outputs(args.out, lines, {"settings": vars(args), "cpu": cpu_name(),
-                                    "results": {run_key(*key): v for key, v in results.items()}})
+    payload = {"settings": vars(args), "cpu": cpu_name(), "results": {run_key(*key): v for key, v in results.items()}}
+    if borrowed:
+        payload["borrowed"] = {"from": args.baseline, "cpu": baseline_cpu, "runs": sorted(borrowed),
+                               "spot_check": {"run": check, "here": trained[check + "_recheck"]}}
+    write_outputs(args.out, lines, payload)
 
 
 if __name__ == "__main__":
