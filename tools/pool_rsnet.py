@@ -29,13 +29,13 @@ def paired_gaps(results: dict, epochs: int, side: str, seen: set) -> dict[int, l
         mine = results.get(run_key(epochs, seed, side))
         if mine is None:
             continue
-        fingerprint = json.dumps([mine["rows"]] + [results[run_key(epochs, seed, f"separate_{r}")]["rows"]
-                                                   for r in RESOLUTIONS], sort_keys=True)
+        separate = {r: results[run_key(epochs, seed, f"separate_{r}")] for r in RESOLUTIONS}
+        fingerprint = json.dumps([mine["rows"]] + [separate[r]["rows"] for r in RESOLUTIONS], sort_keys=True)
         if fingerprint in seen:
             continue
         seen.add(fingerprint)
         for r in RESOLUTIONS:
-            gaps[r].append(top1(mine, r) - top1(results[run_key(epochs, seed, f"separate_{r}")], r))
+            gaps[r].append(top1(mine, r) - top1(separate[r], r))
     return gaps
 
 
