@@ -122,9 +122,10 @@ class TrainConfig:
     conv_decay_factor: float = setting(1.0, "with conv_decay sum and more than one mode: a further factor on the "
                                        "convolutions' decay (2: 2n times the weight decay; a single-mode run "
                                        "keeps one model's)", range=Range(0, open=True))
-    norm_lr_factor: float = setting(1.0, "with more than one mode: the private BatchNorms' weights and biases "
-                                    "learn at this factor times the learning rate (1: a single model's step, as "
-                                    "each takes one mode's gradient)", range=Range(0, open=True))
+    norm_lr_factor: float = setting(5.0, "with more than one mode and full-precision weights: the private "
+                                    "BatchNorms' weights and biases learn at this factor times the learning rate, "
+                                    "as the convolutions before them take every mode's gradient (1: a single "
+                                    "model's step, the paper)", range=Range(0, open=True))
     seed: int = setting(0, "random seed (a run repeats exactly on the CPU)", range=Range(0, high=MAX_SEED))
     # quantization (32/32 = full precision)
     weight_bits: int = setting(32, "weight bits: 2-8, or 32 for full precision", bits=True)
@@ -292,7 +293,7 @@ def save_config(config: TrainConfig, path: Path) -> None:
 
 # Settings added after runs were saved whose default now differs from what those runs did: a saved
 # config without the key ran (and resumes) the old way.
-BEFORE_THE_SETTING = {"distill_ramp": 0.0, "head_grad": "sum", "conv_decay": "single"}
+BEFORE_THE_SETTING = {"distill_ramp": 0.0, "head_grad": "sum", "conv_decay": "single", "norm_lr_factor": 1.0}
 
 
 def config_from_dict(values: dict[str, Any], source: str = "saved config") -> TrainConfig:

@@ -184,8 +184,9 @@ class TrainJob:
         conv_decay_scale = (n_modes * config.conv_decay_factor if config.conv_decay == "sum" and float_weights
                             and n_modes > 1 else 1.0)
         # norm_lr_factor: each private BN takes one mode's gradient while the convolutions it follows
-        # move with n modes' (a setting under test, tools/results/bench_rsnet_bnlr5_amd.md).
-        norm_lr_scale = config.norm_lr_factor if n_modes > 1 else 1.0
+        # move with n modes'. Measured with float weights only (tools/results/bench_rsnet_4ep_amd.md),
+        # so, like conv_decay, quantized and joint models keep one model's rate.
+        norm_lr_scale = config.norm_lr_factor if float_weights and n_modes > 1 else 1.0
         optimizer = torch.optim.SGD(param_groups([model, ensemble], config.weight_decay, head_lr_scale,
                                                  conv_decay_scale, norm_lr_scale), lr=config.lr,
                                     momentum=config.momentum)

@@ -293,7 +293,7 @@ def test_distill_ramp_rises_linearly_then_holds():
     ("single", 2.0, [20, 16, 12], None), ("sum", 1.0, [20], None), ("sum", 2.0, [20], None)])
 def test_conv_decay_sum_scales_the_convolutions_decay_by_the_number_of_modes(conv_decay, factor, resolutions, scale):
     config = TrainConfig(model="resnet20", resolutions=resolutions, batch_size=8, lr=0.05, device="cpu",
-                         conv_decay=conv_decay, conv_decay_factor=factor)
+                         conv_decay=conv_decay, conv_decay_factor=factor, norm_lr_factor=1.0)
     model = rsq.create_model("resnet20", 10, 1, resolutions=resolutions)
     job = TrainJob.create(config, model)
     decay = {id(p): group["weight_decay"] for group in job.optimizer.param_groups for p in group["params"]}
@@ -321,7 +321,7 @@ def test_conv_decay_sum_scales_the_convolutions_decay_by_the_number_of_modes(con
                                                             ([20], "mean", 1.0)])
 def test_head_grad_mean_gives_the_classifier_a_single_models_step(resolutions, head_grad, scale):
     config = TrainConfig(model="resnet20", resolutions=resolutions, batch_size=8, lr=0.05, device="cpu",
-                         head_grad=head_grad)
+                         head_grad=head_grad, norm_lr_factor=1.0)  # the BNs' own group would also scale
     model = rsq.create_model("resnet20", 10, 1, resolutions=resolutions)
     job = TrainJob.create(config, model)
     head = [g for g in job.optimizer.param_groups if "lr_scale" in g]
@@ -358,3 +358,10 @@ def test_norm_lr_factor_steps_the_private_batchnorms_only(resolutions, factor, s
     assert groups[id(model.fc.weight)]["lr"] == pytest.approx(0.05 / len(resolutions))  # head_grad mean
     # decay, no decay, the head's and the convolutions' groups, and the BNs' own; a single mode is a plain model
     assert len(job.optimizer.param_groups) == {5.0: 5, None: 4 if len(resolutions) > 1 else 2}[scale]
+    # Quantized weights keep one model's rate for their BNs, as they keep one model's decay (measured on float only).
+    qmodel = rsq.quantize_(rsq.create_model("resnet20", 10, 1, resolutions=resolutions),
+                           rsq.QuantConfig(weight_bits=4, act_bits=4))
+    quantized = TrainJob.create(config.replace(weight_bits=4, act_bits=4), qmodel)
+    qgroups = {id(p): group for group in quantized.optimizer.param_groups for p in group["params"]}
+    qbns = [m for m in qmodel.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert qbns and all(qgroups[id(bn.weight)].get("lr_scale", 1.0) == 1.0 for bn in qbns)

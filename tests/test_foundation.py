@@ -40,9 +40,10 @@ def invoke(*argv):
 def test_default_config_is_the_embedded_default_recipe():
     assert build_config("fashion_mnist", {}) == TrainConfig()
     # The paper's training is the default recipe without the distillation ramp, with the summed loss's
-    # gradient on the classifier and one model's decay on the convolutions, and nothing else.
+    # gradient on the classifier, one model's decay on the convolutions and the BNs at the shared rate,
+    # and nothing else.
     assert build_config("fashion_mnist_paper", {}) == TrainConfig(distill_ramp=0.0, head_grad="sum",
-                                                                  conv_decay="single",
+                                                                  conv_decay="single", norm_lr_factor=1.0,
                                                                   out="runs/fashion_mnist_paper")
 
 
@@ -282,7 +283,7 @@ def test_a_config_saved_before_a_setting_existed_resumes_the_old_way():
 
     saved = dataclasses.asdict(TrainConfig())
     assert config_from_dict(saved) == TrainConfig()  # a config with every key is read as written
-    for key in ("distill_ramp", "head_grad", "conv_decay"):
+    for key in ("distill_ramp", "head_grad", "conv_decay", "norm_lr_factor"):
         del saved[key]
     old = config_from_dict(saved)
-    assert (old.distill_ramp, old.head_grad, old.conv_decay) == (0.0, "sum", "single")
+    assert (old.distill_ramp, old.head_grad, old.conv_decay, old.norm_lr_factor) == (0.0, "sum", "single", 1.0)
