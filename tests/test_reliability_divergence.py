@@ -91,7 +91,8 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, capsys, monkeypatch
         calls["n"] += 1
         if calls["n"] == 4:
             with torch.no_grad():
-                self.param_groups[0]["params"][0].fill_(float("inf"))
+                # a model weight (the largest parameter), whichever group the recipe puts it in
+                max((p for group in self.param_groups for p in group["params"]), key=torch.numel).fill_(float("inf"))
         return out
 
     monkeypatch.setattr(torch.optim.SGD, "step", poisoning_step)
