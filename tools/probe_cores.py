@@ -4,7 +4,7 @@ rsq's default step on a 2-core CPU runs whole modes side by side, one per core, 
 intra-op thread (rsq/mode_threads.py). That pays when two intra-op threads split small kernels
 poorly; it cannot pay when the two cores do not run two serial streams at twice the speed of one
 (two hyperthreads of one physical core, or a shared memory bus that one stream already fills).
-This probe measures both on the plain eager NCHW loop of `tools/bench_step_speed.py` (ResNet-20
+This probe measures both on the plain eager NCHW loop of `tools/bench_step_speed.py` (its `plain_eager` step: ResNet-20
 RS-Net, 28/24/20/16/12 px, batch 128, CE + full MRED, SGD), each setting in its own process:
 - ``one_thread``: one process, one thread, alone on the machine;
 - ``two_threads``: one process, two intra-op threads;
@@ -24,37 +24,22 @@ import subprocess
 import sys
 import time
 
+from bench_step_speed import RESOLUTIONS, make_step
 from benchlib import cpu_name, write_outputs
-
-RESOLUTIONS = [28, 24, 20, 16, 12]
 
 
 def worker(threads: int, steps: int) -> None:
     """Print the median ms of ``steps`` plain-loop steps after 2 warm-up steps, as JSON."""
     import torch
-    import torch.nn.functional as F
-
-    import rsq
-    from rsq.distill import EnsembleWeights, mred_loss
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
-    model = rsq.create_model("resnet20", 10, 1, resolutions=RESOLUTIONS)
-    ensemble = EnsembleWeights(len(RESOLUTIONS))
-    opt = torch.optim.SGD(list(model.parameters()) + list(ensemble.parameters()), lr=0.01, momentum=0.9)
+    step = make_step("plain_eager", x, y)
     times = []
     for i in range(steps + 2):
         t0 = time.perf_counter()
-        logits = []
-        for r in RESOLUTIONS:
-            xr = x if r == 28 else F.interpolate(x, size=(r, r), mode="bilinear", antialias=True)
-            rsq.set_mode(model, r)
-            logits.append(model(xr))
-        loss = mred_loss(logits, y, ensemble, "full").total
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step()
         if i >= 2:
             times.append((time.perf_counter() - t0) * 1e3)
     print(json.dumps({"ms": statistics.median(times)}))
@@ -89,9 +74,7 @@ def main() -> None:
         rows.append({"one_thread": one, "two_threads": two, "two_processes": pair})
         print(rows[-1], flush=True)
 
-    def med(values):
-        return statistics.median(values)
-
+    med = statistics.median
     speedup_threads = med([r["one_thread"] / r["two_threads"] for r in rows])
     throughput_pair = med([2 * r["one_thread"] / max(r["two_processes"]) for r in rows])
     slowdown_pair = med([statistics.mean(r["two_processes"]) / r["one_thread"] for r in rows])
