@@ -18,6 +18,9 @@ training time of each side (the RS-Net's one run against the sum of the five sep
     python tools/bench_rsnet.py --epochs 4 --seeds 0,1 --out tools/results/bench_rsnet_4ep
     python tools/bench_rsnet.py --epochs 2 --seeds 0,1 --extra 'kd2=fashion_mnist --distill-weight 2' \
         --baseline tools/results/bench_rsnet_6seeds.json    # only kd2 trained; the rest read from that file
+    python tools/bench_rsnet.py --epochs 2 --seeds 0,1,2,3,4,5 --baseline tools/results/bench_rsnet_6seeds.json \
+        --retrain rsnet --extra 'bn_lr1=fashion_mnist --norm-lr-factor 1' --baseline-side bn_lr1=rsnet
+        # the recipe changed: train today's rsnet; the file's rsnet runs stand in as the side bn_lr1
     python tools/bench_rsnet.py --quick                      # a smoke run
 """
 from __future__ import annotations
@@ -37,7 +40,8 @@ LABELS = {"rsnet": "RS-Net (recipe)", "paper": "RS-Net, paper's MRED", "ramp_all
           "kd2": "RS-Net, MRED weight 2", "conv_sum": "RS-Net, conv decay x n modes",
           "conv_single": "RS-Net, conv decay single (the recipe before conv_decay)",
           "nokd": "RS-Net without MRED (distill none)", "decay2n": "RS-Net, conv decay x 2n (conv_decay_factor 2)",
-          "bnlr5": "RS-Net, BNs at 5x lr (norm_lr_factor 5)"}
+          "bnlr5": "RS-Net, BNs at 5x lr (norm_lr_factor 5)",
+          "bn_lr1": "RS-Net, BNs at 1x lr (the recipe before norm_lr_factor 5)"}
 
 
 def configs_for(args) -> dict[str, list[str]]:
@@ -152,6 +156,11 @@ def main() -> None:
     parser.add_argument("--baseline", metavar="JSON",
                         help="a committed output of this script: runs missing from --work are read from it instead of "
                              "trained (the table says which, and on which CPU they ran)")
+    parser.add_argument("--retrain", action="append", default=[], metavar="SIDE",
+                        help="never read SIDE from --baseline (its recipe changed since that file): train it")
+    parser.add_argument("--baseline-side", action="append", default=[], metavar="NAME=SAVED",
+                        help="read this run's side NAME from the --baseline file's side SAVED (e.g. the file's "
+                             "'rsnet' as 'bn_lr1' when the recipe has changed since)")
     parser.add_argument("--quick", action="store_true", help="tiny setting, to check the script runs")
     args = parser.parse_args()
     epochs_list = [int(e) for e in args.epochs.split(",")]
@@ -171,8 +180,15 @@ def main() -> None:
     if args.baseline:
         saved = json.loads(Path(args.baseline).read_text())
         baseline_cpu = saved["cpu"]
-        borrowed = {name: saved["results"][name] for name in configs
-                    if name in saved["results"] and finished_run(args.work, name) is None}
+        renamed = dict(spec.split("=", 1) for spec in args.baseline_side)
+
+        def saved_name(name: str) -> str:  # e2_s0/bn_lr1 -> e2_s0/rsnet
+            run, side = name.split("/", 1)
+            return f"{run}/{renamed.get(side, side)}"
+
+        borrowed = {name: saved["results"][saved_name(name)] for name in configs
+                    if name.split("/", 1)[1] not in args.retrain and saved_name(name) in saved["results"]
+                    and finished_run(args.work, name) is None}
     # Borrowed runs stand in for runs of this machine only if training repeats bit for bit here: the
     # cheapest of them (a separate model at the smallest resolution) is retrained and compared.
     check = min(borrowed, key=lambda name: borrowed[name]["train_time_s"]) if borrowed else None
@@ -195,8 +211,9 @@ def main() -> None:
         saved_top1 = [row["top1"] for row in borrowed[check]["rows"]]
         verdict = ("the same top-1, so these runs repeat here" if again == saved_top1 else
                    "a DIFFERENT top-1: the borrowed runs do not repeat on this machine, compare with care")
+        as_named = "".join(f" (its side `{renamed[side]}` read as `{side}`)" for side in sides_borrowed if side in renamed)
         lines += [f"Read from `{args.baseline}`, not trained in this run ({len(borrowed)} runs: "
-                  f"{', '.join(sides_borrowed)}), trained on: {baseline_cpu}. Spot check: `{check}` retrained here "
+                  f"{', '.join(sides_borrowed)}){as_named}, trained on: {baseline_cpu}. Spot check: `{check}` retrained here "
                   f"gave {again} against the file's {saved_top1}: {verdict}.", ""]
     for epochs in epochs_list:
         lines += [f"## {epochs} epochs", ""] + table(epochs, results, seeds, sides) + [""]

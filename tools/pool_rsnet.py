@@ -6,6 +6,8 @@ the paired gaps of all files are pooled into one mean and Student-t 95 % interva
 
     python tools/pool_rsnet.py tools/results/bench_rsnet_6seeds.json tools/results/bench_rsnet_6seeds_amd.json \
         --epochs 2 --out tools/results/bench_rsnet_pooled_2ep
+    python tools/pool_rsnet.py tools/results/bench_rsnet_bnlr5_xeon.json tools/results/bench_rsnet_bnlr5_amd.json:bnlr5 \
+        --epochs 2 --out tools/results/bench_rsnet_bnlr5_pooled_2ep   # FILE:SIDE when a file names the side otherwise
 """
 from __future__ import annotations
 
@@ -41,23 +43,27 @@ def paired_gaps(results: dict, epochs: int, side: str, seen: set) -> dict[int, l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", nargs="+", help="bench_rsnet.py outputs (.json)")
+    parser.add_argument("files", nargs="+", help="bench_rsnet.py outputs (.json), each optionally FILE:SIDE to compare "
+                                                 "that file's side SIDE instead of --side")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--side", default="rsnet", help="the RS-Net side to compare (default: the recipe)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
     per_file, seen = [], set()
-    for name in args.files:
+    for spec in args.files:
+        name, _, side = spec.partition(".json:")
+        name = name if name.endswith(".json") else name + ".json"
         saved = json.loads(Path(name).read_text())
-        per_file.append((name, saved["cpu"], paired_gaps(saved["results"], args.epochs, args.side, seen)))
-    lines = [f"# RS-Net (`{args.side}`) minus separate models, {args.epochs} epochs, pooled over files", "",
+        per_file.append((spec, saved["cpu"], paired_gaps(saved["results"], args.epochs, side or args.side, seen)))
+    sides = sorted({spec.partition(".json:")[2] or args.side for spec in args.files})
+    lines = [f"# RS-Net ({', '.join(f'`{s}`' for s in sides)}) minus separate models, {args.epochs} epochs, pooled over files", "",
              "Each file's gaps are paired by seed within that file (one machine); the pooled column puts all "
              "pairs together. Command: `python tools/pool_rsnet.py " + " ".join(args.files)
              + f" --epochs {args.epochs} --side {args.side} --out {args.out}`", ""]
     for name, cpu, gaps in per_file:
         lines.append(f"- `{name}`: {len(gaps[RESOLUTIONS[0]])} seeds not in an earlier file, CPU: {cpu}")
-    lines += ["", "| resolution | " + " | ".join(f"`{Path(n).stem}`" for n, _, _ in per_file) + " | pooled |",
+    lines += ["", "| resolution | " + " | ".join(f"`{Path(n).name.replace('.json', '')}`" for n, _, _ in per_file) + " | pooled |",
               "|---:|" + "---:|" * (len(per_file) + 1)]
 
     def cell(values: list[float]) -> str:
