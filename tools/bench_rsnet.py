@@ -41,7 +41,7 @@ LABELS = {"rsnet": "RS-Net (recipe)", "paper": "RS-Net, paper's MRED", "ramp_all
           "conv_single": "RS-Net, conv decay single (the recipe before conv_decay)",
           "nokd": "RS-Net without MRED (distill none)", "decay2n": "RS-Net, conv decay x 2n (conv_decay_factor 2)",
           "bnlr5": "RS-Net, BNs at 5x lr (norm_lr_factor 5)",
-          "bn_lr1": "RS-Net, BNs at 1x lr (the recipe before norm_lr_factor 5)"}
+          "bn_lr1": "RS-Net, BNs at 1x lr (recipe before)"}
 
 
 def configs_for(args) -> dict[str, list[str]]:
@@ -134,7 +134,7 @@ def plot(results: dict, epochs_list: list[int], seeds: list[int], sides: list[st
         ax.set_xlabel("resolution (px)")
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small", loc="lower right")  # the curves rise to the right: that corner is free
     fig.savefig(path, dpi=110)
 
 
