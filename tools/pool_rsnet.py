@@ -50,13 +50,14 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    per_file, seen = [], set()
+    per_file, seen, sides = [], set(), set()
     for spec in args.files:
-        name, _, side = spec.partition(".json:")
-        name = name if name.endswith(".json") else name + ".json"
-        saved = json.loads(Path(name).read_text())
-        per_file.append((spec, saved["cpu"], paired_gaps(saved["results"], args.epochs, side or args.side, seen)))
-    sides = sorted({spec.partition(".json:")[2] or args.side for spec in args.files})
+        path, _, side = spec.partition(".json:")
+        side = side or args.side
+        sides.add(side)
+        saved = json.loads(Path(path if path.endswith(".json") else path + ".json").read_text())
+        per_file.append((spec, saved["cpu"], paired_gaps(saved["results"], args.epochs, side, seen)))
+    sides = sorted(sides)
     lines = [f"# RS-Net ({', '.join(f'`{s}`' for s in sides)}) minus separate models, {args.epochs} epochs, pooled over files", "",
              "Each file's gaps are paired by seed within that file (one machine); the pooled column puts all "
              "pairs together. Command: `python tools/pool_rsnet.py " + " ".join(args.files)
