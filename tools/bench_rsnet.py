@@ -55,6 +55,14 @@ def configs_for(args) -> dict[str, list[str]]:
     return runs
 
 
+def name_pair(spec: str) -> tuple[str, str]:
+    """``NAME=SAVED`` as a pair; argparse turns the error into one line and exit code 2."""
+    name, eq, saved = spec.partition("=")
+    if not (eq and name and saved):
+        raise argparse.ArgumentTypeError(f"expected NAME=SAVED, got {spec!r}")
+    return name, saved
+
+
 def run_key(epochs: int, seed: int, name: str) -> str:
     """The run's folder under --work."""
     return f"e{epochs}_s{seed}/{name}"
@@ -158,7 +166,7 @@ def main() -> None:
                              "trained (the table says which, and on which CPU they ran)")
     parser.add_argument("--retrain", action="append", default=[], metavar="SIDE",
                         help="never read SIDE from --baseline (its recipe changed since that file): train it")
-    parser.add_argument("--baseline-side", action="append", default=[], metavar="NAME=SAVED",
+    parser.add_argument("--baseline-side", action="append", default=[], metavar="NAME=SAVED", type=name_pair,
                         help="read this run's side NAME from the --baseline file's side SAVED (e.g. the file's "
                              "'rsnet' as 'bn_lr1' when the recipe has changed since)")
     parser.add_argument("--quick", action="store_true", help="tiny setting, to check the script runs")
@@ -180,7 +188,7 @@ def main() -> None:
     if args.baseline:
         saved = json.loads(Path(args.baseline).read_text())
         baseline_cpu = saved["cpu"]
-        renamed = dict(spec.split("=", 1) for spec in args.baseline_side)
+        renamed = dict(args.baseline_side)
 
         def saved_name(name: str) -> str:  # e2_s0/bn_lr1 -> e2_s0/rsnet
             run, side = name.split("/", 1)
