@@ -1,4 +1,4 @@
-"""The ``rsq`` command (click): train, eval, calibrate, report, compare, models, fetch-data.
+"""The ``rsq`` command (click): train, eval, calibrate, report, compare, export, verify, models, fetch-data.
 
 `rsq train`'s options are made from TrainConfig's schema (rsq/config.py), so a setting, its
 type, help text and choices are written once. Every bad input ends the same way: one line
