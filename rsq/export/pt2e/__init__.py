@@ -31,7 +31,6 @@ step whenever no clamp separates them (8-bit grids). That, not float rounding, w
 What remains is float32 noise: the folded BN and the quantize op's multiplication by 1 / step move
 a value that sits within ~1e-5 of a step of a rounding boundary (a few in a million).
 
-
 The package, in the order the export runs: float_model.py (BN folded, rsq's grids per layer: grids.py),
 xnnpack.py (XNNPACK's weight shift and requantization fit), graph.py and quantizer.py (the exported graph's
 clamps and rsq's Quantizer), program.py (export, convert, save, load and compile).

@@ -30,6 +30,7 @@ def _lsq_for_mode(quantizer: nn.Module, mode_key: str, layer: str, role: str) ->
         raise RsqError(f"layer {layer}: its {role} quantizer was never initialised (an untrained model)")
     return quantizer
 
+
 def _conv_feeding_each_bn(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
     """BN name -> name of the conv whose output it normalises, found by one traced forward.
 
@@ -57,6 +58,7 @@ def _conv_feeding_each_bn(model: nn.Module, example: torch.Tensor) -> dict[str, 
         raise RsqError(f"BatchNorm {unpaired[0]} does not directly follow a conv; PT2E export folds every BN")
     return pairs
 
+
 def _outermost_bn(root: nn.Module, bn_name: str) -> str:
     """The SwitchableBatchNorm2d holding BN ``bn_name`` (a per-mode child), else the BN itself."""
     parent = bn_name.rsplit(".", 2)[0] if bn_name.count(".") >= 2 else ""
@@ -64,9 +66,11 @@ def _outermost_bn(root: nn.Module, bn_name: str) -> str:
         return parent
     return bn_name
 
+
 def _swap_in(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
 
 @torch.no_grad()
 def float_model_for(model: nn.Module, resolution: int, in_chans: int) -> tuple[nn.Module, dict[str, LayerGrid]]:
@@ -100,6 +104,7 @@ def float_model_for(model: nn.Module, resolution: int, in_chans: int) -> tuple[n
         raise RsqError(f"BatchNorm {leftover[0]} could not be folded into a conv")
     return float_model, grids
 
+
 def _shortcut_owners(model: nn.Module) -> dict[str, str]:
     """Quantized shortcuts: {conv1 or downsample conv name: its block's conv1 name}, and every block back to
     its own class (the plain forward; the float model has no quantizers to call)."""
@@ -115,6 +120,7 @@ def _shortcut_owners(model: nn.Module) -> dict[str, str]:
             owners[names[id(downsample)]] = conv1
         block.__class__ = plain_class(block)
     return owners
+
 
 def _fold_layer(root: nn.Module, name: str, layer: nn.Module, bn_name: Optional[str], mode_key: str) -> LayerGrid:
     act = _lsq_for_mode(layer.act_quantizer, mode_key, name, "activation")
@@ -153,6 +159,7 @@ def _fold_layer(root: nn.Module, name: str, layer: nn.Module, bn_name: Optional[
     if bn_name is not None:
         grid.unfolded = (weight, gain.float(), bias.float())
     return grid
+
 
 def _plain_layer(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
     if isinstance(layer, QuantConv2d):

@@ -25,11 +25,13 @@ def layer_of(node: torch.fx.Node) -> Optional[str]:
         return None
     return weight.target.rsplit(".", 1)[0] if "." in weight.target else ""
 
+
 def _nonnegative(node: torch.fx.Node) -> bool:
     """Whether a value is >= 0 by construction: a ReLU's output, or a max pooling of one."""
     if node.op != "call_function":
         return False
     return node.target in RELUS or (node.target in MAX_POOLS and _nonnegative(node.args[0]))
+
 
 def _requantized(node: torch.fx.Node, grids: dict[str, LayerGrid]) -> bool:
     """Whether a gemm's output (through at most one relu / hardtanh) only feeds a quantized layer input."""
@@ -42,6 +44,7 @@ def _requantized(node: torch.fx.Node, grids: dict[str, LayerGrid]) -> bool:
         user = next(iter(user.users))
     name = layer_of(user)
     return name in grids and grids[name].act is not None and user.args[0] in (node,) + tuple(node.users)
+
 
 def clamp_to_grids(model: torch.fx.GraphModule, grids: dict[str, LayerGrid],
                    dtype: torch.dtype = torch.uint8) -> torch.fx.GraphModule:
@@ -86,12 +89,14 @@ def clamp_to_grids(model: torch.fx.GraphModule, grids: dict[str, LayerGrid],
     model.recompile()
     return model
 
+
 def int8_weighted(node: torch.fx.Node, grids: dict[str, LayerGrid], backend: str, int8_weights: bool) -> bool:
     """Whether a gemm of the exported graph gets int8 weights (else it keeps float ones)."""
     grid = grids[layer_of(node)]
     if grid.weight_scale is None or not int8_weights:
         return False
     return backend != "xnnpack" or (_requantized(node, grids) and xnnpack_weight_scale(grid) is not None)
+
 
 @torch.no_grad()
 def unfold_float_layers(model: torch.fx.GraphModule, grids: dict[str, LayerGrid],

@@ -35,13 +35,16 @@ class LayerGrid:
         # gives rsq.runtime's integers (fit_xnnpack_requantization); None: xnnpack_weight_scale's.
         self.fitted_scale: Optional[torch.Tensor] = None
 
+
 def activation_dtype(backend: str) -> torch.dtype:
     if backend not in BACKENDS:
         raise RsqError(f"unknown PT2E backend {backend!r}; choose from: {', '.join(BACKENDS)}")
     return torch.uint8 if backend == "x86" else torch.int8
 
+
 def container_range(dtype: torch.dtype) -> tuple[int, int]:
     return (0, 255) if dtype == torch.uint8 else (INT8_MIN, INT8_MAX)
+
 
 def activation_qparams(act: LSQQuantizer, dtype: torch.dtype = torch.uint8,
                        saturates: bool = False) -> tuple[float, int, int, int]:

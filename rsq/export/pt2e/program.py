@@ -20,6 +20,7 @@ from .xnnpack import fit_xnnpack_requantization, lowered
 def _torchao_pt2e():
     return require("torchao.quantization.pt2e.quantize_pt2e", PURPOSE, "torchao")
 
+
 def to_pt2e(model: nn.Module, resolution: int, in_chans: int, batch: Optional[int] = None,
             backend: str = "x86", int8_weights: bool = True,
             fold_float_bn: bool = True, integer=None) -> torch.export.ExportedProgram:
@@ -50,11 +51,13 @@ def to_pt2e(model: nn.Module, resolution: int, in_chans: int, batch: Optional[in
     converted = pt2e.convert_pt2e(prepared)
     return torch.export.export(converted, example, dynamic_shapes=dynamic)
 
+
 def write_pt2e(model: nn.Module, resolution: int, in_chans: int, path) -> Path:
     """Save the PT2E program of one resolution with torch.export.save; returns the path."""
     path = Path(path)
     torch.export.save(to_pt2e(model, resolution, in_chans), str(path))
     return path
+
 
 def load_pt2e(path, compile: bool = True, keep_memory: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable for a saved PT2E program: Inductor-compiled (the server CPU path) unless compile=False.

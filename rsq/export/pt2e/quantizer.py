@@ -39,6 +39,7 @@ def _step_observers():
 
     return RsqStepObserver, RsqPerChannelStepObserver
 
+
 def make_quantizer(grids: dict[str, LayerGrid], backend: str = "x86", int8_weights: bool = True):
     """A torchao Quantizer that annotates each conv / linear of the exported graph with rsq's grids.
 
@@ -122,6 +123,7 @@ def make_quantizer(grids: dict[str, LayerGrid], backend: str = "x86", int8_weigh
 
     return RsqStepQuantizer()
 
+
 def _pooled_reader(pool: torch.fx.Node, grids: dict[str, "LayerGrid"]) -> Optional["LayerGrid"]:
     """The grid every quantized reader of a max pooling's output reads it on (through a clamp), if one grid."""
     readers, adds = [], 0
@@ -143,6 +145,7 @@ def _pooled_reader(pool: torch.fx.Node, grids: dict[str, "LayerGrid"]) -> Option
     if len(steps) != 1 or (adds and not readers[0].shortcut):
         return None
     return readers[0]
+
 
 def _annotate_shortcut(conv1: torch.fx.Node, first: torch.fx.Node, spec_mod) -> None:
     """The add that reads a block's input (its identity shortcut) reads it through the block's one q/dq."""

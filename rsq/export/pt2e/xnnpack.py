@@ -28,6 +28,7 @@ def weight_shift(weight_int: torch.Tensor) -> torch.Tensor:
         shift = torch.where(fits, torch.full_like(shift, k), shift)
     return shift
 
+
 def xnnpack_weight_scale(grid: LayerGrid) -> Optional[torch.Tensor]:
     """Per-channel weight scales of a layer in an XNNPACK program; None when its integers do not fit.
 
@@ -44,6 +45,7 @@ def xnnpack_weight_scale(grid: LayerGrid) -> Optional[torch.Tensor]:
         return grid.fitted_scale
     return grid.weight_scale.abs() / 2.0 ** weight_shift(ints)
 
+
 def _xnnpack_integers(grid: LayerGrid) -> Optional[torch.Tensor]:
     """The layer's integers with each channel's sign flipped where its scale is negative (before the shift);
     None when one leaves int8."""
@@ -53,6 +55,7 @@ def _xnnpack_integers(grid: LayerGrid) -> Optional[torch.Tensor]:
         return None
     return ints
 
+
 def lowered(model: nn.Module, resolutions: list[int]):
     """rsq.runtime's definition of ``model`` at ``resolutions`` (an IntegerModel), which
     fit_xnnpack_requantization reproduces; None where the lowering refuses the model."""
@@ -61,6 +64,7 @@ def lowered(model: nn.Module, resolutions: list[int]):
         return lower(model, resolutions)
     except RsqError:
         return None
+
 
 @torch.no_grad()
 def fit_xnnpack_requantization(integer, float_model: nn.Module, grids: dict[str, LayerGrid],
