@@ -157,6 +157,9 @@ class TrainConfig:
     mode_threads: bool = setting(True, "on the CPU, run a step's modes side by side on two threads (one intra-op "
                                  "thread each) instead of each mode on all threads; same result, faster for small "
                                  "networks", cli="switch")
+    fused_bn: bool = setting(True, "on the CPU, each BatchNorm with its ReLU (and a block's add) as one C kernel in "
+                             "training steps that run one thread per mode; the same math in fewer passes over memory "
+                             "(needs a C compiler; without one the plain modules run)", cli="switch")
     compile: bool = setting(False, "torch.compile, one static graph per resolution (pays off on long runs)",
                             cli="switch")
     workers: int = setting(4, "DataLoader workers (image folders)")

@@ -37,6 +37,7 @@ from .errors import RsqError
 from .evaluate import (autocast_for, bits_label, config_bits_label, evaluate_modes, format_table, grid_rows,
                        grid_summary)
 from .mode_threads import ModeThreads, quantizers_ready
+from .nn import fused_bn
 from .quantize import full_precision_layers
 from .results import write_json_atomic, write_metrics_csv
 from .train_setup import (build_teacher, build_training_model, check_before_start, check_run_dir,
@@ -198,6 +199,7 @@ class TrainJob:
         # compiled inside the pool threads with per-thread settings it was no faster than eager side by
         # side (0.776x against 0.777x, tools/results/probe_step_variants.md) after a 124 s first step.
         threads = None
+        fused_bn.set_enabled(config.fused_bn)
         lqnet = config.quantized and config.quantizer == "lqnet"
         if (config.mode_threads and device.type == "cpu" and info.world_size == 1 and not config.compile
                 and config.amp != "bf16" and not lqnet and torch.get_num_threads() >= 2 and n_modes > 1):

@@ -171,6 +171,8 @@ def test_the_wheel_holds_every_recipe_and_every_package(tmp_path):
         assert f"rsq/recipes/{recipe.name}" in names
     for init in (REPO / "rsq").rglob("__init__.py"):
         assert init.relative_to(REPO).as_posix() in names, init
+    for source in (REPO / "rsq").rglob("*.c"):  # C sources built on the user's machine: the C runtime, fused BN
+        assert source.relative_to(REPO).as_posix() in names, source
 
 
 def test_top_level_api_names_resolve():

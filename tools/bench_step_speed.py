@@ -5,8 +5,9 @@ Compares, for the same model (ResNet-20 RS-Net, 1 channel) and the same batch:
 - a plain eager PyTorch loop over the resolutions (NCHW, no compile): the baseline;
 - rsq's step as `rsq train` runs it (`rsq.train.train_step` on a `TrainJob`, the single-resolution
   ones too): eager NCHW and channels_last with every mode on all threads, the default (channels_last,
-  the modes side by side on two threads: rsq/mode_threads.py), and torch.compile with one static
-  graph per resolution (+ channels_last, as `rsq train --compile`).
+  the modes side by side on two threads: rsq/mode_threads.py, each BatchNorm fused with its ReLU:
+  rsq/nn/fused_bn.py), the default without that fusion (`--no-fused-bn`), and torch.compile with one
+  static graph per resolution (+ channels_last, as `rsq train --compile`).
 The loss is CE + full MRED everywhere (CE alone for a single resolution). Timing is round-robin in
 one process: every round runs one step of every variant, and ratios are taken within a round,
 because this machine's speed drifts over minutes, which made ratios of separate processes run one
@@ -30,7 +31,7 @@ from benchlib import cpu_name, write_outputs
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
 VARIANTS = [f"single_{r}" for r in RESOLUTIONS] + ["plain_eager", "rsq_eager", "rsq_channels_last", "rsq_default",
-                                                   "rsq_compile"]
+                                                   "rsq_default_unfused", "rsq_compile"]
 LR = 0.01
 
 
@@ -45,6 +46,7 @@ def make_step(variant: str, x, y):
 
     import rsq
     from rsq.config import TrainConfig
+    from rsq.nn import fused_bn
     from rsq.train import TrainJob, train_step
     from rsq.train_setup import build_training_model
 
@@ -73,12 +75,14 @@ def make_step(variant: str, x, y):
     config = TrainConfig(
         model="resnet20", resolutions=[int(variant.split("_")[1])] if single else RESOLUTIONS,
         batch_size=len(x), lr=LR, momentum=0.9, distill="none" if single else "full", device="cpu", amp="off",
-        channels_last=variant in ("rsq_channels_last", "rsq_default", "rsq_compile"), compile=variant == "rsq_compile",
-        mode_threads=variant == "rsq_default")
+        channels_last=variant in ("rsq_channels_last", "rsq_default", "rsq_default_unfused", "rsq_compile"),
+        compile=variant == "rsq_compile", mode_threads=variant.startswith("rsq_default"),
+        fused_bn=variant != "rsq_default_unfused")
     model = build_training_model(config, 10, 1, x, torch.device("cpu"))
     job = TrainJob.create(config, model)
 
     def step():
+        fused_bn.set_enabled(config.fused_bn)  # a process-wide switch, and the variants take turns
         with job.main_thread_for_steps():  # as rsq train's epoch loop runs its steps
             train_step(job, x, y, LR)
 
@@ -185,7 +189,7 @@ def main() -> None:
     lines += ["", f"Sum of the five single-resolution steps: {spread(sums, '{:.1f}')} ms.",
               f"rsq 5-resolution eager step / sum of the singles (both NCHW): {spread(vs_sum, '{:.3f}')} "
               f"(goal <= 1.05)."]
-    for v in ("rsq_channels_last", "rsq_default", "rsq_compile"):
+    for v in ("rsq_channels_last", "rsq_default", "rsq_default_unfused", "rsq_compile"):
         lines.append(f"{v} / plain eager loop: {spread(ratio[v])}x (goal <= 0.7).")
     write_outputs(args.out, lines, {"settings": vars(args), "ms": ms, "peak_rss_mib": rss,
                                     "compile_s": timed["compile_s"]})

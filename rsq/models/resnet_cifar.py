@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..nn.fused_bn import bn_relu
 from .registry import register_model
 
 
@@ -23,9 +24,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        out = bn_relu(self.bn1, self.conv1(x), self.relu)  # relu(bn1(conv1(x))), fused where it can be
+        return bn_relu(self.bn2, self.conv2(out), self.relu, residual=identity)  # relu(bn2(...) + identity)
 
 
 class CifarResNet(nn.Module):
@@ -52,7 +52,7 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = bn_relu(self.bn1, self.conv1(x), self.relu)
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(self.avgpool(x).flatten(1))
 

@@ -1,0 +1,135 @@
+/* Training-mode BatchNorm fused with the ReLU after it (and, for a residual block's second BN, the add
+ * before that ReLU), on a channels-last float32 tensor seen as rows of C channels: x[i * c + j].
+ *
+ *   forward:  y = max(x * a + b (+ r), 0)   with a = gamma * invstd, b = beta - mean * a per channel
+ *   backward: g' = g where y > 0, else 0;  d beta = sum g';  d gamma = sum g' * xhat;
+ *             dx = gamma * invstd * (g' - mean(g') - xhat * mean(g' * xhat)),  xhat = (x - mean) * invstd
+ *
+ * Each pass streams the tensors once, row by row, with the channel loop innermost (contiguous, so the
+ * compiler vectorises it). Sums run in float over CHUNK rows, then into double, so that a sum over
+ * 10^5 rows keeps float's precision. Single-threaded: rsq calls it from threads that each run one mode.
+ * Built by rsq/nn/fused_bn.py with the system's C compiler; C99, no dependencies.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define CHUNK 64
+#define MAX_CHANNELS 4096
+
+int rsq_bn_max_channels(void) { return MAX_CHANNELS; }
+
+/* per channel: s = sum x, q = sum x^2 */
+void rsq_bn_sums(const float *restrict x, int64_t rows, int64_t c, double *restrict s, double *restrict q) {
+    float ps[MAX_CHANNELS], pq[MAX_CHANNELS];
+    memset(s, 0, c * sizeof(double));
+    memset(q, 0, c * sizeof(double));
+    for (int64_t i0 = 0; i0 < rows; i0 += CHUNK) {
+        int64_t i1 = i0 + CHUNK < rows ? i0 + CHUNK : rows;
+        for (int64_t j = 0; j < c; j++) { ps[j] = 0.f; pq[j] = 0.f; }
+        for (int64_t i = i0; i < i1; i++) {
+            const float *restrict row = x + i * c;
+            for (int64_t j = 0; j < c; j++) { float v = row[j]; ps[j] += v; pq[j] += v * v; }
+        }
+        for (int64_t j = 0; j < c; j++) { s[j] += ps[j]; q[j] += pq[j]; }
+    }
+}
+
+/* y = max(x * a + b (+ r), 0); r may be NULL */
+void rsq_bn_act_forward(const float *restrict x, const float *restrict r, int64_t rows, int64_t c,
+                        const float *restrict a, const float *restrict b, float *restrict y) {
+    for (int64_t i = 0; i < rows; i++) {
+        const float *restrict xr = x + i * c;
+        float *restrict yr = y + i * c;
+        if (r) {
+            const float *restrict rr = r + i * c;
+            for (int64_t j = 0; j < c; j++) { float v = xr[j] * a[j] + b[j] + rr[j]; yr[j] = v > 0.f ? v : 0.f; }
+        } else {
+            for (int64_t j = 0; j < c; j++) { float v = xr[j] * a[j] + b[j]; yr[j] = v > 0.f ? v : 0.f; }
+        }
+    }
+}
+
+/* dx from the masked gradient gm (read twice) and x; sum_g, sum_gx: d beta and d gamma */
+static void input_gradient(const float *restrict gm, const float *restrict x, int64_t rows, int64_t c,
+                           const float *restrict mean, const float *restrict invstd, const float *restrict gamma,
+                           const double *restrict sum_g, const double *restrict sum_gx, float *restrict dx) {
+    float k[MAX_CHANNELS], mg[MAX_CHANNELS], mgx[MAX_CHANNELS];
+    for (int64_t j = 0; j < c; j++) {
+        k[j] = gamma[j] * invstd[j];
+        mg[j] = (float)(sum_g[j] / rows);
+        mgx[j] = (float)(sum_gx[j] / rows);
+    }
+    for (int64_t i = 0; i < rows; i++) {
+        const float *restrict gr = gm + i * c, *restrict xr = x + i * c;
+        float *restrict dr = dx + i * c;
+        for (int64_t j = 0; j < c; j++) {
+            float xhat = (xr[j] - mean[j]) * invstd[j];
+            dr[j] = k[j] * (gr[j] - mg[j] - xhat * mgx[j]);
+        }
+    }
+}
+
+/* Backward of max(x * a + b, 0): the ReLU's mask is recomputed from x exactly as the forward computed it,
+ * so only g and x are read (twice each); the masked gradient is never stored. */
+void rsq_bn_relu_backward(const float *restrict g, const float *restrict x, int64_t rows, int64_t c,
+                          const float *restrict a, const float *restrict b, const float *restrict mean,
+                          const float *restrict invstd, const float *restrict gamma,
+                          float *restrict dx, double *restrict sum_g, double *restrict sum_gx) {
+    float ps[MAX_CHANNELS], pq[MAX_CHANNELS], k[MAX_CHANNELS], mg[MAX_CHANNELS], mgx[MAX_CHANNELS];
+    memset(sum_g, 0, c * sizeof(double));
+    memset(sum_gx, 0, c * sizeof(double));
+    for (int64_t i0 = 0; i0 < rows; i0 += CHUNK) {
+        int64_t i1 = i0 + CHUNK < rows ? i0 + CHUNK : rows;
+        for (int64_t j = 0; j < c; j++) { ps[j] = 0.f; pq[j] = 0.f; }
+        for (int64_t i = i0; i < i1; i++) {
+            const float *restrict gr = g + i * c, *restrict xr = x + i * c;
+            for (int64_t j = 0; j < c; j++) {
+                float gv = xr[j] * a[j] + b[j] > 0.f ? gr[j] : 0.f;
+                ps[j] += gv;
+                pq[j] += gv * ((xr[j] - mean[j]) * invstd[j]);
+            }
+        }
+        for (int64_t j = 0; j < c; j++) { sum_g[j] += ps[j]; sum_gx[j] += pq[j]; }
+    }
+    for (int64_t j = 0; j < c; j++) {
+        k[j] = gamma[j] * invstd[j];
+        mg[j] = (float)(sum_g[j] / rows);
+        mgx[j] = (float)(sum_gx[j] / rows);
+    }
+    for (int64_t i = 0; i < rows; i++) {
+        const float *restrict gr = g + i * c, *restrict xr = x + i * c;
+        float *restrict dr = dx + i * c;
+        for (int64_t j = 0; j < c; j++) {
+            float gv = xr[j] * a[j] + b[j] > 0.f ? gr[j] : 0.f;
+            float xhat = (xr[j] - mean[j]) * invstd[j];
+            dr[j] = k[j] * (gv - mg[j] - xhat * mgx[j]);
+        }
+    }
+}
+
+/* Backward of max(x * a + b + r, 0): the mask comes from the saved output y; the masked gradient gm is the
+ * residual input's gradient too, so it is stored and read back for dx. */
+void rsq_bn_add_relu_backward(const float *restrict g, const float *restrict y, const float *restrict x,
+                              int64_t rows, int64_t c, const float *restrict mean, const float *restrict invstd,
+                              const float *restrict gamma, float *restrict gm, float *restrict dx,
+                              double *restrict sum_g, double *restrict sum_gx) {
+    float ps[MAX_CHANNELS], pq[MAX_CHANNELS];
+    memset(sum_g, 0, c * sizeof(double));
+    memset(sum_gx, 0, c * sizeof(double));
+    for (int64_t i0 = 0; i0 < rows; i0 += CHUNK) {
+        int64_t i1 = i0 + CHUNK < rows ? i0 + CHUNK : rows;
+        for (int64_t j = 0; j < c; j++) { ps[j] = 0.f; pq[j] = 0.f; }
+        for (int64_t i = i0; i < i1; i++) {
+            const float *restrict gr = g + i * c, *restrict yr = y + i * c, *restrict xr = x + i * c;
+            float *restrict mr = gm + i * c;
+            for (int64_t j = 0; j < c; j++) {
+                float gv = yr[j] > 0.f ? gr[j] : 0.f;
+                mr[j] = gv;
+                ps[j] += gv;
+                pq[j] += gv * ((xr[j] - mean[j]) * invstd[j]);
+            }
+        }
+        for (int64_t j = 0; j < c; j++) { sum_g[j] += ps[j]; sum_gx[j] += pq[j]; }
+    }
+    input_gradient(gm, x, rows, c, mean, invstd, gamma, sum_g, sum_gx, dx);
+}

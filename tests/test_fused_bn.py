@@ -1,0 +1,138 @@
+"""BatchNorm + ReLU (+ a block's add) as one C kernel: BatchNorm's math, and the plain modules wherever it does not apply."""
+import copy
+
+import pytest
+import torch
+
+import rsq
+from rsq.config import TrainConfig
+from rsq.nn import fused_bn
+from rsq.train import TrainJob, train_step
+from rsq.train_setup import build_training_model
+
+pytestmark = pytest.mark.skipif(fused_bn.library() is None, reason="no C compiler to build the fused kernel")
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    fused_bn.set_enabled(True)
+
+
+def _case(residual: bool, channels=16, size=9, channels_last=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.weight.uniform_(-1.5, 1.5, generator=g)  # negative gains too
+        bn.bias.normal_(0, 0.5, generator=g)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+
+    def tensor():
+        return (torch.randn(24, channels, size, size, generator=g) * 2 + 0.3).contiguous(memory_format=layout)
+    return bn, tensor().requires_grad_(), tensor().requires_grad_() if residual else None, tensor()
+
+
+def _run(bn, x, r, grad, fused: bool):
+    fused_bn.set_enabled(fused)
+    calls = []
+    original = fused_bn._BatchNormReLU.apply
+    fused_bn._BatchNormReLU.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        x, r = x.detach().clone().requires_grad_(), None if r is None else r.detach().clone().requires_grad_()
+        y = fused_bn.bn_relu(bn, x, torch.nn.ReLU(inplace=True), r)
+        y.backward(grad)
+    finally:
+        fused_bn._BatchNormReLU.apply = original
+        fused_bn.set_enabled(True)
+    grads = [x.grad, bn.weight.grad, bn.bias.grad] + ([] if r is None else [r.grad])
+    return y.detach(), grads, bool(calls)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_equals_batchnorm_then_relu(one_thread, residual):
+    bn, x, r, grad = _case(residual)
+    plain_bn = copy.deepcopy(bn)
+    y, grads, used = _run(bn, x, r, grad, fused=True)
+    y_ref, grads_ref, used_ref = _run(plain_bn, x, r, grad, fused=False)
+    assert used and not used_ref
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(bn, name), getattr(plain_bn, name), rtol=1e-5, atol=1e-6)
+    assert int(bn.num_batches_tracked) == int(plain_bn.num_batches_tracked) == 1
+
+
+def test_fused_gradient_is_the_derivative(one_thread):
+    # Against finite differences in float64 of the plain modules (the kernel itself is float32).
+    bn, x, _, _ = _case(False, channels=4, size=3)
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+
+    def loss(t):
+        out = torch.relu(torch.nn.functional.batch_norm(t, None, None, bn.weight.double(), bn.bias.double(),
+                                                        training=True, eps=bn.eps))
+        return (out * weights.double()).sum()
+    x64 = x.detach().double().requires_grad_()
+    loss(x64).backward()
+    _, grads, used = _run(bn, x, None, weights.contiguous(memory_format=torch.channels_last), fused=True)
+    assert used
+    torch.testing.assert_close(grads[0].double(), x64.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_the_plain_modules_run_wherever_the_kernel_does_not_apply(one_thread):
+    bn, x, _, grad = _case(False, channels_last=False)
+    assert not _run(bn, x, None, grad, fused=True)[2]  # NCHW
+    bn, x, _, grad = _case(False)
+    assert not _run(bn.eval(), x, None, grad, fused=True)[2]  # running statistics
+    bn.train()
+    torch.set_num_threads(2)
+    assert not _run(bn, x, None, grad, fused=True)[2]  # the kernel is serial: ATen's parallel one is faster
+    torch.set_num_threads(1)
+    assert not _run(bn.double(), x.double(), None, grad.double(), fused=True)[2]  # float32 only
+    bn, x, r, grad = _case(True)
+    assert not _run(bn, x, r.detach().contiguous(), grad, fused=True)[2]  # residual in another layout
+    assert _run(bn, x, r, grad, fused=True)[2]
+
+
+def test_no_compiler_means_the_plain_modules(one_thread, monkeypatch, tmp_path):
+    monkeypatch.setitem(fused_bn._state, "library", None)
+    monkeypatch.setattr("rsq.runtime.native.find_compiler", lambda: None)
+    bn, x, _, grad = _case(False)
+    assert not _run(bn, x, None, grad, fused=True)[2]
+    assert fused_bn._state["library"] is False
+
+
+def test_export_traces_the_plain_modules():
+    # torch.fx (rsq's integer lowering) and torch.export (PT2E) see relu(bn(x)), never the kernel.
+    model = rsq.create_model("resnet20", 10, 1, resolutions=[12]).train()
+    graph = torch.fx.symbolic_trace(model).graph
+    modules = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    assert {"relu", "layer1.0.relu", "layer1.0.bn1.bns.r12", "layer1.0.bn2.bns.r12"} <= modules
+    assert not any("BatchNormReLU" in str(n.target) for n in graph.nodes)
+
+
+def test_training_steps_with_and_without_the_kernel_agree(one_thread, monkeypatch):
+    calls = []
+    original = fused_bn._BatchNormReLU.apply
+    monkeypatch.setattr(fused_bn._BatchNormReLU, "apply", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(1))
+    losses, grads = [], []
+    for fused in (True, False):
+        config = TrainConfig(model="resnet20", resolutions=[16, 12], batch_size=16, lr=0.05, device="cpu",
+                             fused_bn=fused)
+        torch.manual_seed(0)
+        job = TrainJob.create(config, build_training_model(config, 10, 1, x, torch.device("cpu")))
+        assert fused_bn.enabled() is fused
+        losses.append([train_step(job, x, y, 0.05)])
+        grads.append([p.grad.clone() for p in job.model.parameters()])  # of the first step
+        losses[-1] += [train_step(job, x, y, 0.05) for _ in range(2)]
+    assert len(calls) == 3 * 2 * 19  # steps x resolutions x (the stem, and two in each of 9 blocks)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    # Later steps drift apart by float rounding only (three steps at a small batch amplify it).
+    torch.testing.assert_close(torch.stack(losses[0]), torch.stack(losses[1]), rtol=1e-3, atol=1e-3)
