@@ -35,11 +35,11 @@ VARIANTS = [f"single_{r}" for r in RESOLUTIONS] + ["plain_eager", "rsq_eager", "
 LR = 0.01
 
 
-def make_step(variant: str, x, y):
+def make_step(variant: str, x, y, fused: bool = True):
     """One variant's training step as a closure, with its own model and optimizer.
 
     Every rsq variant is `rsq.train.train_step` on a `TrainJob` (the step `rsq train` runs);
-    only plain_eager, the baseline, has a loop of its own here.
+    only plain_eager, the baseline, has a loop of its own here. ``fused=False``: `--no-fused-bn`.
     """
     import torch
     import torch.nn.functional as F
@@ -77,7 +77,7 @@ def make_step(variant: str, x, y):
         batch_size=len(x), lr=LR, momentum=0.9, distill="none" if single else "full", device="cpu", amp="off",
         channels_last=variant in ("rsq_channels_last", "rsq_default", "rsq_default_unfused", "rsq_compile"),
         compile=variant == "rsq_compile", mode_threads=variant.startswith("rsq_default"),
-        fused_bn=variant != "rsq_default_unfused")
+        fused_bn=fused and variant != "rsq_default_unfused")
     model = build_training_model(config, 10, 1, x, torch.device("cpu"))
     job = TrainJob.create(config, model)
 

@@ -7,7 +7,10 @@ torch.profiler. Self CPU time per step is split into convolutions (forward; back
 rsq's counter it also gives their throughput, against which the rest is what fusing elementwise work
 could still take.
 
-    python tools/probe_step_profile.py [--steps 3] [--out tools/results/probe_step_profile]
+    python tools/probe_step_profile.py [--steps 3] [--unfused] [--out tools/results/probe_step_profile]
+
+With the fused kernel (rsq/nn/fused_bn.py, the default), its forward counts as "BN forward" and its backward
+as "BN backward": there they include the ReLU and the block's add.
 """
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ from benchlib import cpu_name, write_outputs
 PARTS = {
     "conv forward": ("aten::mkldnn_convolution", "aten::convolution_overrideable"),
     "conv backward": ("aten::convolution_backward",),
-    "BN forward": ("aten::native_batch_norm", "aten::_native_batch_norm_legit"),
-    "BN backward": ("aten::native_batch_norm_backward",),
+    "BN forward": ("aten::native_batch_norm", "aten::_native_batch_norm_legit", "_BatchNormReLU"),
+    "BN backward": ("aten::native_batch_norm_backward", "_BatchNormReLUBackward"),
     "ReLU forward": ("aten::relu_", "aten::relu", "aten::clamp_min_", "aten::clamp_min"),
     "ReLU backward": ("aten::threshold_backward",),
     "adds": ("aten::add", "aten::add_"),
@@ -47,6 +50,8 @@ def matmul_gmacs() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--unfused", action="store_true", help="without the fused BatchNorm + ReLU kernel "
+                        "(--no-fused-bn), as the step ran before it")
     parser.add_argument("--out", default="tools/results/probe_step_profile")
     args = parser.parse_args()
     import torch
@@ -57,7 +62,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     x, y = batch(128)
-    step = make_step("rsq_channels_last", x, y)
+    step = make_step("rsq_channels_last", x, y, fused=not args.unfused)
     for _ in range(3):
         step()
     began = time.perf_counter()
@@ -81,7 +86,8 @@ def main() -> None:
     peak = matmul_gmacs()
     lines = ["# One 5-resolution training step, by kind of kernel (one thread, channels_last)", "",
              f"CPU: {cpu_name()}.", "",
-             f"`python tools/probe_step_profile.py --steps {args.steps}`: ResNet-20 RS-Net, {RESOLUTIONS} px, batch 128, "
+             f"`python tools/probe_step_profile.py --steps {args.steps}{' --unfused' if args.unfused else ''}`: "
+             f"{'without' if args.unfused else 'with'} the fused BatchNorm + ReLU kernel; ResNet-20 RS-Net, {RESOLUTIONS} px, batch 128, "
              "CE + full MRED, `rsq.train.train_step` with channels_last and every mode on one thread. "
              f"Timed: {step_ms:.0f} ms per step; profiled (self CPU time per step, the profiler adds its own): {total:.0f} ms.",
              "", "| part | ms per step | share |", "|:---|---:|---:|"]
