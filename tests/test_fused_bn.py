@@ -35,14 +35,14 @@ def _case(residual: bool, channels=16, size=9, channels_last=True, seed=0):
     return bn, tensor().requires_grad_(), tensor().requires_grad_() if residual else None, tensor()
 
 
-def _run(bn, x, r, grad, fused: bool):
+def _run(bn, x, r, grad, fused: bool, relu=None):
     fused_bn.set_enabled(fused)
     calls = []
     original = fused_bn._BatchNormReLU.apply
     fused_bn._BatchNormReLU.apply = lambda *a: calls.append(1) or original(*a)
     try:
         x, r = x.detach().clone().requires_grad_(), None if r is None else r.detach().clone().requires_grad_()
-        y = fused_bn.bn_relu(bn, x, torch.nn.ReLU(inplace=True), r)
+        y = fused_bn.bn_relu(bn, x, torch.nn.ReLU(inplace=True) if relu is None else relu, r)
         y.backward(grad)
     finally:
         fused_bn._BatchNormReLU.apply = original
@@ -96,6 +96,12 @@ def test_the_plain_modules_run_wherever_the_kernel_does_not_apply(one_thread):
     bn, x, r, grad = _case(True)
     assert not _run(bn, x, r.detach().contiguous(), grad, fused=True)[2]  # residual in another layout
     assert _run(bn, x, r, grad, fused=True)[2]
+    # An activation swapped in for the ReLU is what runs, never the kernel's max(., 0).
+    y, _, used = _run(bn, x, r, grad, fused=True, relu=torch.nn.ReLU6())
+    assert not used and float(y.max()) <= 6.0
+    expected = torch.nn.functional.relu6(torch.nn.functional.batch_norm(
+        x.detach(), None, None, bn.weight.detach(), bn.bias.detach(), training=True, eps=bn.eps) + r.detach())
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_no_compiler_means_the_plain_modules(one_thread, monkeypatch, tmp_path):

@@ -132,9 +132,11 @@ def _dense(t: torch.Tensor) -> bool:
             and t.is_contiguous(memory_format=torch.channels_last))
 
 
-def _fusable(bn: nn.Module, x, residual) -> Optional[nn.BatchNorm2d]:
+def _fusable(bn: nn.Module, x, relu: nn.Module, residual) -> Optional[nn.BatchNorm2d]:
     """The BatchNorm2d to run fused on ``x``, or None when the plain modules must run."""
     if not _state["enabled"] or not isinstance(x, torch.Tensor) or torch.compiler.is_compiling():
+        return None
+    if type(relu) is not nn.ReLU:  # a model whose activation was swapped (ReLU6, a quantizer) runs that module
         return None
     layer = bn.for_mode(bn.state.current.key) if isinstance(bn, SwitchableBatchNorm2d) else bn
     if type(layer) is not nn.BatchNorm2d or not (layer.training and layer.track_running_stats and layer.affine):
@@ -150,7 +152,7 @@ def _fusable(bn: nn.Module, x, residual) -> Optional[nn.BatchNorm2d]:
 
 def bn_relu(bn: nn.Module, x: torch.Tensor, relu: nn.Module, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``relu(bn(x))``, or ``relu(bn(x) + residual)``: one fused kernel where it applies, else these modules."""
-    layer = _fusable(bn, x, residual)
+    layer = _fusable(bn, x, relu, residual)
     if layer is None:
         out = bn(x)
         return relu(out if residual is None else out + residual)
