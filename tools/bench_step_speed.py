@@ -7,14 +7,18 @@ Compares, for the same model (ResNet-20 RS-Net, 1 channel) and the same batch:
   ones too): eager NCHW and channels_last with every mode on all threads, the default (channels_last,
   the modes side by side on two threads: rsq/mode_threads.py, each BatchNorm fused with its ReLU:
   rsq/nn/fused_bn.py), the default without that fusion (`--no-fused-bn`), and torch.compile with one
-  static graph per resolution (+ channels_last, as `rsq train --compile`).
+  static graph per resolution (+ channels_last, as `rsq train --compile`);
+- the default's arithmetic on ONE thread (`rsq_one_thread`: channels_last, fused, no second thread):
+  half its time is what a perfect split over two cores would give, so default / (one thread / 2) is
+  the side-by-side modes' parallel efficiency, and (one thread / 2) / plain loop the best ratio
+  that any split of today's per-thread work could reach.
 The loss is CE + full MRED everywhere (CE alone for a single resolution). Timing is round-robin in
 one process: every round runs one step of every variant, and ratios are taken within a round,
 because this machine's speed drifts over minutes, which made ratios of separate processes run one
 after another unreliable.
 Peak memory comes from one short process per variant (its peak resident set, VmHWM).
 
-    python tools/bench_step_speed.py [--quick]
+    python tools/bench_step_speed.py [--quick] [--variants plain_eager,rsq_default,rsq_one_thread]
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from benchlib import cpu_name, write_outputs
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
 VARIANTS = [f"single_{r}" for r in RESOLUTIONS] + ["plain_eager", "rsq_eager", "rsq_channels_last", "rsq_default",
-                                                   "rsq_default_unfused", "rsq_compile"]
+                                                   "rsq_default_unfused", "rsq_compile", "rsq_one_thread"]
 LR = 0.01
 
 
@@ -75,7 +79,8 @@ def make_step(variant: str, x, y, fused: bool = True):
     config = TrainConfig(
         model="resnet20", resolutions=[int(variant.split("_")[1])] if single else RESOLUTIONS,
         batch_size=len(x), lr=LR, momentum=0.9, distill="none" if single else "full", device="cpu", amp="off",
-        channels_last=variant in ("rsq_channels_last", "rsq_default", "rsq_default_unfused", "rsq_compile"),
+        channels_last=variant in ("rsq_channels_last", "rsq_default", "rsq_default_unfused", "rsq_compile",
+                                  "rsq_one_thread"),
         compile=variant == "rsq_compile", mode_threads=variant.startswith("rsq_default"),
         fused_bn=fused and variant != "rsq_default_unfused")
     model = build_training_model(config, 10, 1, x, torch.device("cpu"))
@@ -83,8 +88,14 @@ def make_step(variant: str, x, y, fused: bool = True):
 
     def step():
         fused_bn.set_enabled(config.fused_bn)  # a process-wide switch, and the variants take turns
-        with job.main_thread_for_steps():  # as rsq train's epoch loop runs its steps
-            train_step(job, x, y, LR)
+        threads = torch.get_num_threads()
+        if variant == "rsq_one_thread":
+            torch.set_num_threads(1)
+        try:
+            with job.main_thread_for_steps():  # as rsq train's epoch loop runs its steps
+                train_step(job, x, y, LR)
+        finally:
+            torch.set_num_threads(threads)
 
     return step
 
@@ -102,7 +113,7 @@ def time_round_robin(args) -> dict:
     torch.set_num_threads(args.threads)
     x, y = batch(args.batch)
     steps, compile_s = {}, {}
-    for variant in VARIANTS:
+    for variant in args.variants:
         steps[variant] = make_step(variant, x, y)
         began = time.perf_counter()
         steps[variant]()
@@ -110,9 +121,9 @@ def time_round_robin(args) -> dict:
         for _ in range(args.warmup):
             steps[variant]()
         print(f"ready: {variant}", flush=True)
-    times = {v: [] for v in VARIANTS}
+    times = {v: [] for v in args.variants}
     for i in range(args.steps):
-        for variant in VARIANTS:
+        for variant in args.variants:
             began = time.perf_counter()
             steps[variant]()
             times[variant].append((time.perf_counter() - began) * 1000)
@@ -143,6 +154,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="tools/results/bench_step_speed")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated subset (plain_eager, the baseline, is always timed)")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: peak RSS of one variant
     args = parser.parse_args()
     if args.memory_of:
@@ -156,17 +169,21 @@ def main() -> None:
         status = Path("/proc/self/status").read_text()
         print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024)
         return
+    args.variants = [v for v in dict.fromkeys(args.variants.split(",")) if v]
+    if "plain_eager" not in args.variants:
+        args.variants.insert(0, "plain_eager")
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     if args.quick:
         args.steps, args.warmup, args.out = 3, 1, args.out + "_quick"
     # One Inductor cache, empty at the start: the timed compile is cold, the memory run's warm.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="rsq_bench_inductor_")
     timed = time_round_robin(args)
-    rss = {variant: peak_rss(variant, args) for variant in VARIANTS}
+    rss = {variant: peak_rss(variant, args) for variant in args.variants}
     ms = timed["ms"]
     rounds = range(args.steps)
-    ratio = {v: [ms[v][i] / ms["plain_eager"][i] for i in rounds] for v in VARIANTS}
-    sums = [sum(ms[f"single_{r}"][i] for r in RESOLUTIONS) for i in rounds]
-    vs_sum = [ms["rsq_eager"][i] / sums[i] for i in rounds]
+    ratio = {v: [ms[v][i] / ms["plain_eager"][i] for i in rounds] for v in args.variants}
 
     lines = [
         "# 5-resolution training step cost (CPU)",
@@ -182,15 +199,26 @@ def main() -> None:
         "| variant | ms / step | images / s | vs plain eager | peak RSS (MiB) | compile, cold (s) |",
         "|:---|---:|---:|---:|---:|---:|",
     ]
-    for v in VARIANTS:
+    for v in args.variants:
         ips = [args.batch / t * 1000 for t in ms[v]]
         lines.append(f"| {v} | {spread(ms[v], '{:.1f}')} | {spread(ips, '{:.0f}')} | {spread(ratio[v])}x | "
                      f"{rss[v]:.0f} | {timed['compile_s'][v] or ''} |")
-    lines += ["", f"Sum of the five single-resolution steps: {spread(sums, '{:.1f}')} ms.",
-              f"rsq 5-resolution eager step / sum of the singles (both NCHW): {spread(vs_sum, '{:.3f}')} "
-              f"(goal <= 1.05)."]
+    lines.append("")
+    if {f"single_{r}" for r in RESOLUTIONS} | {"rsq_eager"} <= set(args.variants):
+        sums = [sum(ms[f"single_{r}"][i] for r in RESOLUTIONS) for i in rounds]
+        vs_sum = [ms["rsq_eager"][i] / sums[i] for i in rounds]
+        lines += [f"Sum of the five single-resolution steps: {spread(sums, '{:.1f}')} ms.",
+                  f"rsq 5-resolution eager step / sum of the singles (both NCHW): {spread(vs_sum, '{:.3f}')} "
+                  f"(goal <= 1.05)."]
     for v in ("rsq_channels_last", "rsq_default", "rsq_default_unfused", "rsq_compile"):
-        lines.append(f"{v} / plain eager loop: {spread(ratio[v])}x (goal <= 0.7).")
+        if v in args.variants:
+            lines.append(f"{v} / plain eager loop: {spread(ratio[v])}x (goal <= 0.7).")
+    if {"rsq_default", "rsq_one_thread"} <= set(args.variants):
+        efficiency = [ms["rsq_one_thread"][i] / 2 / ms["rsq_default"][i] for i in rounds]
+        bound = [ms["rsq_one_thread"][i] / 2 / ms["plain_eager"][i] for i in rounds]
+        lines += [f"Parallel efficiency of the default, (one-thread step / 2) / default step: {spread(efficiency)}.",
+                  f"A perfect two-core split of the one-thread step, (one-thread step / 2) / plain eager loop: "
+                  f"{spread(bound)}x: no scheduling of today's per-thread work does better."]
     write_outputs(args.out, lines, {"settings": vars(args), "ms": ms, "peak_rss_mib": rss,
                                     "compile_s": timed["compile_s"]})
 

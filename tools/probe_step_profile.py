@@ -73,8 +73,13 @@ def main() -> None:
         for _ in range(args.steps):
             step()
     parts = dict.fromkeys([*PARTS, "other"], 0.0)
+    others = {}
     for event in profile.key_averages():
-        parts[part_of(event.key)] += event.self_cpu_time_total / 1000 / args.steps
+        ms = event.self_cpu_time_total / 1000 / args.steps
+        parts[part_of(event.key)] += ms
+        if part_of(event.key) == "other":
+            others[event.key] = others.get(event.key, 0.0) + ms
+    top_others = sorted(others.items(), key=lambda kv: -kv[1])[:8]
     total = sum(parts.values())
 
     model = rsq.create_model("resnet20", 10, 1, resolutions=RESOLUTIONS)
@@ -87,19 +92,22 @@ def main() -> None:
     lines = ["# One 5-resolution training step, by kind of kernel (one thread, channels_last)", "",
              f"CPU: {cpu_name()}.", "",
              f"`python tools/probe_step_profile.py --steps {args.steps}{' --unfused' if args.unfused else ''}`: "
-             f"{'without' if args.unfused else 'with'} the fused BatchNorm + ReLU kernel; ResNet-20 RS-Net, {RESOLUTIONS} px, batch 128, "
-             "CE + full MRED, `rsq.train.train_step` with channels_last and every mode on one thread. "
-             f"Timed: {step_ms:.0f} ms per step; profiled (self CPU time per step, the profiler adds its own): {total:.0f} ms.",
+             f"{'without' if args.unfused else 'with'} the fused BatchNorm + ReLU kernel; ResNet-20 RS-Net, "
+             f"{RESOLUTIONS} px, batch 128, CE + full MRED, `rsq.train.train_step` with channels_last and every "
+             f"mode on one thread. Timed: {step_ms:.0f} ms per step; profiled (self CPU time per step, the "
+             f"profiler adds its own): {total:.0f} ms.",
              "", "| part | ms per step | share |", "|:---|---:|---:|"]
     lines += [f"| {part} | {ms:.1f} | {ms / total:.1%} |" for part, ms in parts.items()]
     elementwise = sum(parts[p] for p in ("BN forward", "BN backward", "ReLU forward", "ReLU backward", "adds"))
     lines += ["", f"Convolutions: {conv_ms / total:.0%} of the step, about {gmacs:.0f} GMAC/s "
               f"({conv_macs / 1e9:.2f} G forward MACs a step, counted three times for forward + backward), "
               f"{gmacs / peak:.0%} of a 2048 x 2048 fp32 matrix product on the same thread ({peak:.0f} GMAC/s). "
-              f"BatchNorm, ReLU and adds: {elementwise:.0f} ms, {elementwise / total:.0%}."]
+              f"BatchNorm, ReLU and adds: {elementwise:.0f} ms, {elementwise / total:.0%}.",
+              "", "The largest parts of \"other\" (ms per step): "
+              + ", ".join(f"`{name}` {ms:.1f}" for name, ms in top_others) + "."]
     write_outputs(args.out, lines, {"cpu": cpu_name(), "step_ms": step_ms, "parts_ms": parts,
                                     "conv_forward_macs": conv_macs, "conv_gmac_per_s": gmacs,
-                                    "matmul_gmac_per_s": peak})
+                                    "matmul_gmac_per_s": peak, "top_other_ms": dict(top_others)})
 
 
 if __name__ == "__main__":
