@@ -49,10 +49,48 @@ void rsq_bn_act_forward(const float *restrict x, const float *restrict r, int64_
     }
 }
 
-/* dx from the masked gradient gm (read twice) and x; sum_g, sum_gx: d beta and d gamma */
-static void input_gradient(const float *restrict gm, const float *restrict x, int64_t rows, int64_t c,
-                           const float *restrict mean, const float *restrict invstd, const float *restrict gamma,
-                           const double *restrict sum_g, const double *restrict sum_gx, float *restrict dx) {
+/* Where the backward's masked gradient comes from: recomputed from x (the ReLU's input is x * a + b), read
+ * from the saved output y (an add came before the ReLU, so x alone does not decide), or already stored. */
+enum mask { FROM_X, FROM_Y, STORED };
+
+static inline float masked(enum mask m, const float *restrict gr, const float *restrict xr, const float *restrict yr,
+                           const float *restrict a, const float *restrict b, int64_t j) {
+    if (m == FROM_X) return xr[j] * a[j] + b[j] > 0.f ? gr[j] : 0.f;
+    if (m == FROM_Y) return yr[j] > 0.f ? gr[j] : 0.f;
+    return gr[j];
+}
+
+/* First pass: sum_g = sum g', sum_gx = sum g' * xhat per channel; with FROM_Y, g' is also stored in gm.
+ * Always inlined with a constant m, so each caller gets a loop of its own without the branches. */
+static inline void gradient_sums(enum mask m, const float *restrict g, const float *restrict x,
+                                 const float *restrict y, const float *restrict a, const float *restrict b,
+                                 int64_t rows, int64_t c, const float *restrict mean, const float *restrict invstd,
+                                 float *restrict gm, double *restrict sum_g, double *restrict sum_gx) {
+    float ps[MAX_CHANNELS], pq[MAX_CHANNELS];
+    memset(sum_g, 0, c * sizeof(double));
+    memset(sum_gx, 0, c * sizeof(double));
+    for (int64_t i0 = 0; i0 < rows; i0 += CHUNK) {
+        int64_t i1 = i0 + CHUNK < rows ? i0 + CHUNK : rows;
+        for (int64_t j = 0; j < c; j++) { ps[j] = 0.f; pq[j] = 0.f; }
+        for (int64_t i = i0; i < i1; i++) {
+            const float *restrict gr = g + i * c, *restrict xr = x + i * c, *restrict yr = y ? y + i * c : 0;
+            for (int64_t j = 0; j < c; j++) {
+                float gv = masked(m, gr, xr, yr, a, b, j);
+                if (m == FROM_Y) gm[i * c + j] = gv;
+                ps[j] += gv;
+                pq[j] += gv * ((xr[j] - mean[j]) * invstd[j]);
+            }
+        }
+        for (int64_t j = 0; j < c; j++) { sum_g[j] += ps[j]; sum_gx[j] += pq[j]; }
+    }
+}
+
+/* Second pass: dx = gamma * invstd * (g' - mean(g') - xhat * mean(g' * xhat)), g' from g by m (FROM_X or STORED). */
+static inline void input_gradient(enum mask m, const float *restrict g, const float *restrict x,
+                                  const float *restrict a, const float *restrict b, int64_t rows, int64_t c,
+                                  const float *restrict mean, const float *restrict invstd,
+                                  const float *restrict gamma, const double *restrict sum_g,
+                                  const double *restrict sum_gx, float *restrict dx) {
     float k[MAX_CHANNELS], mg[MAX_CHANNELS], mgx[MAX_CHANNELS];
     for (int64_t j = 0; j < c; j++) {
         k[j] = gamma[j] * invstd[j];
@@ -60,11 +98,12 @@ static void input_gradient(const float *restrict gm, const float *restrict x, in
         mgx[j] = (float)(sum_gx[j] / rows);
     }
     for (int64_t i = 0; i < rows; i++) {
-        const float *restrict gr = gm + i * c, *restrict xr = x + i * c;
+        const float *restrict gr = g + i * c, *restrict xr = x + i * c;
         float *restrict dr = dx + i * c;
         for (int64_t j = 0; j < c; j++) {
+            float gv = masked(m, gr, xr, 0, a, b, j);
             float xhat = (xr[j] - mean[j]) * invstd[j];
-            dr[j] = k[j] * (gr[j] - mg[j] - xhat * mgx[j]);
+            dr[j] = k[j] * (gv - mg[j] - xhat * mgx[j]);
         }
     }
 }
@@ -75,36 +114,8 @@ void rsq_bn_relu_backward(const float *restrict g, const float *restrict x, int6
                           const float *restrict a, const float *restrict b, const float *restrict mean,
                           const float *restrict invstd, const float *restrict gamma,
                           float *restrict dx, double *restrict sum_g, double *restrict sum_gx) {
-    float ps[MAX_CHANNELS], pq[MAX_CHANNELS], k[MAX_CHANNELS], mg[MAX_CHANNELS], mgx[MAX_CHANNELS];
-    memset(sum_g, 0, c * sizeof(double));
-    memset(sum_gx, 0, c * sizeof(double));
-    for (int64_t i0 = 0; i0 < rows; i0 += CHUNK) {
-        int64_t i1 = i0 + CHUNK < rows ? i0 + CHUNK : rows;
-        for (int64_t j = 0; j < c; j++) { ps[j] = 0.f; pq[j] = 0.f; }
-        for (int64_t i = i0; i < i1; i++) {
-            const float *restrict gr = g + i * c, *restrict xr = x + i * c;
-            for (int64_t j = 0; j < c; j++) {
-                float gv = xr[j] * a[j] + b[j] > 0.f ? gr[j] : 0.f;
-                ps[j] += gv;
-                pq[j] += gv * ((xr[j] - mean[j]) * invstd[j]);
-            }
-        }
-        for (int64_t j = 0; j < c; j++) { sum_g[j] += ps[j]; sum_gx[j] += pq[j]; }
-    }
-    for (int64_t j = 0; j < c; j++) {
-        k[j] = gamma[j] * invstd[j];
-        mg[j] = (float)(sum_g[j] / rows);
-        mgx[j] = (float)(sum_gx[j] / rows);
-    }
-    for (int64_t i = 0; i < rows; i++) {
-        const float *restrict gr = g + i * c, *restrict xr = x + i * c;
-        float *restrict dr = dx + i * c;
-        for (int64_t j = 0; j < c; j++) {
-            float gv = xr[j] * a[j] + b[j] > 0.f ? gr[j] : 0.f;
-            float xhat = (xr[j] - mean[j]) * invstd[j];
-            dr[j] = k[j] * (gv - mg[j] - xhat * mgx[j]);
-        }
-    }
+    gradient_sums(FROM_X, g, x, 0, a, b, rows, c, mean, invstd, 0, sum_g, sum_gx);
+    input_gradient(FROM_X, g, x, a, b, rows, c, mean, invstd, gamma, sum_g, sum_gx, dx);
 }
 
 /* Backward of max(x * a + b + r, 0): the mask comes from the saved output y; the masked gradient gm is the
@@ -113,23 +124,6 @@ void rsq_bn_add_relu_backward(const float *restrict g, const float *restrict y, 
                               int64_t rows, int64_t c, const float *restrict mean, const float *restrict invstd,
                               const float *restrict gamma, float *restrict gm, float *restrict dx,
                               double *restrict sum_g, double *restrict sum_gx) {
-    float ps[MAX_CHANNELS], pq[MAX_CHANNELS];
-    memset(sum_g, 0, c * sizeof(double));
-    memset(sum_gx, 0, c * sizeof(double));
-    for (int64_t i0 = 0; i0 < rows; i0 += CHUNK) {
-        int64_t i1 = i0 + CHUNK < rows ? i0 + CHUNK : rows;
-        for (int64_t j = 0; j < c; j++) { ps[j] = 0.f; pq[j] = 0.f; }
-        for (int64_t i = i0; i < i1; i++) {
-            const float *restrict gr = g + i * c, *restrict yr = y + i * c, *restrict xr = x + i * c;
-            float *restrict mr = gm + i * c;
-            for (int64_t j = 0; j < c; j++) {
-                float gv = yr[j] > 0.f ? gr[j] : 0.f;
-                mr[j] = gv;
-                ps[j] += gv;
-                pq[j] += gv * ((xr[j] - mean[j]) * invstd[j]);
-            }
-        }
-        for (int64_t j = 0; j < c; j++) { sum_g[j] += ps[j]; sum_gx[j] += pq[j]; }
-    }
-    input_gradient(gm, x, rows, c, mean, invstd, gamma, sum_g, sum_gx, dx);
+    gradient_sums(FROM_Y, g, x, y, 0, 0, rows, c, mean, invstd, gm, sum_g, sum_gx);
+    input_gradient(STORED, gm, x, 0, 0, rows, c, mean, invstd, gamma, sum_g, sum_gx, dx);
 }
