@@ -18,22 +18,6 @@
 
 int rsq_bn_max_channels(void) { return MAX_CHANNELS; }
 
-/* per channel: s = sum x, q = sum x^2 */
-void rsq_bn_sums(const float *restrict x, int64_t rows, int64_t c, double *restrict s, double *restrict q) {
-    float ps[MAX_CHANNELS], pq[MAX_CHANNELS];
-    memset(s, 0, c * sizeof(double));
-    memset(q, 0, c * sizeof(double));
-    for (int64_t i0 = 0; i0 < rows; i0 += CHUNK) {
-        int64_t i1 = i0 + CHUNK < rows ? i0 + CHUNK : rows;
-        for (int64_t j = 0; j < c; j++) { ps[j] = 0.f; pq[j] = 0.f; }
-        for (int64_t i = i0; i < i1; i++) {
-            const float *restrict row = x + i * c;
-            for (int64_t j = 0; j < c; j++) { float v = row[j]; ps[j] += v; pq[j] += v * v; }
-        }
-        for (int64_t j = 0; j < c; j++) { s[j] += ps[j]; q[j] += pq[j]; }
-    }
-}
-
 /* y = max(x * a + b (+ r), 0); r may be NULL */
 void rsq_bn_act_forward(const float *restrict x, const float *restrict r, int64_t rows, int64_t c,
                         const float *restrict a, const float *restrict b, float *restrict y) {
@@ -50,8 +34,9 @@ void rsq_bn_act_forward(const float *restrict x, const float *restrict r, int64_
 }
 
 /* Where the backward's masked gradient comes from: recomputed from x (the ReLU's input is x * a + b), read
- * from the saved output y (an add came before the ReLU, so x alone does not decide), or already stored. */
-enum mask { FROM_X, FROM_Y, STORED };
+ * from the saved output y (an add came before the ReLU, so x alone does not decide), or already stored.
+ * PLAIN: not a gradient; the forward's statistics, sum x and sum x^2. */
+enum mask { FROM_X, FROM_Y, STORED, PLAIN };
 
 static inline float masked(enum mask m, const float *restrict gr, const float *restrict xr, const float *restrict yr,
                            const float *restrict a, const float *restrict b, int64_t j) {
@@ -60,7 +45,8 @@ static inline float masked(enum mask m, const float *restrict gr, const float *r
     return gr[j];
 }
 
-/* First pass: sum_g = sum g', sum_gx = sum g' * xhat per channel; with FROM_Y, g' is also stored in gm.
+/* First pass: sum_g = sum g', sum_gx = sum g' * xhat per channel (PLAIN: sum g, sum g^2); with FROM_Y, g' is
+ * also stored in gm.
  * Always inlined with a constant m, so each caller gets a loop of its own without the branches. */
 static inline void gradient_sums(enum mask m, const float *restrict g, const float *restrict x,
                                  const float *restrict y, const float *restrict a, const float *restrict b,
@@ -78,11 +64,16 @@ static inline void gradient_sums(enum mask m, const float *restrict g, const flo
                 float gv = masked(m, gr, xr, yr, a, b, j);
                 if (m == FROM_Y) gm[i * c + j] = gv;
                 ps[j] += gv;
-                pq[j] += gv * ((xr[j] - mean[j]) * invstd[j]);
+                pq[j] += gv * (m == PLAIN ? gv : (xr[j] - mean[j]) * invstd[j]);
             }
         }
         for (int64_t j = 0; j < c; j++) { sum_g[j] += ps[j]; sum_gx[j] += pq[j]; }
     }
+}
+
+/* per channel: s = sum x, q = sum x^2 */
+void rsq_bn_sums(const float *restrict x, int64_t rows, int64_t c, double *restrict s, double *restrict q) {
+    gradient_sums(PLAIN, x, x, 0, 0, 0, rows, c, 0, 0, 0, s, q);
 }
 
 /* Second pass: dx = gamma * invstd * (g' - mean(g') - xhat * mean(g' * xhat)), g' from g by m (FROM_X or STORED). */
