@@ -142,3 +142,17 @@ def test_training_steps_with_and_without_the_kernel_agree(one_thread, monkeypatc
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
     # Later steps drift apart by float rounding only (three steps at a small batch amplify it).
     torch.testing.assert_close(torch.stack(losses[0]), torch.stack(losses[1]), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_a_nan_passes_through_as_in_relu(one_thread, residual):
+    # torch.relu keeps NaN; a kernel that zeroed it would hide a diverging run behind a finite loss.
+    bn, x, r, grad = _case(residual)
+    with torch.no_grad():
+        x[3, 5, 2, 2] = float("nan")
+    y_plain, grads_plain, _ = _run(bn, x, r, grad, fused=False)
+    y_fused, grads_fused, used = _run(bn, x, r, grad, fused=True)
+    assert used and torch.isnan(y_fused[:, 5]).all() and not torch.isnan(y_fused[:, 4]).any()
+    assert torch.equal(torch.isnan(y_fused), torch.isnan(y_plain))
+    for fused, plain in zip(grads_fused, grads_plain):
+        assert torch.equal(torch.isnan(fused), torch.isnan(plain))

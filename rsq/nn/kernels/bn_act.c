@@ -18,7 +18,8 @@
 
 int rsq_bn_max_channels(void) { return MAX_CHANNELS; }
 
-/* y = max(x * a + b (+ r), 0); r may be NULL */
+/* y = max(x * a + b (+ r), 0); r may be NULL. Written so that a NaN passes through, as torch.relu lets it
+ * (and its gradient, as ReLU's backward does): a diverging run must still show a non-finite loss. */
 void rsq_bn_act_forward(const float *restrict x, const float *restrict r, int64_t rows, int64_t c,
                         const float *restrict a, const float *restrict b, float *restrict y) {
     for (int64_t i = 0; i < rows; i++) {
@@ -26,9 +27,9 @@ void rsq_bn_act_forward(const float *restrict x, const float *restrict r, int64_
         float *restrict yr = y + i * c;
         if (r) {
             const float *restrict rr = r + i * c;
-            for (int64_t j = 0; j < c; j++) { float v = xr[j] * a[j] + b[j] + rr[j]; yr[j] = v > 0.f ? v : 0.f; }
+            for (int64_t j = 0; j < c; j++) { float v = xr[j] * a[j] + b[j] + rr[j]; yr[j] = v < 0.f ? 0.f : v; }
         } else {
-            for (int64_t j = 0; j < c; j++) { float v = xr[j] * a[j] + b[j]; yr[j] = v > 0.f ? v : 0.f; }
+            for (int64_t j = 0; j < c; j++) { float v = xr[j] * a[j] + b[j]; yr[j] = v < 0.f ? 0.f : v; }
         }
     }
 }
@@ -40,8 +41,8 @@ enum mask { FROM_X, FROM_Y, STORED, PLAIN };
 
 static inline float masked(enum mask m, const float *restrict gr, const float *restrict xr, const float *restrict yr,
                            const float *restrict a, const float *restrict b, int64_t j) {
-    if (m == FROM_X) return xr[j] * a[j] + b[j] > 0.f ? gr[j] : 0.f;
-    if (m == FROM_Y) return yr[j] > 0.f ? gr[j] : 0.f;
+    if (m == FROM_X) return xr[j] * a[j] + b[j] <= 0.f ? 0.f : gr[j];
+    if (m == FROM_Y) return yr[j] <= 0.f ? 0.f : gr[j];
     return gr[j];
 }
 
