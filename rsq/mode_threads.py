@@ -35,6 +35,7 @@ class ModeThreads:
     """A pool of two threads that run forwards and backwards of whole modes."""
 
     def __init__(self, threads: int = THREADS):
+        self.threads = threads
         self.pool = ThreadPoolExecutor(threads, initializer=_one_intra_op_thread,
                                        thread_name_prefix="rsq-mode")
 

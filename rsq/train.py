@@ -206,6 +206,23 @@ class TrainJob:
             threads = ModeThreads()
         return cls(config, model, runner, ensemble, optimizer, teacher, info, device, threads)
 
+    def describe_cpu_step(self) -> str:
+        """How the training step runs on the CPU, printed when a run starts, so a slower path is never silent."""
+        config, n = self.config, len(self.config.resolutions)
+        if self.mode_threads is not None:
+            parts = [f"{n} modes side by side on {self.mode_threads.threads} threads"]
+        else:
+            parts = [f"{n} mode{'s' * (n > 1)} in turn on {torch.get_num_threads()} thread(s)"]
+        parts.append("channels_last" if config.channels_last else "NCHW")
+        if config.compile:
+            parts.append("torch.compile (plain BatchNorm and ReLU in the graph)")
+        elif config.amp == "bf16":
+            parts.append("bf16 autocast")
+        else:
+            one_thread = self.mode_threads is not None or torch.get_num_threads() == 1
+            parts.append(fused_bn.describe(self.model, one_thread, config.channels_last))
+        return ", ".join(parts)
+
     def wrap_ddp(self) -> None:
         """Under torchrun: DDP around the runner; BN statistics follow rank 0 at every forward."""
         if self.info.world_size == 1:
@@ -426,6 +443,8 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, info: Dist, devic
         teacher = build_teacher(teacher_ckpt, device) if teacher_ckpt is not None else None
 
     job = TrainJob.create(config, model, teacher, info, device)
+    if info.main and device.type == "cpu":
+        print(f"step: {job.describe_cpu_step()}", flush=True)
     progress, checkpointer = Progress(), Checkpointer(job, out, data.num_classes, data.in_chans)
     if resumed is not None:
         with agreed(info):

@@ -7,7 +7,7 @@ import torch
 import rsq
 from rsq.config import TrainConfig
 from rsq.nn import fused_bn
-from rsq.train import TrainJob, train_step
+from rsq.train import TrainJob, train, train_step
 from rsq.train_setup import build_training_model
 
 pytestmark = pytest.mark.skipif(fused_bn.library() is None, reason="no C compiler to build the fused kernel")
@@ -156,3 +156,34 @@ def test_a_nan_passes_through_as_in_relu(one_thread, residual):
     assert torch.equal(torch.isnan(y_fused), torch.isnan(y_plain))
     for fused, plain in zip(grads_fused, grads_plain):
         assert torch.equal(torch.isnan(fused), torch.isnan(plain))
+
+
+def test_a_cpu_run_says_whether_its_step_uses_the_kernel(monkeypatch, tmp_path, capsys):
+    x = torch.randn(8, 1, 16, 16)
+
+    def described(threads: int, **settings) -> str:
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        config = TrainConfig(**{"model": "resnet20", "resolutions": [16, 12], "batch_size": 8, "device": "cpu",
+                                **settings})
+        job = TrainJob.create(config, build_training_model(config, 10, 1, x, torch.device("cpu")))
+        try:
+            return job.describe_cpu_step()
+        finally:
+            fused_bn.set_enabled(True)
+
+    assert described(2) == "2 modes side by side on 2 threads, channels_last, fused BatchNorm + ReLU kernel"
+    assert described(1, mode_threads=False) == ("2 modes in turn on 1 thread(s), channels_last, "
+                                                "fused BatchNorm + ReLU kernel")
+    assert "not used (it needs channels_last" in described(2, mode_threads=False)
+    assert "not used (it needs channels_last" in described(2, channels_last=False)
+    assert described(2, fused_bn=False).endswith("fused BatchNorm + ReLU off (--no-fused-bn)")
+    assert described(2, compile=True).endswith("torch.compile (plain BatchNorm and ReLU in the graph)")
+    assert described(2, model="resnet18").endswith("fused BatchNorm + ReLU not used by this model")
+    monkeypatch.setitem(fused_bn._state, "library", False)  # as on a machine without a C compiler
+    assert "unavailable: no C compiler found (install gcc or set CC)" in described(2)
+    monkeypatch.undo()
+
+    # `rsq train` prints it when the run starts.
+    train(TrainConfig(model="resnet20", subset=64, test_subset=64, resolutions=[16, 12], epochs=1, batch_size=32,
+                      workers=0, out=str(tmp_path / "run")))
+    assert any(line.startswith("step: 2 mode") for line in capsys.readouterr().out.splitlines())

@@ -31,6 +31,8 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """Three stages of ``depth`` basic blocks at widths 16/32/64, global pooling, one FC."""
 
+    fuses_bn_relu = True  # its forward goes through bn_relu (rsq/nn/fused_bn.py); `rsq train` says so
+
     def __init__(self, depth: int, num_classes: int = 10, in_chans: int = 3, width: int = 16):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)

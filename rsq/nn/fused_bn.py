@@ -47,6 +47,19 @@ def enabled() -> bool:
     return _state["enabled"]
 
 
+def describe(model: nn.Module, one_thread: bool, channels_last: bool) -> str:
+    """Whether a training run of ``model`` on the CPU will use the kernel, and if not why: one phrase."""
+    if not _state["enabled"]:
+        return "fused BatchNorm + ReLU off (--no-fused-bn)"
+    if not getattr(model, "fuses_bn_relu", False):
+        return "fused BatchNorm + ReLU not used by this model"
+    if not (one_thread and channels_last):
+        return "fused BatchNorm + ReLU not used (it needs channels_last and one intra-op thread per mode)"
+    if library() is None:
+        return "fused BatchNorm + ReLU unavailable: no C compiler found (install gcc or set CC), plain modules instead"
+    return "fused BatchNorm + ReLU kernel"
+
+
 def _cpu_signature() -> str:
     """What -march=native compiles for: the CPU's model and flags (a cached library never crosses CPUs)."""
     try:
