@@ -413,7 +413,6 @@ QLINEAR_NOTE = (" (onnxruntime's fused 8-bit kernels: fast, but not bit-exact; `
 def _c_memory(folder) -> str:
     """The C export's budget in one phrase: what a microcontroller user sizes a part by."""
     import json
-    from pathlib import Path
 
     from .export.c_source import MEMORY_FILE
     memory = json.loads((Path(folder) / MEMORY_FILE).read_text())

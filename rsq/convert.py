@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterable, Optional, Union
 
-import torch
 from torch import nn
 
 from .errors import RsqError

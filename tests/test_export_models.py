@@ -184,7 +184,7 @@ def test_packed_export_runs_with_torch_blocked(runs, images, tmp_path):
     np.save(tmp_path / "x.npy", x)
     code = ("import sys; sys.modules['torch'] = None\n"
             "import numpy as np\nfrom rsq.runtime import Runtime, load\n"
-            f"np.save(sys.argv[2], Runtime(load(sys.argv[1])).run(np.load(sys.argv[3]), 12))\n")
+            "np.save(sys.argv[2], Runtime(load(sys.argv[1])).run(np.load(sys.argv[3]), 12))\n")
     done = subprocess.run([sys.executable, "-c", code, str(export / "packed"), str(tmp_path / "out.npy"),
                            str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -1,7 +1,6 @@
 """The foundation's second pass: one config schema, the click CLI, packaging, and the defects found in review."""
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from rsq.atomic import atomic_write, remove_stale_temporaries
 from rsq.cli import cli
 from rsq.config import TrainConfig, build_config, config_from_dict, load_recipe, recipe_names, schema
 from rsq.errors import RsqError
-from rsq.nn.quantizers import LQNetQuantizer, QuantizationWarning, VALID_BITS
+from rsq.nn.quantizers import LQNetQuantizer, QuantizationWarning
 from rsq.quantize import FIRST_LAST_POLICIES, QUANTIZERS, full_precision_layers
 from rsq.train import train
 

@@ -1,7 +1,6 @@
 """The training step's modes side by side on two CPU threads: the same gradients, repeatable."""
 import threading
 
-import pytest
 import torch
 
 import rsq

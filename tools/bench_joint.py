@@ -68,7 +68,7 @@ def main() -> None:
     def cell(result: dict, r: int, bits: int) -> float:
         return next(row["top1"] for row in result["rows"] if row["resolution"] == r and row["bits"] == label(bits))
 
-    lines = [f"# Joint resolution x bit-width model vs separate RS-Nets per bit width (Fashion-MNIST)", "",
+    lines = ["# Joint resolution x bit-width model vs separate RS-Nets per bit width (Fashion-MNIST)", "",
              f"CPU: {cpu_name()}. Every run: `rsq train {' '.join(common)}` plus its own flags, "
              f"{args.threads} thread(s), {args.jobs} runs at a time; top-1 on the "
              f"{'first 512' if args.quick else 'full 10,000'} test images.", "",
