@@ -1,4 +1,5 @@
-"""BatchNorm + ReLU (+ a block's add) as one C kernel: BatchNorm's math, and the plain modules wherever it does not apply."""
+"""BatchNorm + ReLU (+ a block's add) as one C kernel: BatchNorm's math; the plain modules wherever it does not
+apply."""
 import copy
 
 import pytest
@@ -179,8 +180,14 @@ def test_a_cpu_run_says_whether_its_step_uses_the_kernel(monkeypatch, tmp_path, 
     assert described(2, fused_bn=False).endswith("fused BatchNorm + ReLU off (--no-fused-bn)")
     assert described(2, compile=True).endswith("torch.compile (plain BatchNorm and ReLU in the graph)")
     assert described(2, model="resnet18").endswith("fused BatchNorm + ReLU not used by this model")
-    monkeypatch.setitem(fused_bn._state, "library", False)  # as on a machine without a C compiler
+    monkeypatch.setitem(fused_bn._state, "library", None)
+    monkeypatch.setattr("rsq.runtime.native.find_compiler", lambda: None)  # a machine without a C compiler
     assert "unavailable: no C compiler found (install gcc or set CC)" in described(2)
+    monkeypatch.setitem(fused_bn._state, "library", None)
+    monkeypatch.setattr("rsq.runtime.native.find_compiler", lambda: "cc")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a file, not a folder"))
+    (tmp_path / "a file, not a folder").write_text("")
+    assert "cc could not build it into" in described(2)
     monkeypatch.undo()
 
     # `rsq train` prints it when the run starts.

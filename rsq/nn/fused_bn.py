@@ -35,7 +35,7 @@ from torch import nn
 from .switchable_bn import SwitchableBatchNorm2d
 
 SOURCE = Path(__file__).with_name("kernels") / "bn_act.c"
-_state = {"enabled": True, "library": None}  # library: None = not tried yet, False = cannot build
+_state = {"enabled": True, "library": None, "why_not": ""}  # library: None = not tried yet, False = cannot build
 _build_lock = threading.Lock()
 
 
@@ -56,7 +56,8 @@ def describe(model: nn.Module, one_thread: bool, channels_last: bool) -> str:
     if not (one_thread and channels_last):
         return "fused BatchNorm + ReLU not used (it needs channels_last and one intra-op thread per mode)"
     if library() is None:
-        return "fused BatchNorm + ReLU unavailable: no C compiler found (install gcc or set CC), plain modules instead"
+        why = _state["why_not"] or "it could not be built"
+        return f"fused BatchNorm + ReLU unavailable: {why}, plain modules instead"
     return "fused BatchNorm + ReLU kernel"
 
 
@@ -95,10 +96,13 @@ def _build() -> Optional[ctypes.CDLL]:
 
     compiler = find_compiler()
     if compiler is None or not SOURCE.exists():
+        _state["why_not"] = ("no C compiler found (install gcc or set CC)" if compiler is None
+                             else f"{SOURCE} is missing")
         return None
+    _state["why_not"] = f"{compiler} could not build it into {_cache_dir()} (not writable? set XDG_CACHE_HOME)"
     for flags in (["-O3", "-march=native", "-std=c99", "-fPIC", "-shared"], ["-O3", "-std=c99", "-fPIC", "-shared"]):
-        key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode(),
-                                          _cpu_signature().encode()])).hexdigest()[:16]
+        parts = [SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode(), _cpu_signature().encode()]
+        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
         target = _cache_dir() / f"bn_act_{key}.so"
         try:
             if target.exists() or _compile(compiler, flags, target):
