@@ -99,7 +99,6 @@ def _build() -> Optional[ctypes.CDLL]:
         _state["why_not"] = ("no C compiler found (install gcc or set CC)" if compiler is None
                              else f"{SOURCE} is missing")
         return None
-    _state["why_not"] = f"{compiler} could not build it into {_cache_dir()} (not writable? set XDG_CACHE_HOME)"
     for flags in (["-O3", "-march=native", "-std=c99", "-fPIC", "-shared"], ["-O3", "-std=c99", "-fPIC", "-shared"]):
         parts = [SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode(), _cpu_signature().encode()]
         key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
@@ -109,6 +108,7 @@ def _build() -> Optional[ctypes.CDLL]:
                 return _declare(ctypes.CDLL(str(target)))
         except OSError:
             continue
+    _state["why_not"] = f"{compiler} could not build it into {_cache_dir()} (not writable? set XDG_CACHE_HOME)"
     return None
 
 
