@@ -11,9 +11,10 @@ there. Because every MRED teacher is detached, the loss's gradient with respect 
 exactly the sum over modes of those per-mode backwards. The per-mode gradients are summed in mode
 order, so a run repeats exactly whatever thread finished first.
 
-Used for one process on the CPU (no DDP, no torch.compile, no autocast), with at least two torch
-threads, once every lazily initialised quantizer has seen its first batch, and not with LQ-Nets
-quantizers, whose training forward refits levels shared by all modes (they must take turns).
+Used for one process on the CPU (no DDP, no torch.compile), with at least two torch threads, once
+every lazily initialised quantizer has seen its first batch, and not with LQ-Nets quantizers, whose
+training forward refits levels shared by all modes (they must take turns). With `--amp bf16` each
+mode thread enters the caller's autocast (autocast is per thread).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import torch
 import rsq
 from rsq.config import TrainConfig
 from rsq.nn import fused_bn
-from rsq.train import TrainJob, train, train_step
+from rsq.train import AMX_HINT, TrainJob, train, train_step
 from rsq.train_setup import build_training_model
 
 pytestmark = pytest.mark.skipif(fused_bn.library() is None, reason="no C compiler to build the fused kernel")
@@ -179,6 +179,7 @@ def test_a_cpu_run_says_whether_its_step_uses_the_kernel(monkeypatch, tmp_path, 
     assert "not used (it needs channels_last" in described(2, channels_last=False)
     assert described(2, fused_bn=False).endswith("fused BatchNorm + ReLU off (--no-fused-bn)")
     assert described(2, compile=True).endswith("torch.compile (plain BatchNorm and ReLU in the graph)")
+    assert described(2, amp="bf16") == "2 modes side by side on 2 threads, channels_last, bf16 autocast"
     assert described(2, model="resnet18").endswith("fused BatchNorm + ReLU not used by this model")
     monkeypatch.setitem(fused_bn._state, "library", None)
     monkeypatch.setattr("rsq.runtime.native.find_compiler", lambda: None)  # a machine without a C compiler
@@ -190,7 +191,11 @@ def test_a_cpu_run_says_whether_its_step_uses_the_kernel(monkeypatch, tmp_path, 
     assert "cc could not build it into" in described(2)
     monkeypatch.undo()
 
-    # `rsq train` prints it when the run starts.
-    train(TrainConfig(model="resnet20", subset=64, test_subset=64, resolutions=[16, 12], epochs=1, batch_size=32,
-                      workers=0, out=str(tmp_path / "run")))
-    assert any(line.startswith("step: 2 mode") for line in capsys.readouterr().out.splitlines())
+    # `rsq train` prints it when the run starts, and on a CPU with AMX how to run it in bf16.
+    monkeypatch.setattr("rsq.train.has_amx_bf16", lambda: True)
+    for amp in ("off", "bf16"):
+        train(TrainConfig(model="resnet20", subset=64, test_subset=64, resolutions=[16, 12], epochs=1, batch_size=32,
+                          workers=0, amp=amp, out=str(tmp_path / f"run_{amp}")))
+        lines = capsys.readouterr().out.splitlines()
+        assert any(line.startswith("step: 2 mode") for line in lines)
+        assert (AMX_HINT in lines) == (amp == "off")

@@ -42,7 +42,8 @@ LABELS = {"rsnet": "RS-Net (recipe)", "paper": "RS-Net, paper's MRED", "ramp_all
           "nokd": "RS-Net without MRED (distill none)", "decay2n": "RS-Net, conv decay x 2n (conv_decay_factor 2)",
           "bnlr5": "RS-Net, BNs at 5x lr (norm_lr_factor 5)",
           "bn_lr1": "RS-Net, BNs at 1x lr (recipe before)",
-          "rsnet_unfused": "RS-Net without the fused BN kernel (--no-fused-bn)"}
+          "rsnet_unfused": "RS-Net without the fused BN kernel (--no-fused-bn)",
+          "rsnet_bf16": "RS-Net in bf16 autocast (--amp bf16)"}
 
 
 def configs_for(args) -> dict[str, list[str]]:

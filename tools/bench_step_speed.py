@@ -6,8 +6,9 @@ Compares, for the same model (ResNet-20 RS-Net, 1 channel) and the same batch:
 - rsq's step as `rsq train` runs it (`rsq.train.train_step` on a `TrainJob`, the single-resolution
   ones too): eager NCHW and channels_last with every mode on all threads, the default (channels_last,
   the modes side by side on two threads: rsq/mode_threads.py, each BatchNorm fused with its ReLU:
-  rsq/nn/fused_bn.py), the default without that fusion (`--no-fused-bn`), and torch.compile with one
-  static graph per resolution (+ channels_last, as `rsq train --compile`);
+  rsq/nn/fused_bn.py), the default without that fusion (`--no-fused-bn`), torch.compile with one
+  static graph per resolution (+ channels_last, as `rsq train --compile`), and bf16 autocast
+  (`--amp bf16`: a different arithmetic, for CPUs with AMX or AVX-512 BF16) side by side and in turn;
 - the default's arithmetic on ONE thread (`rsq_one_thread`: channels_last, fused, no second thread):
   half its time is what a perfect split over two cores would give, so default / (one thread / 2) is
   the side-by-side modes' parallel efficiency, and (one thread / 2) / plain loop the best ratio
@@ -35,7 +36,8 @@ from benchlib import cpu_name, write_outputs
 
 RESOLUTIONS = [28, 24, 20, 16, 12]
 VARIANTS = [f"single_{r}" for r in RESOLUTIONS] + ["plain_eager", "rsq_eager", "rsq_channels_last", "rsq_default",
-                                                   "rsq_default_unfused", "rsq_compile", "rsq_one_thread"]
+                                                   "rsq_default_unfused", "rsq_compile", "rsq_one_thread",
+                                                   "rsq_bf16", "rsq_bf16_in_turn"]
 LR = 0.01
 
 
@@ -78,10 +80,11 @@ def make_step(variant: str, x, y, fused: bool = True):
     single = variant.startswith("single_")
     config = TrainConfig(
         model="resnet20", resolutions=[int(variant.split("_")[1])] if single else RESOLUTIONS,
-        batch_size=len(x), lr=LR, momentum=0.9, distill="none" if single else "full", device="cpu", amp="off",
+        batch_size=len(x), lr=LR, momentum=0.9, distill="none" if single else "full", device="cpu",
         channels_last=variant in ("rsq_channels_last", "rsq_default", "rsq_default_unfused", "rsq_compile",
-                                  "rsq_one_thread"),
-        compile=variant == "rsq_compile", mode_threads=variant.startswith("rsq_default"),
+                                  "rsq_one_thread", "rsq_bf16", "rsq_bf16_in_turn"),
+        compile=variant == "rsq_compile", mode_threads=variant.startswith("rsq_default") or variant == "rsq_bf16",
+        amp="bf16" if variant.startswith("rsq_bf16") else "off",
         fused_bn=fused and variant != "rsq_default_unfused")
     model = build_training_model(config, 10, 1, x, torch.device("cpu"))
     job = TrainJob.create(config, model)
