@@ -152,8 +152,8 @@ class TrainConfig:
     # running
     out: str = setting("runs/fashion_mnist", "run folder")
     device: str = setting("auto", "auto picks CUDA when there is a GPU", choices=DEVICES, what="device")
-    amp: str = setting("auto", "bf16 autocast: auto (on CUDA only), bf16 (also on a CPU; about 1.5x faster "
-                                  "where it has AMX) or off", choices=AMP_SETTINGS, what="amp setting")
+    amp: str = setting("auto", "bf16 autocast: auto (on CUDA only), bf16 (also on a CPU; full precision about 1.5x "
+                                  "faster where it has AMX) or off", choices=AMP_SETTINGS, what="amp setting")
     channels_last: bool = setting(True, "channels_last memory layout (faster on CPUs and GPUs)", cli="switch")
     mode_threads: bool = setting(True, "on the CPU, run a step's modes side by side on two threads (one intra-op "
                                  "thread each) instead of each mode on all threads; same result, faster for small "

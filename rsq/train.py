@@ -49,10 +49,18 @@ from .train_setup import (build_teacher, build_training_model, check_before_star
 __all__ = ["AllResolutions", "TrainJob", "initialize_quantizers", "param_groups", "train", "train_one_epoch",
            "train_step"]
 
-# Printed on CPUs with AMX when the run is in fp32: the speed-up is the step's, measured round-robin
-# (tools/results/bench_step_speed_bf16_xeon.md); the README's "bf16 on the CPU" gives its accuracy.
+# Printed on CPUs with AMX when a full-precision run is in fp32: the speed-up is the step's, measured
+# round-robin (tools/results/bench_step_speed_bf16_xeon.md); the README's "bf16 on the CPU" gives its
+# accuracy. Quantized steps gained nothing in bf16 there (their fake-quantization is elementwise work).
 AMX_HINT = ("hint: this CPU has AMX bf16 units; --amp bf16 runs the training step about 1.5x faster, "
             "in bf16 arithmetic (README: bf16 on the CPU)")
+
+
+def suggests_bf16(config: TrainConfig) -> bool:
+    """Whether a CPU run prints AMX_HINT: fp32, full precision, on a CPU with AMX."""
+    return config.amp != "bf16" and not config.quantized and has_amx_bf16()
+
+
 LOG_EVERY_S = 60.0  # progress line interval when stderr is not a terminal (logs, nohup)
 
 
@@ -463,7 +471,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, info: Dist, devic
     job = TrainJob.create(config, model, teacher, info, device)
     if info.main and device.type == "cpu":
         print(f"step: {job.describe_cpu_step()}", flush=True)
-        if config.amp != "bf16" and has_amx_bf16():
+        if suggests_bf16(config):
             print(AMX_HINT, flush=True)
     progress, checkpointer = Progress(), Checkpointer(job, out, data.num_classes, data.in_chans)
     if resumed is not None:

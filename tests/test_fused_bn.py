@@ -8,7 +8,7 @@ import torch
 import rsq
 from rsq.config import TrainConfig
 from rsq.nn import fused_bn
-from rsq.train import AMX_HINT, TrainJob, train, train_step
+from rsq.train import AMX_HINT, TrainJob, suggests_bf16, train, train_step
 from rsq.train_setup import build_training_model
 
 pytestmark = pytest.mark.skipif(fused_bn.library() is None, reason="no C compiler to build the fused kernel")
@@ -199,3 +199,6 @@ def test_a_cpu_run_says_whether_its_step_uses_the_kernel(monkeypatch, tmp_path, 
         lines = capsys.readouterr().out.splitlines()
         assert any(line.startswith("step: 2 mode") for line in lines)
         assert (AMX_HINT in lines) == (amp == "off")
+    # Quantized steps gained nothing from bf16 (tools/results/bench_step_speed_bf16_xeon.md): no hint.
+    assert suggests_bf16(TrainConfig()) and not suggests_bf16(TrainConfig(weight_bits=4, act_bits=4))
+    assert not suggests_bf16(TrainConfig(bit_widths=[4, 32]))

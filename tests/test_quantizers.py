@@ -201,3 +201,21 @@ def test_switchable_quantizer_has_one_quantizer_per_mode():
     sq(torch.rand(2, 3, 16, 16))
     assert bool(sq.quantizers["r16"].initialized) and not bool(sq.quantizers["r32"].initialized)
     assert sq.quantizers["r16"].step is not sq.quantizers["r32"].step
+
+
+def test_lsq_step_gradient_under_cpu_bf16_is_summed_in_float32():
+    # A bf16 dot on the CPU has no BLAS kernel (two thirds of a W4A4 step under --amp bf16) and sums in
+    # bf16; the step's gradient takes the factors to float32 instead.
+    from rsq.nn.quantizers import _dot
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 16, 12, 12, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(64, 16, 12, 12, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    got = _dot(a, b)
+    exact = (a.double() * b.double()).sum()
+    assert got.dtype == torch.float32
+    assert abs(got.double() - exact) <= 1e-5 * (a.double() * b.double()).abs().sum()
+    q = LSQQuantizer(4, signed=False, per_channel=False)
+    x = torch.rand(8, 4, 6, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q(x.bfloat16()).float().sum().backward()
+    assert q.step.grad.dtype == torch.float32 and torch.isfinite(q.step.grad).all()

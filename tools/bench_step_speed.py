@@ -9,6 +9,7 @@ Compares, for the same model (ResNet-20 RS-Net, 1 channel) and the same batch:
   rsq/nn/fused_bn.py), the default without that fusion (`--no-fused-bn`), torch.compile with one
   static graph per resolution (+ channels_last, as `rsq train --compile`), and bf16 autocast
   (`--amp bf16`: a different arithmetic, for CPUs with AMX or AVX-512 BF16) side by side and in turn;
+  the default's step quantized at W4A4 (LSQ, first/last 8 bits), in fp32 and in bf16;
 - the default's arithmetic on ONE thread (`rsq_one_thread`: channels_last, fused, no second thread):
   half its time is what a perfect split over two cores would give, so default / (one thread / 2) is
   the side-by-side modes' parallel efficiency, and (one thread / 2) / plain loop the best ratio
@@ -37,7 +38,7 @@ from benchlib import cpu_name, write_outputs
 RESOLUTIONS = [28, 24, 20, 16, 12]
 VARIANTS = [f"single_{r}" for r in RESOLUTIONS] + ["plain_eager", "rsq_eager", "rsq_channels_last", "rsq_default",
                                                    "rsq_default_unfused", "rsq_compile", "rsq_one_thread",
-                                                   "rsq_bf16", "rsq_bf16_in_turn"]
+                                                   "rsq_bf16", "rsq_bf16_in_turn", "rsq_w4a4", "rsq_w4a4_bf16"]
 LR = 0.01
 
 
@@ -82,9 +83,11 @@ def make_step(variant: str, x, y, fused: bool = True):
         model="resnet20", resolutions=[int(variant.split("_")[1])] if single else RESOLUTIONS,
         batch_size=len(x), lr=LR, momentum=0.9, distill="none" if single else "full", device="cpu",
         channels_last=variant in ("rsq_channels_last", "rsq_default", "rsq_default_unfused", "rsq_compile",
-                                  "rsq_one_thread", "rsq_bf16", "rsq_bf16_in_turn"),
-        compile=variant == "rsq_compile", mode_threads=variant.startswith("rsq_default") or variant == "rsq_bf16",
-        amp="bf16" if variant.startswith("rsq_bf16") else "off",
+                                  "rsq_one_thread", "rsq_bf16", "rsq_bf16_in_turn", "rsq_w4a4", "rsq_w4a4_bf16"),
+        compile=variant == "rsq_compile",
+        mode_threads=variant.startswith(("rsq_default", "rsq_w4a4")) or variant == "rsq_bf16",
+        amp="bf16" if variant.endswith("bf16") or variant == "rsq_bf16_in_turn" else "off",
+        weight_bits=4 if variant.startswith("rsq_w4a4") else 32, act_bits=4 if variant.startswith("rsq_w4a4") else 32,
         fused_bn=fused and variant != "rsq_default_unfused")
     model = build_training_model(config, 10, 1, x, torch.device("cpu"))
     job = TrainJob.create(config, model)
