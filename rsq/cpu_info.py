@@ -6,13 +6,18 @@ from pathlib import Path
 
 
 @lru_cache(maxsize=1)
+def cpuinfo_text() -> str:
+    """/proc/cpuinfo, read once; empty where it is not readable."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+@lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (x86 'flags', Arm 'Features'); empty where /proc/cpuinfo is not readable."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
+    for line in cpuinfo_text().splitlines():
         if line.startswith(("flags", "Features")) and ":" in line:
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()

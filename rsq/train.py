@@ -119,13 +119,15 @@ class AllResolutions(nn.Module):
         """Logits of every mode; with ``threads``, the modes run side by side (see rsq/mode_threads.py)."""
         net = self.model if self.compiled is None else self.compiled
         inputs, modes = self.inputs(x), self.modes()
-        # Autocast is per thread: the mode threads enter the caller's CPU bf16 autocast (rsq train --amp bf16).
+        # Autocast is per thread: the mode threads enter the caller's CPU autocast (rsq train --amp bf16).
         # Only entered, never switched off: on the calling thread a disabled autocast would end the caller's.
-        cpu_bf16 = threads is not None and _cpu_autocast_bf16()
+        caller_autocast = threads is not None and torch.is_autocast_enabled("cpu")
+        autocast_dtype = torch.get_autocast_dtype("cpu")
 
         def run_mode(i: int) -> torch.Tensor:
             r, bits = modes[i]
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 else contextlib.nullcontext()
+            autocast = (torch.autocast("cpu", dtype=autocast_dtype) if caller_autocast
+                        else contextlib.nullcontext())
             with autocast, using_mode(self.model, r, bits):
                 return net(inputs[r])
 
@@ -137,13 +139,6 @@ class AllResolutions(nn.Module):
         """forward's flat list as {bits: [logits per resolution]} (joint models)."""
         n = len(self.resolutions)
         return {bits: logits[i * n:(i + 1) * n] for i, bits in enumerate(self.bit_widths)}
-
-
-def _cpu_autocast_bf16() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    except TypeError:  # older signatures
-        return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() == torch.bfloat16
 
 
 @dataclass

@@ -79,6 +79,7 @@ def make_step(variant: str, x, y, fused: bool = True):
         return step
 
     single = variant.startswith("single_")
+    bits = 4 if variant.startswith("rsq_w4a4") else 32
     config = TrainConfig(
         model="resnet20", resolutions=[int(variant.split("_")[1])] if single else RESOLUTIONS,
         batch_size=len(x), lr=LR, momentum=0.9, distill="none" if single else "full", device="cpu",
@@ -86,8 +87,7 @@ def make_step(variant: str, x, y, fused: bool = True):
                                   "rsq_one_thread", "rsq_bf16", "rsq_bf16_in_turn", "rsq_w4a4", "rsq_w4a4_bf16"),
         compile=variant == "rsq_compile",
         mode_threads=variant.startswith(("rsq_default", "rsq_w4a4")) or variant == "rsq_bf16",
-        amp="bf16" if variant.endswith("bf16") or variant == "rsq_bf16_in_turn" else "off",
-        weight_bits=4 if variant.startswith("rsq_w4a4") else 32, act_bits=4 if variant.startswith("rsq_w4a4") else 32,
+        amp="bf16" if "bf16" in variant else "off", weight_bits=bits, act_bits=bits,
         fused_bn=fused and variant != "rsq_default_unfused")
     model = build_training_model(config, 10, 1, x, torch.device("cpu"))
     job = TrainJob.create(config, model)

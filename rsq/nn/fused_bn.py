@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..cpu_info import cpuinfo_text
 from .switchable_bn import SwitchableBatchNorm2d
 
 SOURCE = Path(__file__).with_name("kernels") / "bn_act.c"
@@ -63,9 +64,8 @@ def describe(model: nn.Module, one_thread: bool, channels_last: bool) -> str:
 
 def _cpu_signature() -> str:
     """What -march=native compiles for: the CPU's model and flags (a cached library never crosses CPUs)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    text = cpuinfo_text()
+    if not text:
         return platform.machine() + platform.processor()
     wanted = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
     return "\n".join(dict.fromkeys(wanted)) + platform.machine()
@@ -137,13 +137,6 @@ def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-def _autocast_on() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # older signature
-        return torch.is_autocast_cpu_enabled()
-
-
 def _dense(t: torch.Tensor) -> bool:
     return (type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4
             and t.is_contiguous(memory_format=torch.channels_last))
@@ -162,7 +155,7 @@ def _fusable(bn: nn.Module, x, relu: nn.Module, residual) -> Optional[nn.BatchNo
         return None
     if residual is not None and not (_dense(residual) and residual.shape == x.shape):
         return None
-    if torch.get_num_threads() != 1 or _autocast_on() or library() is None:
+    if torch.get_num_threads() != 1 or torch.is_autocast_enabled("cpu") or library() is None:
         return None
     return layer
 
