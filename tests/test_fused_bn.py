@@ -199,6 +199,6 @@ def test_a_cpu_run_says_whether_its_step_uses_the_kernel(monkeypatch, tmp_path, 
         lines = capsys.readouterr().out.splitlines()
         assert any(line.startswith("step: 2 mode") for line in lines)
         assert (AMX_HINT in lines) == (amp == "off")
-    # Quantized steps gained nothing from bf16 (tools/results/bench_step_speed_bf16_xeon.md): no hint.
+    # Quantized runs gained less from bf16 and their bf16 accuracy is unmeasured: no hint.
     assert suggests_bf16(TrainConfig()) and not suggests_bf16(TrainConfig(weight_bits=4, act_bits=4))
     assert not suggests_bf16(TrainConfig(bit_widths=[4, 32]))
