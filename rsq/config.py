@@ -143,7 +143,7 @@ class TrainConfig:
     quantized_shortcut: bool = setting(False, "every residual block quantizes its input once, on its first conv's "
                                        "grid, and its shortcut adds that quantized tensor: an integer residual "
                                        "stream, which int8 backends fuse into each block's second conv (the paper: "
-                                       "float shortcuts)", cli="flag")
+                                       "float shortcuts, --no-quantized-shortcut)", cli="switch")
     residual_bits: int = setting(32, "bits of the residual stream (2-8): what each residual add reads and each block's "
                                  "output on learned grids, as int8 targets compute them (32: float, the paper's)",
                                  bits=True)
@@ -188,7 +188,7 @@ class TrainConfig:
                 raise RsqError(f"bit widths {self.bit_widths} give every mode its own weight and activation bits; "
                                f"drop weight_bits/act_bits ({self.weight_bits}/{self.act_bits})")
         if self.quantized_shortcut and not self.quantized:
-            raise RsqError("quantized_shortcut needs quantized activations: add --bits")
+            raise RsqError("quantized_shortcut needs quantized activations: add --bits, or --no-quantized-shortcut")
         if self.residual_bits != 32:
             if self.act_bits == 32:
                 raise RsqError("residual_bits needs quantized activations of one bit width: add --bits B")

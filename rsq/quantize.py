@@ -20,7 +20,7 @@ QUANTIZERS = {"lsq": LSQQuantizer, "lqnet": LQNetQuantizer}
 FIRST_LAST_POLICIES = ("8", "fp", "same")
 # QuantConfig and TrainConfig both refuse the pair, with one message.
 RESIDUAL_OR_SHORTCUT = ("residual_bits and quantized_shortcut are two ways to put the residual stream on a grid; "
-                        "pick one")
+                        "pick one (--no-quantized-shortcut turns the recipe's quantized shortcut off)")
 # A plain model has no resolutions to trace at; convs of ImageNet-style models run at this size.
 PLAIN_TRACE_RESOLUTION = 224
 

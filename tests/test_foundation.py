@@ -46,6 +46,19 @@ def test_default_config_is_the_embedded_default_recipe():
                                                                   out="runs/fashion_mnist_paper")
 
 
+def test_the_int8_recipe_is_the_w4a4_recipe_at_8_bits_with_quantized_shortcuts():
+    w4 = build_config("fashion_mnist_w4a4", {})
+    w8 = build_config("fashion_mnist_w8a8", {})
+    assert w8 == dataclasses.replace(w4, weight_bits=8, act_bits=8, quantized_shortcut=True,
+                                     out="runs/fashion_mnist_w8a8")
+    assert build_config("fashion_mnist_w8a8", {"quantized_shortcut": False}).quantized_shortcut is False
+    # The recipe's shortcut excludes --residual-bits; the one line names the switch that turns it off.
+    code, _, err = invoke("train", "fashion_mnist_w8a8", "--residual-bits", "8")
+    assert code == 2 and len(err) == 1 and "--no-quantized-shortcut" in err[0], err
+    code, out, _ = invoke("train", "--help")
+    assert "--quantized-shortcut / --no-quantized-shortcut" in out
+
+
 def test_every_setting_is_a_train_option_with_its_help_and_choices():
     code, out, _ = invoke("train", "--help")
     assert code == 0

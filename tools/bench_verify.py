@@ -88,14 +88,14 @@ def main() -> None:
     if fp:
         run_configs({"fp": []}, fp, args.work, fp_threads, 1, reuse=args.reuse)
         init = ["--init", str(Path(args.work) / "fp" / "checkpoint.pt")]
-    suffix, extra = "", []
+    # A recipe may quantize shortcuts (fashion_mnist_w8a8): the runs without --shortcut ask for float ones by name.
+    suffix, extra, shortcut = "", [], ["--no-quantized-shortcut"]
     if args.shortcut:
-        suffix, extra = suffix + "_shortcut", extra + ["--quantized-shortcut"]
+        suffix, extra, shortcut = suffix + "_shortcut", extra + ["--quantized-shortcut"], []
     if args.residual_bits:
         suffix, extra = suffix + f"_res{args.residual_bits}", extra + ["--residual-bits", str(args.residual_bits)]
-    if extra:
-        heading += f"; with `{' '.join(extra)}`"
-    runs = run_configs({f"w{b}{suffix}": ["--bits", str(b), *init, *extra] for b in bits}, common, args.work,
+    heading += f"; with `{' '.join(extra + shortcut)}`"
+    runs = run_configs({f"w{b}{suffix}": ["--bits", str(b), *init, *extra, *shortcut] for b in bits}, common, args.work,
                        args.threads, args.jobs, reuse=args.reuse)
     runs = {name.removesuffix(suffix): run for name, run in runs.items()}
     verify_all(bits, runs, args, test_subset, heading, "after the recipe" if args.recipes else "after the short run",
