@@ -223,7 +223,7 @@ def cli():
 def train(recipe, bits, resume, overwrite, **settings):
     """Train an RS-Net (full precision or quantized) with MRED.
 
-    RECIPE is a shipped recipe's name (see the README; default: fashion_mnist) or a .toml path;
+    RECIPE is a shipped recipe's name (`rsq recipes`; default: fashion_mnist) or a .toml path;
     options override it. The defaults shown are the fashion_mnist recipe's. The resolved config
     is saved in the run folder as config.toml.
 
@@ -461,6 +461,37 @@ def models():
     from .models import list_models
 
     click.echo("\n".join(list_models()))
+    return 0
+
+
+@cli.command()
+@click.argument("name", required=False)
+def recipes(name):
+    """List the shipped recipes (`rsq train RECIPE`), or print one recipe's TOML with its comments.
+
+    \b
+    Examples:
+      rsq recipes
+      rsq recipes fashion_mnist_w8a8 > my_recipe.toml   # then: rsq train my_recipe.toml
+    """
+    from .config import build_config, read_recipe, recipe_names
+    from .evaluate import config_bits_label
+
+    if name:
+        click.echo(read_recipe(name)[1], nl=False)
+        return 0
+    rows = [("recipe", "model", "resolutions", "bits", "epochs", "quantization")]
+    for recipe in recipe_names():
+        config = build_config(recipe, {})
+        quantization = ""
+        if config.quantized:
+            quantization = f"{config.quantizer}, first/last {config.first_last}"
+            quantization += ", quantized shortcut" if config.quantized_shortcut else ""
+        rows.append((recipe, config.model, ",".join(map(str, config.resolutions)), config_bits_label(config),
+                     str(config.epochs), quantization))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
 
 

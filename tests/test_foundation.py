@@ -301,3 +301,19 @@ def test_a_config_saved_before_a_setting_existed_resumes_the_old_way():
         del saved[key]
     old = config_from_dict(saved)
     assert (old.distill_ramp, old.head_grad, old.conv_decay, old.norm_lr_factor) == (0.0, "sum", "single", 1.0)
+
+
+def test_rsq_recipes_lists_every_recipe_and_prints_one_that_trains_the_same(tmp_path):
+    code, out, _ = invoke("recipes")
+    assert code == 0
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == recipe_names()
+    w8 = next(line for line in lines if line.startswith("fashion_mnist_w8a8 "))
+    assert "W8A8" in w8 and "quantized shortcut" in w8
+    assert "quantized shortcut" not in next(line for line in lines if line.startswith("fashion_mnist_w4a4 "))
+    code, text, _ = invoke("recipes", "fashion_mnist_w8a8")
+    assert code == 0 and text == (REPO / "recipes" / "fashion_mnist_w8a8.toml").read_text()
+    (tmp_path / "mine.toml").write_text(text)
+    assert build_config(str(tmp_path / "mine.toml"), {}) == build_config("fashion_mnist_w8a8", {})
+    code, _, err = invoke("recipes", "nosuch")
+    assert code == 2 and len(err) == 1 and err[0].startswith("rsq: error: unknown recipe 'nosuch'"), err

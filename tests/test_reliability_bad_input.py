@@ -123,6 +123,8 @@ TABLE = [
     ("resume-truncated", ["train", "--resume", "truncated_run"], "is not a readable rsq checkpoint"),
     # --- train: recipes
     ("recipe-unknown", ["train", "nosuch", *SMALL], "unknown recipe 'nosuch'; choose from:"),
+    ("recipes-unknown", ["recipes", "nosuch"], "unknown recipe 'nosuch'; choose from:"),
+    ("recipes-file-missing", ["recipes", "missing.toml"], "recipe file missing.toml does not exist"),
     ("recipe-file-missing", ["train", "missing.toml", *SMALL], "recipe file missing.toml does not exist"),
     ("recipe-invalid-toml", ["train", "broken.toml", *SMALL], "recipe broken.toml is not valid TOML"),
     ("recipe-unknown-key", ["train", "unknown_key.toml", *SMALL], "unknown key in recipe unknown_key.toml: 'learning_rate'"),
