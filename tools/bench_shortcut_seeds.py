@@ -1,6 +1,6 @@
 """Quantized shortcuts (`--quantized-shortcut`) against the float shortcut, paired by seed, at W8A8 and W4A4.
 
-    .venv/bin/python tools/bench_shortcut_seeds.py [--seeds 0,1,2] [--subset 30000] [--work DIR] [--reuse]
+    .venv/bin/python tools/bench_shortcut_seeds.py [--seeds 0,1,2,3,4] [--subset 30000] [--work DIR] [--reuse]
 
 Every run starts from one full-precision RS-Net (`rsq train fashion_mnist --epochs 2`: the main job's
 recipe in `--fp-epochs` epochs on all 60k images, 2 threads) and trains `--epochs` epochs of the W4A4
@@ -31,7 +31,7 @@ def _stats(values: list[float]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--bits", default="8,4")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--subset", type=int, default=30000)
