@@ -239,17 +239,30 @@ def train(recipe, bits, resume, overwrite, **settings):
     from .config import build_config
     from .train import train as run_training
 
-    if isinstance(bits, list):
-        settings["bit_widths"] = bits
-    elif bits is not None:
-        settings["weight_bits"] = settings["weight_bits"] or bits
-        settings["act_bits"] = settings["act_bits"] or bits
+    apply_bits_option(bits, settings)
     if resume:
         config = resume_config(resume, settings, recipe, overwrite)
     else:
         config = build_config(recipe or "fashion_mnist", settings)
     run_training(config, resume=bool(resume), overwrite=overwrite)
     return 0
+
+
+def apply_bits_option(bits, settings: dict) -> None:
+    """Put `--bits` (one bit width or a list) into the train settings, in place.
+
+    `--bits` replaces the recipe's bits of the other kind (a list the recipe's weight_bits/act_bits,
+    one bit width its bit_widths), so `rsq train fashion_mnist_w4a4 --bits 2,4,8` is a joint model;
+    `--weight-bits`/`--act-bits` given next to a list still conflict, with the config's message.
+    """
+    if isinstance(bits, list):
+        settings["bit_widths"] = bits
+        settings["weight_bits"] = settings["weight_bits"] or 32
+        settings["act_bits"] = settings["act_bits"] or 32
+    elif bits is not None:
+        settings["bit_widths"] = []
+        settings["weight_bits"] = settings["weight_bits"] or bits
+        settings["act_bits"] = settings["act_bits"] or bits
 
 
 # ----------------------------------------------------------------------------- eval / calibrate

@@ -317,3 +317,21 @@ def test_rsq_recipes_lists_every_recipe_and_prints_one_that_trains_the_same(tmp_
     assert build_config(str(tmp_path / "mine.toml"), {}) == build_config("fashion_mnist_w8a8", {})
     code, _, err = invoke("recipes", "nosuch")
     assert code == 2 and len(err) == 1 and err[0].startswith("rsq: error: unknown recipe 'nosuch'"), err
+
+
+def test_bits_option_replaces_the_recipes_bits_of_the_other_kind(tmp_path):
+    from rsq.cli import apply_bits_option
+
+    def config(recipe, bits, **flags):
+        settings = {"weight_bits": None, "act_bits": None, **flags}
+        apply_bits_option(bits, settings)
+        return build_config(recipe, settings)
+
+    joint = config("fashion_mnist_w4a4", [2, 4, 8])  # the recipe's weight_bits = act_bits = 4 give way
+    assert (joint.bit_widths, joint.weight_bits, joint.act_bits) == ([8, 4, 2], 32, 32)
+    assert config("fashion_mnist_w8a8", [4, 8]).quantized_shortcut is True
+    (tmp_path / "joint.toml").write_text("bit_widths = [2, 4, 8, 32]\n")
+    single = config(str(tmp_path / "joint.toml"), 4)  # and a recipe's list gives way to one bit width
+    assert (single.bit_widths, single.weight_bits, single.act_bits) == ([], 4, 4)
+    with pytest.raises(RsqError, match="drop weight_bits/act_bits"):
+        config("fashion_mnist_w4a4", [2, 4], weight_bits=4)  # flags given next to a list still conflict
