@@ -239,7 +239,7 @@ def train(recipe, bits, resume, overwrite, **settings):
     from .config import build_config
     from .train import train as run_training
 
-    apply_bits_option(bits, settings)
+    apply_bits_option(bits, settings, replace_recipe_bits=not resume)
     if resume:
         config = resume_config(resume, settings, recipe, overwrite)
     else:
@@ -248,19 +248,22 @@ def train(recipe, bits, resume, overwrite, **settings):
     return 0
 
 
-def apply_bits_option(bits, settings: dict) -> None:
+def apply_bits_option(bits, settings: dict, replace_recipe_bits: bool = True) -> None:
     """Put `--bits` (one bit width or a list) into the train settings, in place.
 
-    `--bits` replaces the recipe's bits of the other kind (a list the recipe's weight_bits/act_bits,
-    one bit width its bit_widths), so `rsq train fashion_mnist_w4a4 --bits 2,4,8` is a joint model;
-    `--weight-bits`/`--act-bits` given next to a list still conflict, with the config's message.
+    ``replace_recipe_bits``: `--bits` also replaces the recipe's bits of the other kind (a list the
+    recipe's weight_bits/act_bits, one bit width its bit_widths), so `rsq train fashion_mnist_w4a4
+    --bits 2,4,8` is a joint model; `--weight-bits`/`--act-bits` given next to a list still conflict,
+    with the config's message. Off for --resume, whose conflict message names only what was typed.
     """
     if isinstance(bits, list):
         settings["bit_widths"] = bits
-        settings["weight_bits"] = settings["weight_bits"] or 32
-        settings["act_bits"] = settings["act_bits"] or 32
+        if replace_recipe_bits:
+            settings["weight_bits"] = settings["weight_bits"] or 32
+            settings["act_bits"] = settings["act_bits"] or 32
     elif bits is not None:
-        settings["bit_widths"] = []
+        if replace_recipe_bits:
+            settings["bit_widths"] = []
         settings["weight_bits"] = settings["weight_bits"] or bits
         settings["act_bits"] = settings["act_bits"] or bits
 
