@@ -491,20 +491,16 @@ def recipes(name):
       rsq recipes fashion_mnist_w8a8 > my_recipe.toml   # then: rsq train my_recipe.toml
     """
     from .config import build_config, read_recipe, recipe_names
-    from .evaluate import config_bits_label
+    from .evaluate import config_quant, quant_text
 
     if name:
         click.echo(read_recipe(name)[1], nl=False)
         return 0
-    rows = [("recipe", "model", "resolutions", "bits", "epochs", "quantization")]
+    rows = [("recipe", "model", "resolutions", "epochs", "bits")]
     for recipe in recipe_names():
-        config = build_config(recipe, {})
-        quantization = ""
-        if config.quantized:
-            quantization = f"{config.quantizer}, first/last {config.first_last}"
-            quantization += ", quantized shortcut" if config.quantized_shortcut else ""
-        rows.append((recipe, config.model, ",".join(map(str, config.resolutions)), config_bits_label(config),
-                     str(config.epochs), quantization))
+        config = build_config(recipe, {})  # as `rsq train RECIPE` resolves it: the table cannot drift from the files
+        rows.append((recipe, config.model, ",".join(map(str, config.resolutions)), str(config.epochs),
+                     quant_text(config_quant(config))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -118,6 +118,26 @@ def config_bits_label(config) -> str:
     return bits_label(config.weight_bits, config.act_bits)
 
 
+def config_quant(config) -> dict:
+    """A config's quantization as results.json's "quant" records it (less the model's full-precision layers)."""
+    return {"label": config_bits_label(config), "weight_bits": config.weight_bits,
+            "bit_widths": list(config.bit_widths),
+            "act_bits": config.act_bits, "quantizer": config.quantizer if config.quantized else None,
+            "first_last": config.first_last if config.quantized else None,
+            "quantized_shortcut": config.quantized_shortcut, "residual_bits": config.residual_bits}
+
+
+def quant_text(quant: dict) -> str:
+    """One line for a "quant" record: "W4A4 (lsq, first/last at 8, quantized shortcut)", "FP"."""
+    text = quant.get("label", "?")
+    if quant.get("quantizer"):
+        text += f" ({quant['quantizer']}, first/last at {quant.get('first_last')}"
+        text += ", quantized shortcut" if quant.get("quantized_shortcut") else ""
+        residual = quant.get("residual_bits", 32)
+        text += f", {residual}-bit residual stream)" if residual != 32 else ")"
+    return text
+
+
 def result_rows(model: nn.Module, metrics: dict, in_chans: int, weight_bits: int, act_bits: int,
                 calibrated: set[int] = frozenset()) -> list[dict]:
     """One row per (resolution, bits): accuracy and cost columns (see rsq/counting.py)."""
@@ -154,4 +174,3 @@ def _si(value: float) -> str:
         if value >= scale:
             return f"{value / scale:.2f} {unit}"
     return str(value)
-

@@ -9,6 +9,7 @@ from typing import Optional
 import pandas as pd
 
 from .errors import RsqError, choices_error
+from .evaluate import quant_text
 from .latency import run_latency
 
 FORMATS = ("md", "csv", "json")
@@ -83,17 +84,6 @@ def _frame(records: list[dict], columns: list[str]) -> pd.DataFrame:
     return df
 
 
-def _quant_text(run: dict) -> str:
-    quant = run.get("quant") or {}
-    text = quant.get("label", "?")
-    if quant.get("quantizer"):
-        text += f" ({quant['quantizer']}, first/last at {quant.get('first_last')}"
-        text += ", quantized shortcut" if quant.get("quantized_shortcut") else ""
-        residual = quant.get("residual_bits", 32)
-        text += f", {residual}-bit residual stream)" if residual != 32 else ")"
-    return text
-
-
 def run_table(run: dict, latency: Optional[dict] = None) -> pd.DataFrame:
     """One row per (resolution, bits) plus an "ensemble" row; ``latency`` maps resolution to ms."""
     columns = ["resolution", "bits", "top1", "top5", "macs", "bitops", "weight_size_bits",
@@ -106,7 +96,7 @@ def run_table(run: dict, latency: Optional[dict] = None) -> pd.DataFrame:
         records.append({"resolution": "ensemble", **run["ensemble"]})
     df = _frame(records, columns)
     df.attrs["title"] = (f"run {run['run']}: {run.get('model', '?')} on {run.get('data', '?')}, "
-                         f"{_quant_text(run)}, {run.get('epochs', '?')} epochs, "
+                         f"{quant_text(run.get('quant') or {})}, {run.get('epochs', '?')} epochs, "
                          f"distill {run.get('distill', '?')}")
     if latency is not None:
         df.attrs["notes"].append("latency: CPU, batch 1, median ms per image after warm-up")

@@ -36,7 +36,7 @@ from .distill import BitWidthEnsembles, EnsembleWeights, joint_loss, mred_loss
 from .distributed import Dist, agreed, all_finite, setup_distributed, shutdown_distributed, sync_buffers, \
     world_from_env
 from .errors import RsqError
-from .evaluate import (autocast_for, bits_label, config_bits_label, evaluate_modes, format_table, grid_rows,
+from .evaluate import (autocast_for, bits_label, config_quant, evaluate_modes, format_table, grid_rows,
                        grid_summary)
 from .mode_threads import ModeThreads, quantizers_ready
 from .nn import fused_bn
@@ -578,11 +578,7 @@ def build_results(config, model, grid, ensemble: Optional[nn.Module], in_chans, 
         "kind": "rsq-results", "format_version": 1, "run": run_name,
         "model": config.model, "data": config.data, "num_classes": num_classes, "in_chans": in_chans,
         "epochs": config.epochs, "distill": config.distill, "seed": config.seed,
-        "quant": {"label": config_bits_label(config), "weight_bits": config.weight_bits,
-                  "bit_widths": list(config.bit_widths),
-                  "act_bits": config.act_bits, "quantizer": config.quantizer if config.quantized else None,
-                  "first_last": config.first_last if config.quantized else None,
-                  "quantized_shortcut": config.quantized_shortcut, "residual_bits": config.residual_bits,
+        "quant": {**config_quant(config),
                   "left_full_precision": full_precision_layers(raw_model) if config.quantized else []},
         "rows": grid_rows(raw_model, grid, in_chans, config.weight_bits, config.act_bits, set(calibrated)),
         "ensemble": grid[widest]["ensemble"],
