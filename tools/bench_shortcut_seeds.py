@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import cpu_name, finished_run, run_configs, run_train, top1, write_outputs  # noqa: E402
+from benchlib import cpu_name, run_configs, top1, write_outputs  # noqa: E402
 
 SIDES = {"float": ["--no-quantized-shortcut"], "quantized": ["--quantized-shortcut"]}
 
@@ -44,8 +44,8 @@ def main() -> None:
     bit_widths = [int(b) for b in args.bits.split(",")]
 
     work = Path(args.work)
-    fp = (args.reuse and finished_run(args.work, "fp")) or run_train(
-        "fp", ["fashion_mnist", "--epochs", str(args.fp_epochs)], args.work, 2)
+    fp = run_configs({"fp": []}, ["fashion_mnist", "--epochs", str(args.fp_epochs)], args.work, threads=2, jobs=1,
+                     reuse=args.reuse)["fp"]
     common = ["fashion_mnist_w4a4", "--init", str(work / "fp" / "checkpoint.pt"), "--epochs", str(args.epochs),
               "--subset", str(args.subset)]
     configs = {f"w{b}_{side}_s{seed}": ["--bits", str(b), "--seed", str(seed), *flags]
