@@ -46,12 +46,15 @@ def test_default_config_is_the_embedded_default_recipe():
                                                                   out="runs/fashion_mnist_paper")
 
 
-def test_the_int8_recipe_is_the_w4a4_recipe_at_8_bits_with_quantized_shortcuts():
+def test_the_int8_recipes_are_the_w4a4_recipes_at_8_bits_with_quantized_shortcuts():
     w4 = build_config("fashion_mnist_w4a4", {})
     w8 = build_config("fashion_mnist_w8a8", {})
     assert w8 == dataclasses.replace(w4, weight_bits=8, act_bits=8, quantized_shortcut=True,
                                      out="runs/fashion_mnist_w8a8")
     assert build_config("fashion_mnist_w8a8", {"quantized_shortcut": False}).quantized_shortcut is False
+    assert build_config("imagenet_resnet18_w8a8", {}) == dataclasses.replace(
+        build_config("imagenet_resnet18_w4a4", {}), weight_bits=8, act_bits=8, quantized_shortcut=True,
+        out="runs/imagenet_resnet18_w8a8")
     # The recipe's shortcut excludes --residual-bits; the one line names the switch that turns it off.
     code, _, err = invoke("train", "fashion_mnist_w8a8", "--residual-bits", "8")
     assert code == 2 and len(err) == 1 and "--no-quantized-shortcut" in err[0], err

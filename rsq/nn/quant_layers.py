@@ -18,7 +18,24 @@ def _bits_of(quantizer: nn.Module) -> int:
     return int(getattr(quantizer, "bits", FULL_PRECISION))
 
 
-class QuantConv2d(nn.Conv2d):
+class _Quantized:
+    """What QuantConv2d and QuantLinear share: their two quantizers (nn.Identity where none is given) and
+    the bits that counting.py reads from them."""
+
+    def _attach_quantizers(self, weight_quantizer: Optional[nn.Module], act_quantizer: Optional[nn.Module]):
+        self.weight_quantizer = weight_quantizer if weight_quantizer is not None else nn.Identity()
+        self.act_quantizer = act_quantizer if act_quantizer is not None else nn.Identity()
+
+    @property
+    def weight_bits(self) -> int:
+        return _bits_of(self.weight_quantizer)
+
+    @property
+    def act_bits(self) -> int:
+        return _bits_of(self.act_quantizer)
+
+
+class QuantConv2d(_Quantized, nn.Conv2d):
     """nn.Conv2d whose forward is conv(act_quantizer(x), weight_quantizer(weight)).
 
     ``reads_quantized_input`` (set by rsq.nn.residual): the caller has already applied
@@ -34,16 +51,7 @@ class QuantConv2d(nn.Conv2d):
                  device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, padding_mode, device=device, dtype=dtype)
-        self.weight_quantizer = weight_quantizer if weight_quantizer is not None else nn.Identity()
-        self.act_quantizer = act_quantizer if act_quantizer is not None else nn.Identity()
-
-    @property
-    def weight_bits(self) -> int:
-        return _bits_of(self.weight_quantizer)
-
-    @property
-    def act_bits(self) -> int:
-        return _bits_of(self.act_quantizer)
+        self._attach_quantizers(weight_quantizer, act_quantizer)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, weight_quantizer: nn.Module, act_quantizer: nn.Module) -> "QuantConv2d":
@@ -66,23 +74,14 @@ class QuantConv2d(nn.Conv2d):
         return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(_Quantized, nn.Linear):
     """nn.Linear whose forward is linear(act_quantizer(x), weight_quantizer(weight))."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  weight_quantizer: Optional[nn.Module] = None, act_quantizer: Optional[nn.Module] = None,
                  device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.weight_quantizer = weight_quantizer if weight_quantizer is not None else nn.Identity()
-        self.act_quantizer = act_quantizer if act_quantizer is not None else nn.Identity()
-
-    @property
-    def weight_bits(self) -> int:
-        return _bits_of(self.weight_quantizer)
-
-    @property
-    def act_bits(self) -> int:
-        return _bits_of(self.act_quantizer)
+        self._attach_quantizers(weight_quantizer, act_quantizer)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_quantizer: nn.Module, act_quantizer: nn.Module) -> "QuantLinear":

@@ -29,6 +29,7 @@ FULL_PRECISION = 32
 class QuantizationWarning(UserWarning):
     """Something quantization did other than asked: a layer left in full precision, a skipped update."""
 
+
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, FULL_PRECISION)
 
 
@@ -156,7 +157,19 @@ def lsq_reference(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, grad_sc
     return round_ste(v) * step
 
 
-class LSQQuantizer(nn.Module):
+class _LazyInit(nn.Module):
+    """A quantizer whose parameters come from the first batch it sees in training (``initialize_``);
+    ``initialized`` (a buffer) records that in checkpoints, ``_ready`` caches it between forwards."""
+
+    def _check_ready(self, x: torch.Tensor) -> bool:
+        if bool(self.initialized):
+            self._ready = True
+        elif self.training:
+            self.initialize_(x)
+        return self._ready
+
+
+class LSQQuantizer(_LazyInit):
     """Learned step size quantization (Esser et al. 2020); docs/methods.md §2."""
 
     def __init__(self, bits: int, signed: bool, per_channel: bool, channels: int = 1, ndim: int = 4):
@@ -187,13 +200,6 @@ class LSQQuantizer(nn.Module):
         self.initialized.fill_(True)
         self._ready = True
         return True
-
-    def _check_ready(self, x: torch.Tensor) -> bool:
-        if bool(self.initialized):
-            self._ready = True
-        elif self.training:
-            self.initialize_(x)
-        return self._ready
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == FULL_PRECISION or (not self._ready and not self._check_ready(x)):
@@ -241,7 +247,7 @@ def _all_codes(bits: int, signed: bool) -> torch.Tensor:
     return 2 * code - 1 if signed else code
 
 
-class LQNetQuantizer(nn.Module):
+class LQNetQuantizer(_LazyInit):
     """LQ-Nets (Zhang et al. 2018): levels v.e for a basis v trained by QEM; docs/methods.md §3.
 
     Signed quantizers (all weights; activations that can be negative) use E = {-1, +1},
@@ -279,13 +285,6 @@ class LQNetQuantizer(nn.Module):
         self.initialized.fill_(True)
         self._ready = True
         return True
-
-    def _check_ready(self, x: torch.Tensor) -> bool:
-        if bool(self.initialized):
-            self._ready = True
-        elif self.training:
-            self.initialize_(x)
-        return self._ready
 
     def _sorted_levels(self) -> tuple[torch.Tensor, torch.Tensor]:
         levels, order = (self.basis @ self.codes.T).sort(dim=1)  # [rows, 2^K]
