@@ -12,7 +12,15 @@ largest that still holds the calibrated range), so that the reader's rounding bo
 the wide tensor's integers: an experiment, not what the writer does. --range-scale F calibrates every wide
 tensor's 8-bit grid to F times its largest calibration value (F < 1 saturates the rest): another one.
 
-    python tools/probe_qlinear_layers.py RUN/checkpoint.pt [--images 256] [--align] [--range-scale F] [--out FILE]
+--tie (a model with quantized shortcuts): an experiment on the trained model itself. Each identity block's
+output grid is set to its input grid (the next block's input step := this block's, chained through a stage,
+without retraining), so a block's add reads its shortcut on the grid it writes; its second conv then writes
+that same grid (a zero point from the calibrated minimum and maximum), and QLinearAdd adds two integers on
+one grid: the add itself is exact, what is left is the conv's own rounding. Reports the fake-quant top-1
+before and after tying, and the agreement of the QLinear graph with the tied model (rsq.runtime).
+
+    python tools/probe_qlinear_layers.py RUN/checkpoint.pt [--images 256] [--align] [--range-scale F] [--tie]
+        [--out FILE]
 """
 from __future__ import annotations
 
@@ -50,6 +58,103 @@ def aligned_grids(qlinear):
     return grids
 
 
+def tie_identity_grids(model) -> int:
+    """Each identity block's output grid := its input grid (the next block's input quantizer takes this block's
+    step), chained through a stage; returns how many steps changed."""
+    import torch
+
+    from rsq.nn.residual import has_quantized_input, residual_blocks
+    blocks = [block for _, block in residual_blocks(model)]
+    if not all(has_quantized_input(block) for block in blocks):
+        raise SystemExit("--tie needs a model trained with quantized shortcuts")
+    tied = 0
+    with torch.no_grad():
+        for block, following in zip(blocks, blocks[1:]):
+            if block.downsample is None:
+                following.conv1.act_quantizer.step.copy_(block.conv1.act_quantizer.step)
+                tied += 1
+    return tied
+
+
+def wide_extremes(integer, images) -> dict:
+    """Per resolution: (min, max) integer of every wide tensor on the calibration images, by rsq.runtime."""
+    from rsq.runtime import Runtime
+    runtime = Runtime(integer, gemm="float")
+    wide = [name for name, info in integer.tensors.items() if info.kind == "wide"]
+    extremes = {}
+    for r in integer.resolutions:
+        low, high = dict.fromkeys(wide, 0), dict.fromkeys(wide, 0)
+        for start in range(0, len(images[r]), 64):
+            values = runtime.run_all(images[r][start:start + 64], r)
+            for name in wide:
+                low[name] = min(low[name], int(values[name].min()))
+                high[name] = max(high[name], int(values[name].max()))
+        extremes[r] = {name: (low[name], high[name]) for name in wide}
+    return extremes
+
+
+def tied_grids(qlinear, extremes):
+    """_QLinearGraph._grids with each add whose shortcut is on the grid the add writes reading its other (wide)
+    input on that grid too: the zero point puts the calibrated range of that input, as far as it can matter
+    (a sum outside [0, 255] steps saturates anyway: [-255, 255]), inside uint8."""
+    plain = qlinear._QLinearGraph._grids
+
+    def grids(self, ranges):
+        result = plain(self, ranges)
+        for op in self.model.ops:
+            if not qlinear.fused_requantize(self.model, op):
+                continue
+            add = qlinear._producer(self.model, op.inputs[0])
+            kinds = [self.model.tensors[t].kind for t in add.inputs]
+            if sorted(kinds) != ["narrow", "wide"]:
+                continue
+            narrow, wide = add.inputs[kinds.index("narrow")], add.inputs[kinds.index("wide")]
+            step = result[op.output][0]
+            if result[narrow][0] != step:
+                continue
+            low, high = (v * self.scales[wide] / step for v in extremes[self.r][wide])
+            low, high = max(low, -255.0), min(high, 255.0)
+            zero = np.ceil(-low) if high - low <= 255 else np.round(127.5 - (low + high) / 2)
+            result[wide] = (step, int(np.clip(zero, 0, 255)))
+        return result
+    return grids
+
+
+def headroom_shifts(qlinear):
+    """qlinear.weight_shifts, and each 8-bit conv's weights moved left by as many bits as its largest
+    |integer| leaves inside int8 (a 4x finer accumulator for weights within +-31), whatever its input's bits."""
+    plain = qlinear.weight_shifts
+
+    def shifts(model):
+        result = plain(model)
+        for op in model.ops:
+            weight = model.weights[op.attrs["weight"]] if op.kind == "conv" else None
+            if weight is None or weight.bits != 8:
+                continue
+            peak, k = max(int(np.abs(weight.values).max()), 1), 0
+            while peak << (k + 1) <= 127:
+                k += 1
+            if k:
+                result[op.attrs["weight"]] = k
+        return result
+    return shifts
+
+
+def fake_quant_top1(model, test, resolutions) -> dict:
+    import torch
+
+    from rsq.convert import using_mode
+    correct, images = dict.fromkeys(resolutions, 0), 0
+    model.eval()
+    with torch.no_grad():
+        for xs, labels in test.batches():
+            images += len(labels)
+            for r in resolutions:
+                with using_mode(model, r):
+                    correct[r] += int((model(xs[r]).argmax(1) == labels).sum())
+    return {r: 100 * c / images for r, c in correct.items()}
+
+
 def fit_coverage(integer, resolution: int) -> list[str]:
     from rsq.export.qlinear import narrow_output_fit, weight_shifts
     shifts, lines = weight_shifts(integer), []
@@ -69,6 +174,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--align", action="store_true")
     parser.add_argument("--range-scale", type=float, default=1.0)
+    parser.add_argument("--tie", action="store_true")
+    parser.add_argument("--shift8", action="store_true")
     parser.add_argument("--out", default=None, help="write FILE.md and FILE.json (default: print only)")
     args = parser.parse_args()
     import onnx
@@ -86,24 +193,41 @@ def main() -> None:
     model, ckpt = load_model(args.checkpoint)
     config = checkpoint_config(ckpt)
     resolutions = list(mode_state(model).resolutions)
+    test = _test_data(ckpt, resolutions, args.images, None)
+    tie_lines = []
+    if args.tie:
+        before = fake_quant_top1(model, test, resolutions)
+        tied = tie_identity_grids(model)
+        after = fake_quant_top1(model, test, resolutions)
+        tie_lines = [f"Tied: {tied} identity blocks' output grids set to their input grids, without retraining. "
+                     "Fake-quant top-1 before / after tying, same images:", "",
+                     "| resolution | before | after |", "|---:|---:|---:|"]
+        tie_lines += [f"| {r} | {before[r]:.2f} | {after[r]:.2f} |" for r in resolutions] + [""]
     integer = lower_checkpoint_model(model, config, resolutions, None)
     pool = training_pool(config.replace(device="cpu"), qlinear.CALIBRATION_IMAGES)
-    ranges = qlinear.wide_ranges(integer, {r: resize_batch(pool, r).numpy() for r in resolutions})
+    pool_images = {r: resize_batch(pool, r).numpy() for r in resolutions}
+    ranges = qlinear.wide_ranges(integer, pool_images)
+    if args.tie:
+        qlinear._QLinearGraph._grids = tied_grids(qlinear, wide_extremes(integer, pool_images))
+    if args.shift8:
+        qlinear.weight_shifts = headroom_shifts(qlinear)
     if args.range_scale != 1.0:
         ranges = {r: {t: max(1, int(v * args.range_scale)) for t, v in wide.items()} for r, wide in ranges.items()}
     if args.align:
         qlinear._QLinearGraph._grids = aligned_grids(qlinear)
     folder = Path(tempfile.mkdtemp(prefix="probe_qlinear_layers."))
     qlinear.write_qlinear(integer, ranges, folder)
-    test = _test_data(ckpt, resolutions, args.images, None)
     runtime = Runtime(integer, gemm="float")
     variant = (" (grids aligned to their readers)" if args.align else "") + (
-        f" (wide ranges x {args.range_scale:g})" if args.range_scale != 1.0 else "")
+        f" (wide ranges x {args.range_scale:g})" if args.range_scale != 1.0 else "") + (
+        " (identity blocks' grids tied)" if args.tie else "") + (
+        " (8-bit weights moved left by their headroom)" if args.shift8 else "")
     lines = [f"# QLinear against rsq.runtime, layer by layer{variant}",
              "", f"CPU: {cpu_name()}.", "",
              f"`python tools/probe_qlinear_layers.py {args.checkpoint} --images {args.images}"
              f"{' --align' if args.align else ''}"
-             f"{f' --range-scale {args.range_scale:g}' if args.range_scale != 1.0 else ''}`", ""]
+             f"{f' --range-scale {args.range_scale:g}' if args.range_scale != 1.0 else ''}"
+             f"{' --tie' if args.tie else ''}{' --shift8' if args.shift8 else ''}`", "", *tie_lines]
     payload = {"cpu": cpu_name(), "settings": vars(args), "resolutions": {}}
     for r in resolutions:
         proto = onnx.load(str(folder / qlinear.graph_file(r)), load_external_data=False)
