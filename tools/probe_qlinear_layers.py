@@ -18,9 +18,11 @@ without retraining), so a block's add reads its shortcut on the grid it writes; 
 that same grid (a zero point from the calibrated minimum and maximum), and QLinearAdd adds two integers on
 one grid: the add itself is exact, what is left is the conv's own rounding. Reports the fake-quant top-1
 before and after tying, and the agreement of the QLinear graph with the tied model (rsq.runtime).
+--shift8: each 8-bit conv's weights moved left inside int8 by the headroom their largest integer leaves, for
+a finer accumulator (so a finer integer bias), whatever the input's bits: another experiment.
 
     python tools/probe_qlinear_layers.py RUN/checkpoint.pt [--images 256] [--align] [--range-scale F] [--tie]
-        [--out FILE]
+        [--shift8] [--out FILE]
 """
 from __future__ import annotations
 
