@@ -441,9 +441,12 @@ def _c_memory(folder) -> str:
 @click.option("--test-subset", type=Number(int), default=None, help="verify on the first N test images")
 @click.option("--data-dir", default=None, help="data folder [default: the run's]")
 @click.option("--out", default=None, help="also write the table as JSON here")
-def verify(export_dir, test_subset, data_dir, out):
+@click.option("--latency/--no-latency", default=True, show_default=True,
+              help="time every engine at batch 1 and 32, warm (PT2E compiles once per batch size)")
+def verify(export_dir, test_subset, data_dir, out, latency):
     """Run every artifact of an export on the run's test set and compare it with the fake-quantized
-    model and with rsq's integer reference runtime: top-1, agreement, latency, integer equality.
+    model and with rsq's integer reference runtime: top-1, agreement, integer equality, and the
+    latency at batch 1 and per image at batch 32.
 
     \b
     Examples:
@@ -452,7 +455,7 @@ def verify(export_dir, test_subset, data_dir, out):
     """
     from .verify import verify_export
 
-    result = verify_export(export_dir, test_subset=test_subset, data_dir=data_dir)
+    result = verify_export(export_dir, test_subset=test_subset, data_dir=data_dir, latency=latency)
     if out:
         from .results import write_json_atomic
 

@@ -1,12 +1,15 @@
 """``verify_export(folder)``: run every artifact of an export on the run's test set and compare.
 
 Per resolution and artifact: top-1, top-1 agreement with the fake-quant PyTorch model, the
-accuracy difference, latency per image, and whether its integer logits equal rsq.runtime's (the
-reference: the checkpoint lowered again in memory). Fake-quant vs runtime disagreement is the
-integer arithmetic's doing; runtime vs an artifact's is the writer's or the engine's.
+accuracy difference, the latency at batch 1 and per image at batch 32 (warm: each engine's one-time
+work, such as Inductor's compile for a batch size, is done by an untimed call first), and whether its
+integer logits equal rsq.runtime's (the reference: the checkpoint lowered again in memory).
+Fake-quant vs runtime disagreement is the integer arithmetic's doing; runtime vs an artifact's is the
+writer's or the engine's.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Optional
@@ -85,9 +88,9 @@ def _artifacts(export_dir: Path, info: dict, resolutions, gemm: str, reference, 
     for name in ("executorch", "executorch-exact"):
         if name in formats:
             from .export import EXECUTORCH_FILE
-            from .export.executorch import method_name, run_executorch
-            pte = export_dir / name / EXECUTORCH_FILE
-            runners[name] = lambda x, r, pte=pte: run_executorch(pte, method_name(r), x)
+            from .export.executorch import ExecutorchProgram, method_name
+            program = ExecutorchProgram(export_dir / name / EXECUTORCH_FILE)
+            runners[name] = lambda x, r, program=program: program(method_name(r), x)
     return runners
 
 
@@ -122,29 +125,59 @@ def _qonnx_runner(folder: Path):
     runners: dict[int, QonnxRunner] = {}
     seen: dict[int, int] = {}
 
+    def unsampled(x, r):
+        if r not in runners:
+            runners[r] = QonnxRunner(folder / qonnx_file(r))
+        return runners[r](x)
+
     def run(x, r):
         take = max(0, min(len(x), QONNX_IMAGES - seen.get(r, 0)))
         seen[r] = seen.get(r, 0) + take
-        if not take:
-            return None
-        if r not in runners:
-            runners[r] = QonnxRunner(folder / qonnx_file(r))
-        return runners[r](x[:take])
+        return unsampled(x[:take], r) if take else None
+    run.unsampled = unsampled  # the latency pass times it on its own inputs
     return run
+
+
+LATENCY_BATCH = 32
+SLOW_CALL_S = 0.05   # an engine whose one-image call takes longer is timed at batch 1 only (qonnx's executor)
+
+
+def _median_ms(run, x, min_calls: int = 3, budget_s: float = 0.3, max_calls: int = 20) -> float:
+    """Median ms of ``run(x)`` after one untimed call (sessions, method loading, Inductor's compile for this
+    batch size): at least ``min_calls`` calls, more while within ``budget_s``."""
+    run(x)
+    times = []
+    began = time.perf_counter()
+    while len(times) < min_calls or (len(times) < max_calls and time.perf_counter() - began < budget_s):
+        start = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def _latencies(runners: dict, images: dict) -> dict:
+    """{(resolution, name): (ms at batch 1, ms per image at batch len(images[r]) or None)}; ``runners[name]``
+    is called as run(x, r)."""
+    timed = {}
+    for r, x in images.items():
+        for name, run in runners.items():
+            call = getattr(run, "unsampled", run)
+            one = _median_ms(lambda a: call(a, r), x[:1])
+            many = None if one > 1000 * SLOW_CALL_S else _median_ms(lambda a: call(a, r), x) / len(x)
+            timed[r, name] = (round(one, 3), None if many is None else round(many, 3))
+    return timed
 
 
 class _Tally:
     def __init__(self):
         self.correct = self.agree = self.images = 0
-        self.seconds = 0.0
         self.int_differ = self.int_within_one = self.int_total = 0
         self.compared = ""  # what the integers compared with rsq.runtime's are: "" (none), "logits", a tensor
 
-    def add(self, pred, target, fq_pred, seconds, ints=None, ref_ints=None, what: str = "logits"):
+    def add(self, pred, target, fq_pred, ints=None, ref_ints=None, what: str = "logits"):
         self.correct += int((pred == target).sum())
         self.agree += int((pred == fq_pred).sum())
         self.images += len(target)
-        self.seconds += seconds
         if ints is not None:
             self.compared = what
             diff = np.abs(ints.astype(np.int64) - ref_ints.astype(np.int64))
@@ -152,12 +185,12 @@ class _Tally:
             self.int_within_one += int((diff <= 1).sum())
             self.int_total += diff.size
 
-    def row(self, resolution, artifact, fq_top1) -> dict:
+    def row(self, resolution, artifact, fq_top1, latency=(None, None)) -> dict:
         top1 = 100.0 * self.correct / max(self.images, 1)
         row = {"resolution": resolution, "artifact": artifact, "top1": round(top1, 2),
                "agreement": round(100.0 * self.agree / max(self.images, 1), 2),
                "top1_diff": round(top1 - fq_top1, 2),
-               "ms_per_image": round(1000 * self.seconds / max(self.images, 1), 3),
+               "ms_batch1": latency[0], "ms_per_image_batch": latency[1],
                "integers_vs_runtime": ""}
         if self.compared:
             # Logits are named only when they are not what is compared (the QLinear graph's are float).
@@ -169,11 +202,13 @@ class _Tally:
 
 
 def verify_export(export_dir, test_subset: Optional[int] = None, data_dir: Optional[str] = None,
-                  quiet: bool = False, gemm: str = "float") -> dict:
-    """{"images", "rows", "lowering_unchanged"}; also prints the table unless ``quiet``.
+                  quiet: bool = False, gemm: str = "float", latency: bool = True) -> dict:
+    """{"images", "rows", "lowering_unchanged", "latency_batch"}; also prints the table unless ``quiet``.
 
     gemm: rsq.runtime's matmul ("float": exact float32 BLAS where provably exact, several times
     faster; "int32": int32 throughout). Both give the same integers (tests/test_export_models.py).
+    latency: time every engine at batch 1 and at batch LATENCY_BATCH (the first test images; fewer when the
+    test set is smaller), warm, on the threads this process has; False leaves the two columns empty.
     """
     # Before anything is timed, so every format runs with the allocator the PT2E server path sets.
     keep_freed_memory()
@@ -191,42 +226,45 @@ def verify_export(export_dir, test_subset: Optional[int] = None, data_dir: Optio
     test = _test_data(ckpt, resolutions, test_subset, data_dir)
     names = ["fake-quant", "runtime"] + list(artifacts)
     tallies = {(r, name): _Tally() for r in resolutions for name in names}
+    first: dict[int, np.ndarray] = {}  # the first LATENCY_BATCH test images per resolution, for the latency pass
+
+    def fake_quant(x, r):
+        with using_mode(model, r, bits):
+            return model(torch.from_numpy(x)).numpy()
+
     with torch.no_grad():
         for xs, target in test.batches():
             target = target.numpy()
             for r in resolutions:
-                start = time.perf_counter()
-                with using_mode(model, r, bits):
-                    fq_pred = model(xs[r]).argmax(1).numpy()
-                tallies[r, "fake-quant"].add(fq_pred, target, fq_pred, time.perf_counter() - start)
                 x = xs[r].numpy().astype(np.float32)
-                start = time.perf_counter()
+                if len(first.get(r, ())) < LATENCY_BATCH:
+                    first[r] = np.concatenate([first[r], x])[:LATENCY_BATCH] if r in first else x[:LATENCY_BATCH]
+                fq_pred = fake_quant(x, r).argmax(1)
+                tallies[r, "fake-quant"].add(fq_pred, target, fq_pred)
                 ref_values = runtime.run_all(x, r)
                 ref_ints = ref_values[reference.output]
-                tallies[r, "runtime"].add(ref_ints.argmax(1), target, fq_pred, time.perf_counter() - start)
+                tallies[r, "runtime"].add(ref_ints.argmax(1), target, fq_pred)
                 for name, run in artifacts.items():
-                    start = time.perf_counter()
                     out = run(x, r)
                     if out is None:  # a sampled artifact that has seen its share
                         continue
-                    seconds = time.perf_counter() - start
                     if isinstance(out, tuple):  # float logits and one integer tensor to compare
                         out, (tensor, ints) = out
-                        tallies[r, name].add(out.argmax(1), target, fq_pred, seconds, ints, ref_values[tensor],
-                                             what=tensor)
+                        tallies[r, name].add(out.argmax(1), target, fq_pred, ints, ref_values[tensor], what=tensor)
                         continue
                     n = len(out)
                     if np.issubdtype(out.dtype, np.integer):  # integer logits: compare them with the runtime's
-                        tallies[r, name].add(out.argmax(1), target, fq_pred, seconds, out, ref_ints)
+                        tallies[r, name].add(out.argmax(1), target, fq_pred, out, ref_ints)
                     else:
-                        tallies[r, name].add(out.argmax(1), target[:n], fq_pred[:n], seconds)
+                        tallies[r, name].add(out.argmax(1), target[:n], fq_pred[:n])
+        timed = _latencies({"fake-quant": fake_quant, "runtime": runtime.run, **artifacts}, first) if latency else {}
     rows = []
     for r in resolutions:
         fq = tallies[r, "fake-quant"]
         fq_top1 = 100.0 * fq.correct / max(fq.images, 1)
-        rows += [tallies[r, name].row(r, name, fq_top1) for name in names]
+        rows += [tallies[r, name].row(r, name, fq_top1, timed.get((r, name), (None, None))) for name in names]
     result = {"images": tallies[resolutions[0], "fake-quant"].images, "rows": rows, "lowering_unchanged": unchanged,
-              "skipped": skipped}
+              "skipped": skipped, "latency_batch": len(first[resolutions[0]]) if latency and first else None}
     if not quiet:
         print(format_verify_table(result))
     return result
@@ -240,15 +278,27 @@ def _test_data(ckpt: dict, resolutions, test_subset, data_dir):
     return build_data(config, train=False).test
 
 
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def format_verify_table(result: dict) -> str:
-    lines = [f"{result['images']} test images",
-             "| resolution | artifact | top-1 | agreement with fake-quant | top-1 diff | ms / image "
-             "| integers vs runtime |",
-             "|---:|:---|---:|---:|---:|---:|:---|"]
+    batch = result.get("latency_batch")
+    lines = [f"{result['images']} test images" + (
+                 f"; latency warm, on {torch.get_num_threads()} thread(s), batch 1 and {batch} (the first test images)"
+                 if batch else ""),
+             "| resolution | artifact | top-1 | agreement with fake-quant | top-1 diff | ms, batch 1 "
+             f"| ms / image, batch {batch or LATENCY_BATCH} | integers vs runtime |",
+             "|---:|:---|---:|---:|---:|---:|---:|:---|"]
     for row in result["rows"]:
         lines.append(f"| {row['resolution']} | {row['artifact']} | {row['top1']:.2f} | {row['agreement']:.2f} | "
-                     f"{row['top1_diff']:+.2f} | {row['ms_per_image']:.3f} | {row['integers_vs_runtime']} |")
+                     f"{row['top1_diff']:+.2f} | {_ms(row.get('ms_batch1'))} | {_ms(row.get('ms_per_image_batch'))} | "
+                     f"{row['integers_vs_runtime']} |")
     lines += [f"{fmt}: skipped, {why}" for fmt, why in result.get("skipped", {}).items()]
+    if batch and any(row.get("ms_batch1") is not None and row.get("ms_per_image_batch") is None
+                     for row in result["rows"]):
+        lines.append(f"note: '-' at batch {batch}: an engine whose one-image call took over {1000 * SLOW_CALL_S:.0f} ms "
+                     f"is timed at batch 1 only")
     if any(row["artifact"].startswith("qlinear") and row["integers_vs_runtime"]
            and not row["integers_vs_runtime"].endswith("identical")
            for row in result["rows"]):

@@ -194,7 +194,7 @@ def test_packed_export_runs_with_torch_blocked(runs, images, tmp_path):
 def test_verify_reports_every_artifact(runs, capsys):
     from rsq.runtime.native import find_compiler
     from rsq.verify import verify_export
-    result = verify_export(runs[4][1], test_subset=32)
+    result = verify_export(runs[4][1], test_subset=32, latency=False)
     artifacts = {(row["resolution"], row["artifact"]) for row in result["rows"]}
     compiled = ("c",) if find_compiler() else ()
     assert artifacts == {(r, a) for r in RESOLUTIONS

@@ -178,7 +178,7 @@ def test_qlinear_without_its_data_is_one_clear_error(export, tmp_path):
 
 def test_verify_compares_qlinear_features_with_the_runtime(export):
     from rsq.verify import format_verify_table, verify_export
-    result = verify_export(export, test_subset=32, quiet=True)
+    result = verify_export(export, test_subset=32, quiet=True, latency=False)
     rows = [row for row in result["rows"] if row["artifact"] == "qlinear"]
     assert [row["resolution"] for row in rows] == RESOLUTIONS
     switchable = [row for row in result["rows"] if row["artifact"] == "qlinear-switchable"]
@@ -189,3 +189,38 @@ def test_verify_compares_qlinear_features_with_the_runtime(export):
         assert row["agreement"] >= 50  # far above chance (10 classes); this 12-step model has many near-ties
     differ = any(not row["integers_vs_runtime"].endswith("identical") for row in rows)
     assert ("qlinear differs from rsq.runtime by design" in format_verify_table(result)) == differ
+
+
+def test_verify_times_every_engine_warm_at_batch_1_and_32(export):
+    from rsq.verify import format_verify_table, verify_export
+    result = verify_export(export, test_subset=32, quiet=True)
+    assert result["latency_batch"] == 32
+    for row in result["rows"]:  # fake-quant, runtime and every artifact: all fast enough for both batches
+        assert row["ms_batch1"] > 0 and row["ms_per_image_batch"] > 0, row
+    table = format_verify_table(result)
+    assert "| ms, batch 1 | ms / image, batch 32 |" in table and "latency warm" in table
+    untimed = verify_export(export, test_subset=32, quiet=True, latency=False)
+    assert untimed["latency_batch"] is None
+    assert all(row["ms_batch1"] is None and row["ms_per_image_batch"] is None for row in untimed["rows"])
+    assert [row["agreement"] for row in untimed["rows"]] == [row["agreement"] for row in result["rows"]]
+    assert "| - | - |" in format_verify_table(untimed)
+
+
+def test_verify_times_a_slow_engine_at_batch_1_only_and_says_so():
+    import time
+
+    from rsq.verify import SLOW_CALL_S, _latencies, format_verify_table
+    calls = []
+
+    def slow(x, r):
+        calls.append(len(x))
+        time.sleep(SLOW_CALL_S * 1.2)
+
+    timed = _latencies({"slow": slow, "fast": lambda x, r: calls.append(-len(x))}, {12: np.zeros((32, 1, 12, 12))})
+    one, many = timed[12, "slow"]
+    assert one >= 1000 * SLOW_CALL_S and many is None and set(calls) == {1, -1, -32}  # slow never ran batch 32
+    assert timed[12, "fast"][1] is not None
+    row = {"resolution": 12, "artifact": "slow", "top1": 0.0, "agreement": 0.0, "top1_diff": 0.0,
+           "ms_batch1": one, "ms_per_image_batch": None, "integers_vs_runtime": ""}
+    table = format_verify_table({"images": 32, "rows": [row], "latency_batch": 32, "lowering_unchanged": {}})
+    assert "timed at batch 1 only" in table.splitlines()[-1]

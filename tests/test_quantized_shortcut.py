@@ -128,7 +128,7 @@ def test_every_format_agrees_with_the_fake_quant_model(run, tmp_path):
     out = tmp_path / "export"
     for fmt in ("onnx", "packed", "qlinear", "pt2e", "executorch"):
         export_checkpoint(run, fmt, out)
-    result = verify_export(out, test_subset=64, quiet=True)
+    result = verify_export(out, test_subset=64, quiet=True, latency=False)
     rows = {(row["resolution"], row["artifact"]): row for row in result["rows"]}
     for r in RES:
         for artifact in ("runtime", "onnx", "packed", "pt2e"):  # exact but for near-ties (see above)

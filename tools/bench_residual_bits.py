@@ -52,7 +52,7 @@ def main() -> None:
         export = work / f"export_{name}"
         for fmt in FORMATS:
             export_checkpoint(work / name, fmt, export, overwrite=fmt == FORMATS[0])
-        verified = verify_export(export, test_subset=args.test_subset, quiet=True)
+        verified = verify_export(export, test_subset=args.test_subset, quiet=True, latency=False)
         memory = json.loads((export / "c" / "memory.json").read_text())["resolutions"]
         by = {(row["resolution"], row["artifact"]): row for row in verified["rows"]}
         rows[label] = [{"resolution": r, "top1": by[r, "fake-quant"]["top1"],

@@ -25,6 +25,12 @@ With --shortcut the quantized runs add --quantized-shortcut (runs w{B}_shortcut,
 
     python tools/bench_verify.py --recipes --bits 8,4 --shortcut --reuse --out tools/results/bench_verify_shortcut
 
+With --latency the tables also carry rsq verify's latency pass (each engine warm at batch 1 and 32, on
+this process's threads), here for the W8A8 short run with quantized shortcuts:
+
+    python tools/bench_verify.py --bits 8 --init-epochs 1 --subset 20000 --shortcut --latency \
+        --out tools/results/bench_verify_latency
+
 With --residual-bits 8 the residual stream is trained on learned 8-bit grids (runs w{B}_res8), which the
 QLinear graph then carries without a grid of its own; the formats that refuse such a model are listed
 under its table:
@@ -59,6 +65,8 @@ def main() -> None:
     parser.add_argument("--shortcut", action="store_true", help="train the quantized runs with --quantized-shortcut")
     parser.add_argument("--residual-bits", type=int, default=0,
                         help="train the quantized runs with --residual-bits N (the residual stream on learned grids)")
+    parser.add_argument("--latency", action="store_true", help="also rsq verify's latency pass (batch 1 and 32, "
+                        "warm, on the process's threads); off by default, as the agreement is what this tool is for")
     parser.add_argument("--recipes", action="store_true", help="the recipes' models: fashion_mnist (4 epochs), "
                         "then fashion_mnist_w4a4 --bits B from it; all images, all resolutions, the whole test set")
     args = parser.parse_args()
@@ -120,7 +128,7 @@ def verify_all(bits: list[int], runs: dict, args, test_subset, heading: str, whe
             except RsqError as exc:  # a format that does not take this model (e.g. residual grids): said below
                 refused.append(f"{fmt}: {exc}")
         with contextlib.redirect_stdout(io.StringIO()):
-            result = verify_export(folder, test_subset=test_subset, quiet=True)
+            result = verify_export(folder, test_subset=test_subset, quiet=True, latency=args.latency)
         rows = runs[f"w{b}"]["rows"]
         top1 = " / ".join(f"{row['top1']:.2f}" for row in rows)
         at = "/".join(str(row["resolution"]) for row in rows)

@@ -92,11 +92,27 @@ def _runtime():
     return runtime_mod.Runtime.get()
 
 
+class ExecutorchProgram:
+    """A .pte loaded once, its methods loaded on first use: what an app holds between calls."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.program = _runtime().load_program(self.path)
+        self.methods = {}
+
+    def __call__(self, method: str, x_numpy: np.ndarray) -> np.ndarray:
+        """Logits of ``method`` (e.g. "r16") for an NCHW float array, one image at a time."""
+        if method not in self.methods:
+            if method not in self.program.method_names:
+                raise RsqError(f"{self.path} has no method {method!r}; it has: "
+                               f"{', '.join(sorted(self.program.method_names))}")
+            self.methods[method] = self.program.load_method(method)
+        runner = self.methods[method]
+        x = torch.from_numpy(np.ascontiguousarray(x_numpy, dtype=np.float32))
+        return torch.cat([runner.execute([image.unsqueeze(0)])[0].clone() for image in x]).numpy()
+
+
 def run_executorch(path, method: str, x_numpy: np.ndarray) -> np.ndarray:
-    """Logits of ``method`` (e.g. "r16") for an NCHW float array, one image at a time in ExecuTorch."""
-    program = _runtime().load_program(Path(path))
-    if method not in program.method_names:
-        raise RsqError(f"{path} has no method {method!r}; it has: {', '.join(sorted(program.method_names))}")
-    runner = program.load_method(method)
-    x = torch.from_numpy(np.ascontiguousarray(x_numpy, dtype=np.float32))
-    return torch.cat([runner.execute([image.unsqueeze(0)])[0].clone() for image in x]).numpy()
+    """Logits of ``method`` (e.g. "r16") for an NCHW float array, one image at a time in ExecuTorch
+    (the program loaded for this call only; ExecutorchProgram keeps it)."""
+    return ExecutorchProgram(path)(method, x_numpy)
