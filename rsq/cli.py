@@ -409,10 +409,12 @@ def export(checkpoint, fmt, out, resolutions, bits, overwrite):
       rsq export runs/fashion_mnist_w4a4 --format c --out exports/w4a4_c
     """
     from .export import export_checkpoint, formats_for
+    from .quiet import third_party_notes_off
 
     names, left_out = formats_for(checkpoint) if fmt == "all" else ([fmt], "")
     for name in names:
-        written = export_checkpoint(checkpoint, name, out, resolutions, overwrite=overwrite, bits=bits)
+        with third_party_notes_off():
+            written = export_checkpoint(checkpoint, name, out, resolutions, overwrite=overwrite, bits=bits)
         overwrite = False  # the next format joins this export
         click.echo(f"wrote {written}" + (_c_memory(written) if name == "c" else "")
                    + (QLINEAR_NOTE if name == "qlinear" else ""))
@@ -453,9 +455,11 @@ def verify(export_dir, test_subset, data_dir, out, latency):
       rsq verify exports/w4a4
       rsq verify exports/w4a4 --test-subset 1000 --out verify.json
     """
+    from .quiet import third_party_notes_off
     from .verify import verify_export
 
-    result = verify_export(export_dir, test_subset=test_subset, data_dir=data_dir, latency=latency)
+    with third_party_notes_off():
+        result = verify_export(export_dir, test_subset=test_subset, data_dir=data_dir, latency=latency)
     if out:
         from .results import write_json_atomic
 

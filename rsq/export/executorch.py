@@ -44,6 +44,7 @@ from torch import nn
 
 from ..deps import require
 from ..errors import RsqError
+from ..quiet import native_stderr_captured
 from .pt2e import lowered, to_pt2e
 
 PURPOSE = "ExecuTorch export"
@@ -106,7 +107,8 @@ class ExecutorchProgram:
             if method not in self.program.method_names:
                 raise RsqError(f"{self.path} has no method {method!r}; it has: "
                                f"{', '.join(sorted(self.program.method_names))}")
-            self.methods[method] = self.program.load_method(method)
+            with native_stderr_captured():  # XNNPACK's CPU probe prints to stderr on the first method
+                self.methods[method] = self.program.load_method(method)
         runner = self.methods[method]
         x = torch.from_numpy(np.ascontiguousarray(x_numpy, dtype=np.float32))
         return torch.cat([runner.execute([image.unsqueeze(0)])[0].clone() for image in x]).numpy()

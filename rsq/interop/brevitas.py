@@ -13,7 +13,9 @@ brevitas's ``export_qonnx`` then writes QONNX with the true bit widths, which FI
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +161,8 @@ def write_qonnx(model: nn.Module, resolution: int, in_chans: int, path) -> Path:
     path = Path(path)
     brevitas_model = to_brevitas(model, resolution)
     example = torch.zeros(1, in_chans, resolution, resolution)
-    export.export_qonnx(brevitas_model, input_t=example, export_path=str(path))
+    with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx's progress lines, one set per graph
+        export.export_qonnx(brevitas_model, input_t=example, export_path=str(path))
     return path
 
 
