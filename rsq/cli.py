@@ -445,7 +445,9 @@ def _c_memory(folder) -> str:
 @click.option("--out", default=None, help="also write the table as JSON here")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="time every engine at batch 1 and 32, warm (PT2E compiles once per batch size)")
-def verify(export_dir, test_subset, data_dir, out, latency):
+@click.option("--threads", type=Number(int, Range(1)), default=None,
+              help="run every engine on N threads (torch, onnxruntime, XNNPACK) [default: torch's count]")
+def verify(export_dir, test_subset, data_dir, out, latency, threads):
     """Run every artifact of an export on the run's test set and compare it with the fake-quantized
     model and with rsq's integer reference runtime: top-1, agreement, integer equality, and the
     latency at batch 1 and per image at batch 32.
@@ -454,12 +456,14 @@ def verify(export_dir, test_subset, data_dir, out, latency):
     Examples:
       rsq verify exports/w4a4
       rsq verify exports/w4a4 --test-subset 1000 --out verify.json
+      rsq verify exports/w4a4 --threads 1         # latency on one core, as on a phone's
     """
     from .quiet import third_party_notes_off
     from .verify import verify_export
 
     with third_party_notes_off():
-        result = verify_export(export_dir, test_subset=test_subset, data_dir=data_dir, latency=latency)
+        result = verify_export(export_dir, test_subset=test_subset, data_dir=data_dir, latency=latency,
+                               threads=threads)
     if out:
         from .results import write_json_atomic
 

@@ -88,7 +88,8 @@ def _artifacts(export_dir: Path, info: dict, resolutions, gemm: str, reference, 
     for name in ("executorch", "executorch-exact"):
         if name in formats:
             from .export import EXECUTORCH_FILE
-            from .export.executorch import ExecutorchProgram, method_name
+            from .export.executorch import ExecutorchProgram, method_name, set_xnnpack_threads
+            set_xnnpack_threads(torch.get_num_threads())
             program = ExecutorchProgram(export_dir / name / EXECUTORCH_FILE)
             runners[name] = lambda x, r, program=program: program(method_name(r), x)
     return runners
@@ -202,14 +203,29 @@ class _Tally:
 
 
 def verify_export(export_dir, test_subset: Optional[int] = None, data_dir: Optional[str] = None,
-                  quiet: bool = False, gemm: str = "float", latency: bool = True) -> dict:
-    """{"images", "rows", "lowering_unchanged", "latency_batch"}; also prints the table unless ``quiet``.
+                  quiet: bool = False, gemm: str = "float", latency: bool = True,
+                  threads: Optional[int] = None) -> dict:
+    """{"images", "rows", "lowering_unchanged", "latency_batch", "latency_threads"}; also prints the table
+    unless ``quiet``.
 
     gemm: rsq.runtime's matmul ("float": exact float32 BLAS where provably exact, several times
     faster; "int32": int32 throughout). Both give the same integers (tests/test_export_models.py).
     latency: time every engine at batch 1 and at batch LATENCY_BATCH (the first test images; fewer when the
     test set is smaller), warm, on the threads this process has; False leaves the two columns empty.
+    threads: run every engine on this many threads (torch's count, which the onnxruntime sessions and
+    Inductor's kernels take, and XNNPACK's pool); by default torch's count as it is.
     """
+    if threads is None:
+        return _verify_export(export_dir, test_subset, data_dir, quiet, gemm, latency)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _verify_export(export_dir, test_subset, data_dir, quiet, gemm, latency)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _verify_export(export_dir, test_subset, data_dir, quiet: bool, gemm: str, latency: bool) -> dict:
     # Before anything is timed, so every format runs with the allocator the PT2E server path sets.
     keep_freed_memory()
     export_dir = Path(export_dir)
@@ -264,7 +280,8 @@ def verify_export(export_dir, test_subset: Optional[int] = None, data_dir: Optio
         fq_top1 = 100.0 * fq.correct / max(fq.images, 1)
         rows += [tallies[r, name].row(r, name, fq_top1, timed.get((r, name), (None, None))) for name in names]
     result = {"images": tallies[resolutions[0], "fake-quant"].images, "rows": rows, "lowering_unchanged": unchanged,
-              "skipped": skipped, "latency_batch": len(first[resolutions[0]]) if latency and first else None}
+              "skipped": skipped, "latency_batch": len(first[resolutions[0]]) if latency and first else None,
+              "latency_threads": torch.get_num_threads() if latency else None}
     if not quiet:
         print(format_verify_table(result))
     return result
@@ -285,7 +302,8 @@ def _ms(value) -> str:
 def format_verify_table(result: dict) -> str:
     batch = result.get("latency_batch")
     lines = [f"{result['images']} test images" + (
-                 f"; latency warm, on {torch.get_num_threads()} thread(s), batch 1 and {batch} (the first test images)"
+                 f"; latency warm, on {result.get('latency_threads')} thread(s), batch 1 and {batch} "
+                 "(the first test images)"
                  if batch else ""),
              "| resolution | artifact | top-1 | agreement with fake-quant | top-1 diff | ms, batch 1 "
              f"| ms / image, batch {batch or LATENCY_BATCH} | integers vs runtime |",

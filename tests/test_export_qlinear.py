@@ -193,12 +193,14 @@ def test_verify_compares_qlinear_features_with_the_runtime(export):
 
 def test_verify_times_every_engine_warm_at_batch_1_and_32(export):
     from rsq.verify import format_verify_table, verify_export
-    result = verify_export(export, test_subset=32, quiet=True)
-    assert result["latency_batch"] == 32
+    before = torch.get_num_threads()
+    result = verify_export(export, test_subset=32, quiet=True, threads=1)
+    assert result["latency_batch"] == 32 and result["latency_threads"] == 1
+    assert torch.get_num_threads() == before  # the caller's count is back
     for row in result["rows"]:  # fake-quant, runtime and every artifact: all fast enough for both batches
         assert row["ms_batch1"] > 0 and row["ms_per_image_batch"] > 0, row
     table = format_verify_table(result)
-    assert "| ms, batch 1 | ms / image, batch 32 |" in table and "latency warm" in table
+    assert "| ms, batch 1 | ms / image, batch 32 |" in table and "latency warm, on 1 thread(s)" in table
     untimed = verify_export(export, test_subset=32, quiet=True, latency=False)
     assert untimed["latency_batch"] is None
     assert all(row["ms_batch1"] is None and row["ms_per_image_batch"] is None for row in untimed["rows"])
@@ -222,5 +224,6 @@ def test_verify_times_a_slow_engine_at_batch_1_only_and_says_so():
     assert timed[12, "fast"][1] is not None
     row = {"resolution": 12, "artifact": "slow", "top1": 0.0, "agreement": 0.0, "top1_diff": 0.0,
            "ms_batch1": one, "ms_per_image_batch": None, "integers_vs_runtime": ""}
-    table = format_verify_table({"images": 32, "rows": [row], "latency_batch": 32, "lowering_unchanged": {}})
+    table = format_verify_table({"images": 32, "rows": [row], "latency_batch": 32, "latency_threads": 1,
+                                 "lowering_unchanged": {}})
     assert "timed at batch 1 only" in table.splitlines()[-1]

@@ -149,6 +149,7 @@ TABLE = [
     ("export-bits-of-a-single-run", ["export", "qrun", "--bits", "2", "--out", "e_bits"],
      "is a one-bit-width checkpoint (W4A4); drop --bits 2"),
     ("verify-not-an-export", ["verify", "run"], "run is not an rsq export (no export.json)"),
+    ("verify-threads-0", ["verify", "exp", "--threads", "0"], "argument --threads: '0' must be at least 1"),
     # --- eval
     ("eval-missing", ["eval", "missing.pt"], "checkpoint missing.pt does not exist"),
     ("eval-empty-file", ["eval", "empty.pt"], "empty.pt is not a readable rsq checkpoint"),

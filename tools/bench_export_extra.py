@@ -70,11 +70,8 @@ def executorch_program(model, resolutions, in_chans: int, path: Path):
 
 def one_xnnpack_thread() -> None:
     """XNNPACK's pool would otherwise take every core; one thread keeps rows comparable."""
-    try:
-        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-        _unsafe_reset_threadpool(1)
-    except ImportError:
-        pass
+    from rsq.export.executorch import set_xnnpack_threads
+    set_xnnpack_threads(1)
 
 
 def executorch_engine(program, resolution: int, x: np.ndarray):

@@ -87,6 +87,15 @@ def write_executorch(model: nn.Module, resolutions: Iterable[int], in_chans: int
     return path
 
 
+def set_xnnpack_threads(threads: int) -> None:
+    """The size of the thread pool XNNPACK's kernels use in this process (by default, every core)."""
+    try:
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    except ImportError:  # an executorch without it keeps its default
+        return
+    _unsafe_reset_threadpool(threads)
+
+
 def _runtime():
     runtime_mod = require("executorch.runtime", "running a .pte", "executorch")
     require("executorch.kernels.quantized", "running a .pte", "executorch")  # the dequantize kernels
