@@ -3,13 +3,41 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
 from .errors import RsqError
+
+
+@contextmanager
+def torch_threads(threads: Optional[int]):
+    """torch's intra-op thread count at ``threads`` for the block (None: as it is), the caller's after."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def median_ms(call: Callable[[], object], warmup: int = 1, min_calls: int = 3, budget_s: float = 0.0,
+              max_calls: Optional[int] = None) -> float:
+    """Median milliseconds of ``call()`` after ``warmup`` untimed calls (one-time work: sessions, compiles):
+    ``min_calls`` timed calls, and more while the timed calls are within ``budget_s``, up to ``max_calls``."""
+    for _ in range(warmup):
+        call()
+    times = []
+    began = time.perf_counter()
+    while len(times) < min_calls or (len(times) < (max_calls or min_calls)
+                                     and time.perf_counter() - began < budget_s):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
 
 
 @torch.inference_mode()
@@ -32,25 +60,17 @@ def measure_latency(model: torch.nn.Module, resolutions: Iterable[int], in_chans
         switchable = True
     except RsqError:
         switchable = False
-    was_training, old_threads = model.training, torch.get_num_threads()
+    was_training = model.training
     model.eval()
-    torch.set_num_threads(threads or old_threads)
     result = {}
     try:
-        for resolution in resolutions:
-            x = torch.randn(1, in_chans, resolution, resolution)
-            with using_mode(model, resolution) if switchable else nullcontext():
-                for _ in range(warmup):
-                    model(x)
-                times = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    model(x)
-                    times.append(time.perf_counter() - start)
-            result[int(resolution)] = statistics.median(times) * 1000
+        with torch_threads(threads):
+            for resolution in resolutions:
+                x = torch.randn(1, in_chans, resolution, resolution)
+                with using_mode(model, resolution) if switchable else nullcontext():
+                    result[int(resolution)] = median_ms(lambda: model(x), warmup=warmup, min_calls=repeats)
     finally:
         model.train(was_training)
-        torch.set_num_threads(old_threads)
     return result
 
 

@@ -9,8 +9,6 @@ writer's or the engine's.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +20,7 @@ from .checkpoint import checkpoint_config, load_model
 from .convert import using_mode
 from .errors import RsqError
 from .export import CHECKPOINT_COPY, INTEGER_FORMATS, lower_checkpoint_model, read_export_info
+from .latency import median_ms, torch_threads
 from .runtime import Runtime, load
 
 
@@ -85,13 +84,14 @@ def _artifacts(export_dir: Path, info: dict, resolutions, gemm: str, reference, 
         from .export.pt2e import load_pt2e
         compiled = {r: load_pt2e(export_dir / "pt2e" / pt2e_file(r)) for r in resolutions}  # Inductor
         runners["pt2e"] = lambda x, r: compiled[r](torch.from_numpy(x)).detach().numpy()
-    for name in ("executorch", "executorch-exact"):
-        if name in formats:
-            from .export import EXECUTORCH_FILE
-            from .export.executorch import ExecutorchProgram, method_name, set_xnnpack_threads
-            set_xnnpack_threads(torch.get_num_threads())
-            program = ExecutorchProgram(export_dir / name / EXECUTORCH_FILE)
-            runners[name] = lambda x, r, program=program: program(method_name(r), x)
+    executorch_formats = [name for name in ("executorch", "executorch-exact") if name in formats]
+    if executorch_formats:
+        from .export import EXECUTORCH_FILE
+        from .export.executorch import ExecutorchProgram, method_name, set_xnnpack_threads
+        set_xnnpack_threads(torch.get_num_threads())
+    for name in executorch_formats:
+        program = ExecutorchProgram(export_dir / name / EXECUTORCH_FILE)
+        runners[name] = lambda x, r, program=program: program(method_name(r), x)
     return runners
 
 
@@ -143,28 +143,17 @@ LATENCY_BATCH = 32
 SLOW_CALL_S = 0.05   # an engine whose one-image call takes longer is timed at batch 1 only (qonnx's executor)
 
 
-def _median_ms(run, x, min_calls: int = 3, budget_s: float = 0.3, max_calls: int = 20) -> float:
-    """Median ms of ``run(x)`` after one untimed call (sessions, method loading, Inductor's compile for this
-    batch size): at least ``min_calls`` calls, more while within ``budget_s``."""
-    run(x)
-    times = []
-    began = time.perf_counter()
-    while len(times) < min_calls or (len(times) < max_calls and time.perf_counter() - began < budget_s):
-        start = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
 def _latencies(runners: dict, images: dict) -> dict:
     """{(resolution, name): (ms at batch 1, ms per image at batch len(images[r]) or None)}; ``runners[name]``
-    is called as run(x, r)."""
+    is called as run(x, r), once untimed (sessions, method loading, Inductor's compile for this batch size),
+    then at least 3 times and more within 0.3 s."""
     timed = {}
     for r, x in images.items():
         for name, run in runners.items():
             call = getattr(run, "unsampled", run)
-            one = _median_ms(lambda a: call(a, r), x[:1])
-            many = None if one > 1000 * SLOW_CALL_S else _median_ms(lambda a: call(a, r), x) / len(x)
+            one = median_ms(lambda: call(x[:1], r), budget_s=0.3, max_calls=20)
+            many = (None if one > 1000 * SLOW_CALL_S else
+                    median_ms(lambda: call(x, r), budget_s=0.3, max_calls=20) / len(x))
             timed[r, name] = (round(one, 3), None if many is None else round(many, 3))
     return timed
 
@@ -215,14 +204,8 @@ def verify_export(export_dir, test_subset: Optional[int] = None, data_dir: Optio
     threads: run every engine on this many threads (torch's count, which the onnxruntime sessions and
     Inductor's kernels take, and XNNPACK's pool); by default torch's count as it is.
     """
-    if threads is None:
+    with torch_threads(threads):
         return _verify_export(export_dir, test_subset, data_dir, quiet, gemm, latency)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return _verify_export(export_dir, test_subset, data_dir, quiet, gemm, latency)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _verify_export(export_dir, test_subset, data_dir, quiet: bool, gemm: str, latency: bool) -> dict:
@@ -254,7 +237,7 @@ def _verify_export(export_dir, test_subset, data_dir, quiet: bool, gemm: str, la
             for r in resolutions:
                 x = xs[r].numpy().astype(np.float32)
                 if len(first.get(r, ())) < LATENCY_BATCH:
-                    first[r] = np.concatenate([first[r], x])[:LATENCY_BATCH] if r in first else x[:LATENCY_BATCH]
+                    first[r] = np.concatenate([first.get(r, x[:0]), x])[:LATENCY_BATCH]
                 fq_pred = fake_quant(x, r).argmax(1)
                 tallies[r, "fake-quant"].add(fq_pred, target, fq_pred)
                 ref_values = runtime.run_all(x, r)
