@@ -145,16 +145,10 @@ def headroom_shifts(qlinear):
 def fake_quant_top1(model, test, resolutions) -> dict:
     import torch
 
-    from rsq.convert import using_mode
-    correct, images = dict.fromkeys(resolutions, 0), 0
-    model.eval()
+    from rsq.evaluate import evaluate
     with torch.no_grad():
-        for xs, labels in test.batches():
-            images += len(labels)
-            for r in resolutions:
-                with using_mode(model, r):
-                    correct[r] += int((model(xs[r]).argmax(1) == labels).sum())
-    return {r: 100 * c / images for r, c in correct.items()}
+        per_resolution = evaluate(model, test, resolutions)["per_resolution"]
+    return {r: per_resolution[r]["top1"] for r in resolutions}
 
 
 def fit_coverage(integer, resolution: int) -> list[str]:
