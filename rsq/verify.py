@@ -298,14 +298,14 @@ def format_verify_table(result: dict) -> str:
     lines += [f"{fmt}: skipped, {why}" for fmt, why in result.get("skipped", {}).items()]
     if batch and any(row.get("ms_batch1") is not None and row.get("ms_per_image_batch") is None
                      for row in result["rows"]):
-        lines.append(f"note: '-' at batch {batch}: an engine whose one-image call took over {1000 * SLOW_CALL_S:.0f} ms "
-                     f"is timed at batch 1 only")
+        lines.append(f"note: '-' at batch {batch}: an engine whose one-image call took over "
+                     f"{1000 * SLOW_CALL_S:.0f} ms is timed at batch 1 only")
     if any(row["artifact"].startswith("qlinear") and row["integers_vs_runtime"]
            and not row["integers_vs_runtime"].endswith("identical")
            for row in result["rows"]):
-        lines.append("note: qlinear differs from rsq.runtime by design: its residual stream is 8-bit, and onnxruntime's "
-                     "kernels round each conv's bias to a whole accumulator unit where no exact fit exists "
-                     "(docs/export.md §8a, §8c)")
+        lines.append("note: qlinear differs from rsq.runtime by design: its residual stream is 8-bit, and "
+                     "onnxruntime's kernels round each conv's bias to a whole accumulator unit where no exact fit "
+                     "exists (docs/export.md §8a, §8c)")
     stale = [fmt for fmt, same in result["lowering_unchanged"].items() if not same]
     if stale:
         lines.append(f"note: lowering the checkpoint now gives a different integer model than the {', '.join(stale)} "
