@@ -230,14 +230,14 @@ def write_synthetic_qlinear(model, config, images, folder: Path) -> None:
     ``images`` (None: 16 random ones at the first resolution, drawn from torch's generator)."""
     from rsq.data.multires import resize_batch
     from rsq.export import lower_checkpoint_model
-    from rsq.export.qlinear import wide_ranges, write_qlinear
+    from rsq.export.qlinear import calibrate, write_qlinear
 
     integer_model = lower_checkpoint_model(model, config)
     if images is None:
         first = integer_model.resolutions[0]
         images = torch.randn(16, config.in_chans, first, first)
     calibration = {r: resize_batch(images[:16], r).numpy() for r in integer_model.resolutions}
-    write_qlinear(integer_model, wide_ranges(integer_model, calibration, batch=8), folder)
+    write_qlinear(integer_model, *calibrate(integer_model, calibration, batch=8), folder)
 
 
 def bench_model(checkpoint, images, work: Path, repeats: int, runtime_repeats: int, pt2e_resolutions,

@@ -1,10 +1,11 @@
-"""The residual stream on learned 8-bit grids (`--residual-bits 8`) against the float one, at W4A4.
+"""The residual stream on learned 8-bit grids (`--residual-bits 8`) against the float one, at W4A4 (or W8A8).
 
-    .venv/bin/python tools/bench_residual_bits.py [--work runs/bench_residual_bits] [--reuse]
+    .venv/bin/python tools/bench_residual_bits.py [--work runs/bench_residual_bits] [--reuse] [--bits 8]
 
 Both models start from one full-precision RS-Net (`rsq train fashion_mnist --epochs 1`, all 60k images)
 and train one W4A4 epoch on 20k images (`rsq train fashion_mnist_w4a4 --bits 4 --init ... --epochs 1
---subset 20000`, the second with `--residual-bits 8`), the two side by side on one thread each. Each is
+--subset 20000`, the second with `--residual-bits 8`), the two side by side on one thread each. `--bits 8`:
+the same at W8A8 (`--bits 8`, float shortcuts either way). Each is
 exported as packed, c and qlinear and verified on the first 2000 test images: top-1 of the fake-quant
 model, agreement of the integer model (rsq.runtime, the C runtime) and of the QLinear graph with it,
 and the C runtime's arena per resolution (the residual stream is int32 in one, int8 in the other).
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--work", default="runs/bench_residual_bits")
     parser.add_argument("--reuse", action="store_true", help="keep runs already finished in --work")
     parser.add_argument("--test-subset", type=int, default=2000)
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=4)
     parser.add_argument("--out", default="tools/results/bench_residual_bits")
     args = parser.parse_args()
     from rsq.export import export_checkpoint
@@ -37,9 +39,10 @@ def main() -> None:
     work = Path(args.work)
     fp = (args.reuse and finished_run(args.work, "fp")) or run_train("fp", ["fashion_mnist", "--epochs", "1"],
                                                                      args.work, 2)
-    names = {"float residual": "w4", "8-bit residual": "w4r"}
-    common = ["fashion_mnist_w4a4", "--bits", "4", "--init", str(work / "fp" / "checkpoint.pt"), "--epochs", "1",
-              "--subset", "20000", "--no-quantized-shortcut"]  # float shortcuts whatever the recipe says
+    names = {"float residual": f"w{args.bits}", "8-bit residual": f"w{args.bits}r"}
+    # float shortcuts whatever the recipe says
+    common = ["fashion_mnist_w4a4", "--bits", str(args.bits), "--init", str(work / "fp" / "checkpoint.pt"),
+              "--epochs", "1", "--subset", "20000", "--no-quantized-shortcut"]
 
     def trained(label: str) -> dict:
         name = names[label]
@@ -59,10 +62,12 @@ def main() -> None:
                         **{f"{a}_agreement": by[r, a]["agreement"] for a in ("runtime", "c", "qlinear")},
                         "c_integers": by[r, "c"]["integers_vs_runtime"], "arena_bytes": memory[str(r)]["arena_bytes"]}
                        for r in sorted({row["resolution"] for row in verified["rows"]}, reverse=True)]
-    lines = ["# The residual stream on learned 8-bit grids (`--residual-bits 8`), W4A4", "",
-             "`tools/bench_residual_bits.py" + (" --reuse" if args.reuse else "") + "`", "", f"CPU: {cpu_name()}.", "",
+    bits = f"W{args.bits}A{args.bits}"
+    lines = [f"# The residual stream on learned 8-bit grids (`--residual-bits 8`), {bits}", "",
+             "`tools/bench_residual_bits.py" + (" --reuse" if args.reuse else "") + (
+                 f" --bits {args.bits}" if args.bits != 4 else "") + "`", "", f"CPU: {cpu_name()}.", "",
              f"Both from one full-precision RS-Net (1 epoch, all images; top-1 at 28 px "
-             f"{next(r['top1'] for r in fp['rows'] if r['resolution'] == 28):.2f}), then one W4A4 epoch on 20k "
+             f"{next(r['top1'] for r in fp['rows'] if r['resolution'] == 28):.2f}), then one {bits} epoch on 20k "
              f"images, one seed; verified on the first {args.test_subset} test images.", "",
              "| resolution | " + " | ".join(f"{label}: {what}" for label in RUNS for what in
                                               ("fake-quant top-1", "integer model agreement", "qlinear agreement",

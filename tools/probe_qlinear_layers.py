@@ -4,8 +4,9 @@ For a trained LSQ checkpoint: the IntegerModel, its QLinear graph (8-bit grids o
 calibrated as `rsq export --format qlinear` does), and per resolution, on the first --images test images:
 top-1 agreement of the graph's logits with rsq.runtime's, and for every narrow tensor the share of
 integers that differ from rsq.runtime's (every intermediate tensor added as a graph output, so the
-differences are cascaded: what each layer receives, as in a real run). Also, per conv with a narrow
-output, how many channels the exact requantization fit covers (docs/export.md §8c).
+differences are cascaded: what each layer receives, as in a real run), and for each QLinearConv with a narrow
+output the same share when it alone is fed rsq.runtime's input (its own rounding, nothing carried in). Also,
+per conv with a narrow output, how many channels the exact requantization fit covers (docs/export.md §8c).
 
 --align puts each wide tensor read by one requantization on a grid of step s_reader / n (n odd, the
 largest that still holds the calibrated range), so that the reader's rounding boundaries fall between
@@ -20,9 +21,13 @@ one grid: the add itself is exact, what is left is the conv's own rounding. Repo
 before and after tying, and the agreement of the QLinear graph with the tied model (rsq.runtime).
 --shift8: each 8-bit conv's weights moved left inside int8 by the headroom their largest integer leaves, for
 a finer accumulator (so a finer integer bias), whatever the input's bits: another experiment.
+--weighted: what `rsq export --format qlinear` does: a channel with no exact requantization fit takes the scale and
+bias that reproduce the rounding boundaries the most calibration values sit at (requant_fit.fit_channel_weighted);
+without it, such a channel rounds its bias, as the writer did before. The fit table then also gives the share of
+calibration weight the fits keep.
 
     python tools/probe_qlinear_layers.py RUN/checkpoint.pt [--images 256] [--align] [--range-scale F] [--tie]
-        [--shift8] [--out FILE]
+        [--shift8] [--weighted] [--out FILE]
 """
 from __future__ import annotations
 
@@ -151,17 +156,37 @@ def fake_quant_top1(model, test, resolutions) -> dict:
     return {r: per_resolution[r]["top1"] for r in resolutions}
 
 
-def fit_coverage(integer, resolution: int) -> list[str]:
+def fit_coverage(integer, resolution: int, counts) -> list[str]:
     from rsq.export.qlinear import narrow_output_fit, weight_shifts
     shifts, lines = weight_shifts(integer), []
     for op in integer.ops:
         if op.kind not in ("conv", "linear") or integer.tensors[op.output].kind != "narrow":
             continue
-        fit = narrow_output_fit(integer, resolution, op, shifts)
+        fit = narrow_output_fit(integer, resolution, op, shifts, None if counts is None else counts[op.output])
         weight_bits = integer.weights[op.attrs["weight"]].bits
+        kept = "" if fit.kept is None else f" {100 * fit.kept.mean():.2f} % |"
         lines.append(f"| {op.name} | {weight_bits} | {integer.tensors[op.inputs[0]].bits} | "
-                     f"{integer.tensors[op.output].bits} | {int(fit.exact.sum())} of {len(fit.exact)} |")
+                     f"{integer.tensors[op.output].bits} | {int(fit.exact.sum())} of {len(fit.exact)} |{kept}")
     return lines
+
+
+def single_convs(onnx, ort, integer, qlinear, proto, resolution: int) -> dict:
+    """tensor -> (session, input name, input zero point, output zero point): each QLinearConv with a narrow output
+    (and its Clip) as a graph of its own, to be fed rsq.runtime's input."""
+    h, initializers, convs = onnx.helper, {t.name: t for t in proto.graph.initializer}, {}
+    for op in integer.ops:
+        if op.kind != "conv" or integer.tensors[op.output].kind != "narrow":
+            continue
+        conv = next(n for n in proto.graph.node if n.op_type == "QLinearConv" and n.output[0].startswith(op.output))
+        nodes = [conv] + [n for n in proto.graph.node if n.op_type == "Clip" and n.input[0] == conv.output[0]]
+        graph = h.make_graph(nodes, "one_conv", [h.make_tensor_value_info(conv.input[0], onnx.TensorProto.UINT8, None)],
+                             [h.make_tensor_value_info(nodes[-1].output[0], onnx.TensorProto.UINT8, None)],
+                             [initializers[name] for n in nodes for name in n.input[1:] if name in initializers])
+        model = h.make_model(graph, opset_imports=proto.opset_import, ir_version=proto.ir_version)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        x_zero, y_zero = (int(onnx.numpy_helper.to_array(initializers[conv.input[i]])) for i in (2, 7))
+        convs[op.output] = (session, op.inputs[0], x_zero, y_zero)
+    return convs
 
 
 def main() -> None:
@@ -172,6 +197,7 @@ def main() -> None:
     parser.add_argument("--range-scale", type=float, default=1.0)
     parser.add_argument("--tie", action="store_true")
     parser.add_argument("--shift8", action="store_true")
+    parser.add_argument("--weighted", action="store_true")
     parser.add_argument("--out", default=None, help="write FILE.md and FILE.json (default: print only)")
     args = parser.parse_args()
     import onnx
@@ -202,7 +228,8 @@ def main() -> None:
     integer = lower_checkpoint_model(model, config, resolutions, None)
     pool = training_pool(config.replace(device="cpu"), qlinear.CALIBRATION_IMAGES)
     pool_images = {r: resize_batch(pool, r).numpy() for r in resolutions}
-    ranges = qlinear.wide_ranges(integer, pool_images)
+    ranges, counts = qlinear.calibrate(integer, pool_images)
+    counts = counts if args.weighted else None
     if args.tie:
         qlinear._QLinearGraph._grids = tied_grids(qlinear, wide_extremes(integer, pool_images))
     if args.shift8:
@@ -212,18 +239,20 @@ def main() -> None:
     if args.align:
         qlinear._QLinearGraph._grids = aligned_grids(qlinear)
     folder = Path(tempfile.mkdtemp(prefix="probe_qlinear_layers."))
-    qlinear.write_qlinear(integer, ranges, folder)
+    qlinear.write_qlinear(integer, ranges, counts, folder)
     runtime = Runtime(integer, gemm="float")
     variant = (" (grids aligned to their readers)" if args.align else "") + (
         f" (wide ranges x {args.range_scale:g})" if args.range_scale != 1.0 else "") + (
         " (identity blocks' grids tied)" if args.tie else "") + (
-        " (8-bit weights moved left by their headroom)" if args.shift8 else "")
+        " (8-bit weights moved left by their headroom)" if args.shift8 else "") + (
+        " (requantization fits weighted by calibration counts)" if args.weighted else "")
     lines = [f"# QLinear against rsq.runtime, layer by layer{variant}",
              "", f"CPU: {cpu_name()}.", "",
              f"`python tools/probe_qlinear_layers.py {args.checkpoint} --images {args.images}"
              f"{' --align' if args.align else ''}"
              f"{f' --range-scale {args.range_scale:g}' if args.range_scale != 1.0 else ''}"
-             f"{' --tie' if args.tie else ''}{' --shift8' if args.shift8 else ''}`", "", *tie_lines]
+             f"{' --tie' if args.tie else ''}{' --shift8' if args.shift8 else ''}"
+             f"{' --weighted' if args.weighted else ''}`", "", *tie_lines]
     payload = {"cpu": cpu_name(), "settings": vars(args), "resolutions": {}}
     for r in resolutions:
         proto = onnx.load(str(folder / qlinear.graph_file(r)), load_external_data=False)
@@ -237,6 +266,8 @@ def main() -> None:
         onnx.save(proto, str(path))
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
+        convs = single_convs(onnx, ort, integer, qlinear, onnx.load(str(folder / qlinear.graph_file(r))), r)
+        alone = dict.fromkeys(convs, 0)
         differ = dict.fromkeys(narrow, 0)
         total = dict.fromkeys(narrow, 0)
         agree = images = 0
@@ -255,14 +286,23 @@ def main() -> None:
                 theirs = theirs.reshape(ours.shape)
                 differ[t] += int((ours != theirs).sum())
                 total[t] += ours.size
+            for t, (one, source, x_zero, y_zero) in convs.items():
+                fed = (reference[source].transpose(0, 3, 1, 2) + x_zero).astype(np.uint8)
+                out = one.run(None, {one.get_inputs()[0].name: fed})[0].astype(np.int64) - y_zero
+                alone[t] += int((out.transpose(0, 2, 3, 1) != reference[t]).sum())
         shares = {t: differ[t] / max(total[t], 1) for t in narrow}
-        payload["resolutions"][r] = {"agreement": 100 * agree / images, "differ": shares}
+        alone = {t: alone[t] / max(total[t], 1) for t in convs}
+        payload["resolutions"][r] = {"agreement": 100 * agree / images, "differ": shares, "differ_alone": alone}
         lines += [f"## {r} px: top-1 agreement with rsq.runtime {100 * agree / images:.2f} % ({images} images)", "",
-                  "| tensor | bits | integers that differ |", "|:---|---:|---:|"]
-        lines += [f"| {t} | {integer.tensors[t].bits} | {100 * shares[t]:.2f} % |" for t in narrow]
+                  "| tensor | bits | integers that differ | a conv's, fed rsq.runtime's input |",
+                  "|:---|---:|---:|---:|"]
+        lines += [f"| {t} | {integer.tensors[t].bits} | {100 * shares[t]:.2f} % | "
+                  f"{f'{100 * alone[t]:.2f} %' if t in alone else ''} |" for t in narrow]
+        weight = " calibration weight kept |" if args.weighted else ""
         lines += ["", "Exact requantization fit (§8c) per conv with a narrow output:", "",
-                  "| conv | weight bits | input bits | output bits | channels that fit |", "|:---|---:|---:|---:|---:|"]
-        lines += fit_coverage(integer, r) + [""]
+                  "| conv | weight bits | input bits | output bits | channels that fit |" + weight,
+                  "|:---|---:|---:|---:|---:|" + ("---:|" if weight else "")]
+        lines += fit_coverage(integer, r, None if counts is None else counts[r]) + [""]
     print("\n".join(lines))
     if args.out:
         write_outputs(args.out, lines, payload)

@@ -221,15 +221,15 @@ def _write_format(fmt: str, job: _Job, folder: Path) -> None:
         from .c_source import write_c
         write_c(job.integer_model, folder)
     elif fmt == "qlinear":
-        from .qlinear import wide_ranges, write_qlinear
-        write_qlinear(job.integer_model, wide_ranges(job.integer_model, _calibration_images(job)), folder)
+        from .qlinear import calibrate, write_qlinear
+        write_qlinear(job.integer_model, *calibrate(job.integer_model, _calibration_images(job)), folder)
     else:
         _write_ecosystem(fmt, job, folder)
 
 
 def _calibration_images(job: _Job) -> dict:
     """Training images (the run's own data and augmentation) at every exported resolution, as numpy NCHW:
-    what the QLinear format calibrates its 8-bit residual grids on."""
+    what the QLinear format calibrates its 8-bit residual grids and its requantization fits on."""
     from ..checkpoint import checkpoint_config
     from ..data import resize_batch
     from ..runs import training_pool

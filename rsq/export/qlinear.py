@@ -10,10 +10,11 @@ stored once in weights.bin for every resolution.
 Not bit-exact with rsq.runtime (docs/export.md §8a says where and measures it):
 - onnxruntime requantizes in float32 (round half to even) where rsq.runtime uses Q31 fixed point;
 - QLinearConv's int32 bias has no fraction bits (rsq's keeps up to 16), except as the per-channel scale
-  and bias fitted where a conv's output is narrow make up for (requant_fit; every channel at 4 bits);
+  and bias fitted where a conv's output is narrow make up for (requant_fit; every channel at 4 bits; where no
+  exact fit exists, the one that keeps the boundaries most calibration values sit at);
 - every "wide" tensor (the residual stream and the conv outputs that feed an add or a pooling,
   int32 in the IntegerModel) becomes 8-bit, on a grid calibrated on training images
-  (``wide_ranges``): the one choice this writer makes that the lowering did not.
+  (``calibrate``): the one choice this writer makes that the lowering did not.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..runtime.model import IntegerModel
 from .onnx import SWITCHABLE_FILE, WEIGHTS_FILE, OnnxGraph, describe, graph_file, require_onnx, write_weights
-from .requant_fit import fit_layer, input_range, rounded
+from .requant_fit import boundary_weights_from_counts, fit_layer, input_range, rounded
 
 RANGES_FILE = "ranges.json"
 CALIBRATION_IMAGES = 256
@@ -33,33 +34,51 @@ SIGNED_ZERO_POINT = 128  # a signed grid [-128, 127] stored as uint8
 MS = "com.microsoft"      # onnxruntime's contrib operators (QLinearAdd, QLinearGlobalAveragePool, ...)
 
 
-def wide_ranges(model: IntegerModel, images: dict[int, np.ndarray], batch: int = 64) -> dict[int, dict[str, int]]:
-    """Per resolution: the largest |integer| of every wide tensor on ``images[r]`` (NCHW float), by rsq.runtime."""
+def calibrate(model: IntegerModel, images: dict[int, np.ndarray], batch: int = 64):
+    """One rsq.runtime pass over ``images[r]`` (NCHW float) per resolution: (ranges, counts).
+
+    ranges[r][tensor]: the largest |integer| of every wide tensor, for its 8-bit grid.
+    counts[r][tensor]: for every conv/linear with a narrow output, how often each output integer occurred per
+    channel ([channels, hi - lo + 1]): where no exact requantization fit exists, the fit keeps the rounding
+    boundaries that the most values sit at (requant_fit.fit_channel_weighted)."""
     from ..runtime import Runtime
     runtime = Runtime(model, gemm="float")
     wide = [name for name, info in model.tensors.items() if info.kind == "wide"]
-    ranges = {}
+    narrow = [op for op in model.ops if op.kind in ("conv", "linear") and model.tensors[op.output].kind == "narrow"]
+    ranges, counts = {}, {}
     for r in model.resolutions:
         largest = dict.fromkeys(wide, 0)
+        bounds = {op.output: (int(model.tables[r][op.name]["lo"][0]), int(model.tables[r][op.name]["hi"][0]))
+                  for op in narrow}
+        seen = {op.output: np.zeros((model.tensors[op.output].channels, hi - lo + 1), np.int64)
+                for op in narrow for lo, hi in [bounds[op.output]]}
         x = images[r]
         for start in range(0, len(x), batch):
             values = runtime.run_all(x[start:start + batch], r)
             for name in wide:
                 largest[name] = max(largest[name], int(np.abs(values[name]).max(initial=0)))
-        ranges[r] = largest
-    return ranges
+            for name, table in seen.items():
+                channels, width = table.shape
+                flat = values[name].reshape(-1, channels).astype(np.int64) - bounds[name][0]  # channels last
+                table += np.bincount((flat + np.arange(channels) * width).ravel(),
+                                     minlength=channels * width).reshape(channels, width)
+        ranges[r], counts[r] = largest, seen
+    return ranges, counts
 
 
-def write_qlinear(model: IntegerModel, ranges: dict[int, dict[str, int]], folder) -> list[Path]:
+def write_qlinear(model: IntegerModel, ranges: dict[int, dict[str, int]],
+                  counts: Optional[dict[int, dict[str, np.ndarray]]], folder) -> list[Path]:
     """One ``model_r{R}.onnx`` per resolution, the shared ``weights.bin`` and ``ranges.json``, and with more than
-    one resolution the switchable ``model.onnx`` (switchable_graph); returns the per-resolution graph paths."""
+    one resolution the switchable ``model.onnx`` (switchable_graph); returns the per-resolution graph paths.
+    ``ranges`` and ``counts``: calibrate's (without counts, a channel with no exact fit rounds its bias)."""
     onnx = require_onnx()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shifts = weight_shifts(model)
     locations = write_weights(model, folder / WEIGHTS_FILE, shifts)
     (folder / RANGES_FILE).write_text(json.dumps({str(r): v for r, v in ranges.items()}, indent=1, sort_keys=True))
-    protos = {r: _QLinearGraph(onnx, model, r, locations, ranges[r], shifts).build() for r in model.resolutions}
+    protos = {r: _QLinearGraph(onnx, model, r, locations, ranges[r], shifts, (counts or {}).get(r, {})).build()
+              for r in model.resolutions}
     paths = []
     for r, proto in protos.items():
         path = folder / graph_file(r)
@@ -164,11 +183,14 @@ def weight_shifts(model: IntegerModel) -> dict[str, int]:
     return shifts
 
 
-def narrow_output_fit(model: IntegerModel, resolution: int, op, shifts: dict[str, int]):
+def narrow_output_fit(model: IntegerModel, resolution: int, op, shifts: dict[str, int],
+                      counts: Optional[np.ndarray] = None):
     """The exact requantization fit (requant_fit.fit_layer) of a conv/linear whose output is narrow, on the
-    weights as this writer stores them (``shifts``: weight_shifts)."""
+    weights as this writer stores them (``shifts``: weight_shifts); ``counts`` (calibrate's, for this output)
+    weigh the boundaries of a channel that has no exact fit."""
+    weights = None if counts is None else boundary_weights_from_counts(counts)
     return fit_layer(model.tables[resolution][op.name], model.weights[op.attrs["weight"]].values,
-                     2 ** shifts.get(op.attrs["weight"], 0), input_range(model, resolution, op.inputs[0]))
+                     2 ** shifts.get(op.attrs["weight"], 0), input_range(model, resolution, op.inputs[0]), weights)
 
 
 def _producer(model: IntegerModel, tensor: str):
@@ -211,10 +233,11 @@ def features_zero_point(model: IntegerModel, resolution: int) -> int:
 
 class _QLinearGraph(OnnxGraph):
     def __init__(self, onnx, model: IntegerModel, resolution: int, locations, ranges: dict[str, int],
-                 shifts: dict[str, int]):
+                 shifts: dict[str, int], counts: dict[str, np.ndarray]):
         super().__init__(onnx, model, [resolution], locations)
         self.grids = self._grids(ranges)
         self.shifts = shifts
+        self.counts = counts
         self.flat: dict[str, str] = {}
         # add output -> the requantize that QLinearAdd writes instead (fused_requantize)
         self.fused = {op.inputs[0]: op for op in model.ops if fused_requantize(model, op)}
@@ -303,7 +326,7 @@ class _QLinearGraph(OnnxGraph):
         integers for every input where one exists (requant_fit); elsewhere, the bias rounded to the
         accumulator's units."""
         if self.model.tensors[op.output].kind == "narrow":
-            fit = narrow_output_fit(self.model, self.r, op, self.shifts)
+            fit = narrow_output_fit(self.model, self.r, op, self.shifts, self.counts.get(op.output))
         else:  # accumulator units per rsq.runtime unit: the weights' shift inside int8
             fit = rounded(table, 2 ** self.shifts.get(op.attrs["weight"], 0))
         return fit.sign * fit.scale * self.scales[op.output], (fit.sign * fit.bias).astype(np.int32)
