@@ -25,9 +25,11 @@ a finer accumulator (so a finer integer bias), whatever the input's bits: anothe
 bias that reproduce the rounding boundaries the most calibration values sit at (requant_fit.fit_channel_weighted);
 without it, such a channel rounds its bias, as the writer did before. The fit table then also gives the share of
 calibration weight the fits keep.
+--exact-stem: also the agreement of the graph from the stem conv's output on, fed rsq.runtime's stem integers: what
+an exact stem would leave.
 
     python tools/probe_qlinear_layers.py RUN/checkpoint.pt [--images 256] [--align] [--range-scale F] [--tie]
-        [--shift8] [--weighted] [--out FILE]
+        [--shift8] [--weighted] [--exact-stem] [--out FILE]
 """
 from __future__ import annotations
 
@@ -170,6 +172,20 @@ def fit_coverage(integer, resolution: int, counts) -> list[str]:
     return lines
 
 
+def from_the_stem_on(onnx, ort, integer, qlinear, proto, resolution: int):
+    """(session, input name, zero point, stem op): the QLinear graph from the stem conv's output to the logits,
+    to be fed rsq.runtime's stem integers, as if the stem were exact (--exact-stem)."""
+    from onnx.utils import Extractor
+    stem = next(op for op in integer.ops if op.kind == "conv")
+    conv = next(n for n in proto.graph.node if n.op_type == "QLinearConv" and n.output[0].startswith(stem.output))
+    clips = [n for n in proto.graph.node if n.op_type == "Clip" and n.input[0] == conv.output[0]]
+    tensor = clips[0].output[0] if clips else conv.output[0]
+    proto.graph.value_info.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.UINT8, None))
+    rest = Extractor(proto).extract_model([tensor], ["logits"])
+    session = ort.InferenceSession(rest.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session, tensor, qlinear.zero_point(integer, resolution, stem), stem
+
+
 def single_convs(onnx, ort, integer, qlinear, proto, resolution: int) -> dict:
     """tensor -> (session, input name, input zero point, output zero point): each QLinearConv with a narrow output
     (and its Clip) as a graph of its own, to be fed rsq.runtime's input."""
@@ -198,6 +214,7 @@ def main() -> None:
     parser.add_argument("--tie", action="store_true")
     parser.add_argument("--shift8", action="store_true")
     parser.add_argument("--weighted", action="store_true")
+    parser.add_argument("--exact-stem", action="store_true")
     parser.add_argument("--out", default=None, help="write FILE.md and FILE.json (default: print only)")
     args = parser.parse_args()
     import onnx
@@ -252,7 +269,7 @@ def main() -> None:
              f"{' --align' if args.align else ''}"
              f"{f' --range-scale {args.range_scale:g}' if args.range_scale != 1.0 else ''}"
              f"{' --tie' if args.tie else ''}{' --shift8' if args.shift8 else ''}"
-             f"{' --weighted' if args.weighted else ''}`", "", *tie_lines]
+             f"{' --weighted' if args.weighted else ''}{' --exact-stem' if args.exact_stem else ''}`", "", *tie_lines]
     payload = {"cpu": cpu_name(), "settings": vars(args), "resolutions": {}}
     for r in resolutions:
         proto = onnx.load(str(folder / qlinear.graph_file(r)), load_external_data=False)
@@ -268,6 +285,9 @@ def main() -> None:
         names = [o.name for o in session.get_outputs()]
         convs = single_convs(onnx, ort, integer, qlinear, onnx.load(str(folder / qlinear.graph_file(r))), r)
         alone = dict.fromkeys(convs, 0)
+        rest = from_the_stem_on(onnx, ort, integer, qlinear, onnx.load(str(folder / qlinear.graph_file(r))), r) \
+            if args.exact_stem else None
+        agree_rest = 0
         differ = dict.fromkeys(narrow, 0)
         total = dict.fromkeys(narrow, 0)
         agree = images = 0
@@ -276,6 +296,11 @@ def main() -> None:
             reference = runtime.run_all(x, r)
             got = dict(zip(names, session.run(None, {"input": x})))
             agree += int((got["logits"].argmax(1) == reference[integer.output].argmax(1)).sum())
+            if rest is not None:
+                rest_session, tensor, zero, stem = rest
+                fed = (reference[stem.output].transpose(0, 3, 1, 2) + zero).astype(np.uint8)
+                logits = rest_session.run(["logits"], {tensor: fed})[0]
+                agree_rest += int((logits.argmax(1) == reference[integer.output].argmax(1)).sum())
             images += len(x)
             for t in narrow:
                 zero = qlinear.zero_point(integer, r, qlinear._producer(integer, t))
@@ -293,7 +318,12 @@ def main() -> None:
         shares = {t: differ[t] / max(total[t], 1) for t in narrow}
         alone = {t: alone[t] / max(total[t], 1) for t in convs}
         payload["resolutions"][r] = {"agreement": 100 * agree / images, "differ": shares, "differ_alone": alone}
-        lines += [f"## {r} px: top-1 agreement with rsq.runtime {100 * agree / images:.2f} % ({images} images)", "",
+        lines += [f"## {r} px: top-1 agreement with rsq.runtime {100 * agree / images:.2f} % ({images} images)", ""]
+        if rest is not None:
+            payload["resolutions"][r]["agreement_exact_stem"] = 100 * agree_rest / images
+            lines += [f"From the stem's output on, fed rsq.runtime's stem integers (an exact stem): "
+                      f"{100 * agree_rest / images:.2f} %.", ""]
+        lines += [
                   "| tensor | bits | integers that differ | a conv's, fed rsq.runtime's input |",
                   "|:---|---:|---:|---:|"]
         lines += [f"| {t} | {integer.tensors[t].bits} | {100 * shares[t]:.2f} % | "
