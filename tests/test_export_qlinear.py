@@ -99,6 +99,12 @@ def test_switchable_qlinear_runs_every_resolution_from_one_session(export, image
     for node in branches:
         then = next(a.g for a in node.attribute if a.name == "then_branch")
         assert {n.op_type for n in then.node} <= ALLOWED_OPS and sum(n.op_type == "QLinearConv" for n in then.node) == 21
+    # Numbered tensors in the branches (each repeats every name): smaller than the readable graphs together.
+    per_resolution = sum((folder / f"model_r{r}.onnx").stat().st_size for r in RESOLUTIONS)
+    assert path.stat().st_size < 0.8 * per_resolution, (path.stat().st_size, per_resolution)
+    then = next(a.g for a in branches[0].attribute if a.name == "then_branch")
+    assert [o.name for o in then.output] == ["r16/logits", f"r16/{features_tensor(load(export / 'packed'))}.flat"]
+    assert max(len(t.name) for t in then.initializer) <= len("r16/") + 2
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.get_modelmeta().custom_metadata_map["rsq.resolutions"] == "16,12"
     for r in RESOLUTIONS:

@@ -118,9 +118,10 @@ def switchable_graph(onnx, model: IntegerModel, protos: dict, locations):
                             [h.make_tensor_value_info(f"{o.name}.none", o.type.tensor_type.elem_type, None)
                              for o in outputs])
     nodes, parts = list(top.nodes), {o.name: [] for o in outputs}
+    codes = _short_names(list(protos.values()), outer)
     for r, proto in protos.items():
         names = [f"{o.name}.r{r}" for o in outputs]
-        nodes.append(h.make_node("If", [selected[r]], names, then_branch=_branch(onnx, proto, f"r{r}", outer),
+        nodes.append(h.make_node("If", [selected[r]], names, then_branch=_branch(onnx, proto, f"r{r}", outer, codes),
                                  else_branch=no_batch))
         for o, name in zip(outputs, names):
             parts[o.name].append(name)
@@ -135,13 +136,31 @@ def switchable_graph(onnx, model: IntegerModel, protos: dict, locations):
     return proto
 
 
-def _branch(onnx, proto, prefix: str, outer: set[str]):
-    """A resolution's graph as an If branch: no inputs, its own names prefixed (so no name repeats anywhere in
-    the model, and none shadows the outer graph's), the outer graph's weights and input read as they are."""
+def _short_names(protos: list, outer: set[str]) -> dict[str, str]:
+    """A short code for every tensor name that the If branches rename, the same in every branch (the
+    resolutions' graphs share their names): numbers in base 36, in the order the graphs hold them. Each branch repeats
+    every name, so at the ResNet-20's size the readable ones cost about a third of a branch's bytes; the
+    per-resolution graphs keep them, node for node in the same order."""
+    names = [name for proto in protos for name in [t.name for t in proto.graph.initializer]
+             + [n for node in proto.graph.node for n in node.output]]
+    codes: dict[str, str] = {}
+    for name in names:
+        if name and name not in outer and name not in codes:
+            codes[name] = np.base_repr(len(codes), 36).lower()
+    return codes
+
+
+def _branch(onnx, proto, prefix: str, outer: set[str], codes: dict[str, str]):
+    """A resolution's graph as an If branch: no inputs, its own names replaced by short codes (_short_names) and
+    prefixed (so no name repeats anywhere in the model, and none shadows the outer graph's), the outer graph's
+    weights and input read as they are; the outputs keep their names, prefixed."""
     h = onnx.helper
+    outputs = {o.name for o in proto.graph.output}
 
     def rename(name: str) -> str:
-        return name if not name or name in outer else f"{prefix}/{name}"
+        if not name or name in outer:
+            return name
+        return f"{prefix}/{name}" if name in outputs else f"{prefix}/{codes[name]}"
 
     nodes = []
     for node in proto.graph.node:
