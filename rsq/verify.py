@@ -304,8 +304,8 @@ def format_verify_table(result: dict) -> str:
            and not row["integers_vs_runtime"].endswith("identical")
            for row in result["rows"]):
         lines.append("note: qlinear differs from rsq.runtime by design: its residual stream is 8-bit, and "
-                     "onnxruntime's kernels round each conv's bias to a whole accumulator unit where no exact fit "
-                     "exists (docs/export.md §8a, §8c)")
+                     "onnxruntime's kernels take each conv's bias in whole accumulator units, so a conv with no exact "
+                     "fit keeps only the rounding boundaries most values sit at (docs/export.md §8a, §8c)")
     stale = [fmt for fmt, same in result["lowering_unchanged"].items() if not same]
     if stale:
         lines.append(f"note: lowering the checkpoint now gives a different integer model than the {', '.join(stale)} "
