@@ -347,3 +347,50 @@ def test_executorch_exact_is_an_export_format_that_verify_runs(tmp_path):
             if row["artifact"] == "executorch-exact"]
     assert [row["resolution"] for row in rows] == [16, 12]
     assert all(row["agreement"] == 100.0 for row in rows), rows
+
+
+def test_xnnpack_8bit_channels_without_exact_fit_take_the_calibrated_one(model8):
+    """W8A8: most 8-bit output channels have no exact fit. Given calibration counts, each such channel takes the
+    scale and bias that keep the rounding boundaries most values sit at, instead of XNNPACK's own rounding of
+    its bias; the exact ones are the same either way."""
+    from rsq.export.pt2e import fit_xnnpack_requantization, lowered
+    from rsq.export.qlinear import calibrate
+    resolution = RESOLUTIONS[0]
+    integer = lowered(model8, [resolution])
+    x, _ = _class_images(64, resolution, torch.Generator().manual_seed(7))
+    counts = calibrate(integer, {resolution: x.numpy()})[1][resolution]
+    plain_model, plain_grids = float_model_for(model8, resolution, 1)
+    plain = fit_xnnpack_requantization(integer, plain_model, plain_grids, resolution)
+    fitted_model, fitted_grids = float_model_for(model8, resolution, 1)
+    fitted = fit_xnnpack_requantization(integer, fitted_model, fitted_grids, resolution, counts)
+    assert fitted == plain and sum(channels - exact for exact, channels in plain.values()) > 0
+    changed = 0
+    for name, (exact, channels) in plain.items():
+        before, after = plain_grids[name].fitted_scale, fitted_grids[name].fitted_scale
+        bias_before = plain_model.get_submodule(name).bias
+        bias_after = fitted_model.get_submodule(name).bias
+        same = (before == after) & (bias_before == bias_after)
+        assert int(same.sum()) >= exact  # the exact channels keep their fit
+        changed += channels - int(same.sum())
+    assert changed > 0
+
+
+def test_executorch_without_the_runs_data_is_written_and_says_so(tmp_path, capsys):
+    """The int8 program's calibrated fits need the run's training images; without them `rsq export` still writes
+    the program (XNNPACK's rounding where no exact fit exists) and says so in one line."""
+    pytest.importorskip("executorch.exir")
+    from rsq.checkpoint import load_checkpoint
+    from rsq.config import TrainConfig
+    from rsq.export import export_checkpoint
+    from rsq.train import train
+    config = TrainConfig(weight_bits=8, act_bits=8, subset=256, test_subset=32, epochs=1, resolutions=[12],
+                         batch_size=64, lr=0.05, out=str(tmp_path / "run"), device="cpu")
+    train(config, overwrite=True)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    ckpt["config"] = {**ckpt["config"], "data_dir": str(tmp_path / "gone")}
+    torch.save(ckpt, tmp_path / "moved.pt")
+    capsys.readouterr()
+    export_checkpoint(tmp_path / "moved.pt", "executorch", tmp_path / "export")
+    assert (tmp_path / "export" / "executorch" / "model.pte").is_file()
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "gone" in notes[0] and "keep XNNPACK's rounding" in notes[0], notes

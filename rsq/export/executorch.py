@@ -36,7 +36,7 @@ float speed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -55,12 +55,15 @@ def method_name(resolution: int) -> str:
 
 
 def to_executorch_bytes(model: nn.Module, resolutions: Iterable[int], in_chans: int, int8_gemms: bool = True,
-                        share_weights: bool = True) -> bytes:
+                        share_weights: bool = True, calibration: Optional[dict] = None) -> bytes:
     """The serialised .pte: every resolution's PT2E program, XNNPACK-delegated, in one program.
 
     ``int8_gemms=False``: every conv / linear a float op on the dequantized activations (no int8 conv,
     so no bias rounding even where no exact fit exists, see the module docstring). ``share_weights=False`` folds each resolution's BN
     into its float weights: one method per resolution, each with its own copy (see the module docstring).
+    ``calibration`` ({resolution: NCHW float images}, the run's training images): a conv with no exact
+    requantization fit keeps the rounding boundaries that most of their values sit at (fit_xnnpack_requantization,
+    counted by rsq.export.qlinear.calibrate); None: XNNPACK's own rounding there.
     """
     exir = require("executorch.exir", PURPOSE, "executorch")
     xnnpack = require("executorch.backends.xnnpack.partition.xnnpack_partitioner", PURPOSE, "executorch")
@@ -70,8 +73,13 @@ def to_executorch_bytes(model: nn.Module, resolutions: Iterable[int], in_chans: 
     if not resolutions:
         raise RsqError("ExecuTorch export needs at least one resolution")
     integer = lowered(model, resolutions) if int8_gemms else None  # once for every method's requantization fit
+    counts = None
+    if integer is not None and calibration is not None:
+        from .qlinear import calibrate
+        counts = calibrate(integer, calibration)[1]
     programs = {method_name(r): to_pt2e(model, r, in_chans, batch=1, backend="xnnpack", int8_weights=int8_gemms,
-                                        fold_float_bn=not share_weights, integer=integer)
+                                        fold_float_bn=not share_weights, integer=integer,
+                                        counts=(counts or {}).get(r))
                 for r in resolutions}
     # One partitioner list per method: a partitioner instance keeps state from the program it saw.
     partitioners = {name: [xnnpack.XnnpackPartitioner()] for name in programs}
@@ -80,10 +88,10 @@ def to_executorch_bytes(model: nn.Module, resolutions: Iterable[int], in_chans: 
 
 
 def write_executorch(model: nn.Module, resolutions: Iterable[int], in_chans: int, path,
-                     int8_gemms: bool = True, share_weights: bool = True) -> Path:
+                     int8_gemms: bool = True, share_weights: bool = True, calibration: Optional[dict] = None) -> Path:
     """Write one .pte with a method ``r<resolution>`` per resolution; returns the path."""
     path = Path(path)
-    path.write_bytes(to_executorch_bytes(model, resolutions, in_chans, int8_gemms, share_weights))
+    path.write_bytes(to_executorch_bytes(model, resolutions, in_chans, int8_gemms, share_weights, calibration))
     return path
 
 

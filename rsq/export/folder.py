@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
@@ -227,9 +228,10 @@ def _write_format(fmt: str, job: _Job, folder: Path) -> None:
         _write_ecosystem(fmt, job, folder)
 
 
-def _calibration_images(job: _Job) -> dict:
+def _calibration_images(job: _Job, purpose: str = "the qlinear format calibrates its 8-bit grids") -> dict:
     """Training images (the run's own data and augmentation) at every exported resolution, as numpy NCHW:
-    what the QLinear format calibrates its 8-bit residual grids and its requantization fits on."""
+    what the QLinear format calibrates its 8-bit residual grids and its requantization fits on (and the int8
+    ExecuTorch program its fits)."""
     from ..checkpoint import checkpoint_config
     from ..data import resize_batch
     from ..runs import training_pool
@@ -237,8 +239,21 @@ def _calibration_images(job: _Job) -> dict:
     try:
         pool = training_pool(checkpoint_config(job.ckpt).replace(device="cpu"), CALIBRATION_IMAGES)
     except RsqError as exc:
-        raise RsqError(f"the qlinear format calibrates its 8-bit grids on the run's training images: {exc}") from None
-    return {r: resize_batch(pool, r).numpy() for r in job.integer_model.resolutions}
+        raise RsqError(f"{purpose} on the run's training images: {exc}") from None
+    return {r: resize_batch(pool, r).numpy() for r in job.resolutions}
+
+
+def _executorch_images(fmt: str, job: _Job):
+    """The calibration images of the int8 program's requantization fits, when the run's training images are at
+    hand; without them the program is still written, with XNNPACK's own rounding where no exact fit exists,
+    and one line says so."""
+    if fmt != "executorch":
+        return None
+    try:
+        return _calibration_images(job, "executorch fits its requantization")
+    except RsqError as exc:
+        print(f"note: {exc}; written without: convs with no exact fit keep XNNPACK's rounding", file=sys.stderr)
+        return None
 
 
 def _write_ecosystem(fmt: str, job: _Job, folder: Path) -> None:
@@ -251,7 +266,7 @@ def _write_ecosystem(fmt: str, job: _Job, folder: Path) -> None:
         if fmt in ("executorch", "executorch-exact"):
             from .executorch import write_executorch
             write_executorch(model, job.resolutions, in_chans, folder / EXECUTORCH_FILE,
-                             int8_gemms=fmt == "executorch")
+                             int8_gemms=fmt == "executorch", calibration=_executorch_images(fmt, job))
             return
         for r in job.resolutions:
             if fmt == "qonnx":

@@ -23,7 +23,7 @@ def _torchao_pt2e():
 
 def to_pt2e(model: nn.Module, resolution: int, in_chans: int, batch: Optional[int] = None,
             backend: str = "x86", int8_weights: bool = True,
-            fold_float_bn: bool = True, integer=None) -> torch.export.ExportedProgram:
+            fold_float_bn: bool = True, integer=None, counts: Optional[dict] = None) -> torch.export.ExportedProgram:
     """The converted PT2E program (q/dq + float ops) of ``model`` at ``resolution``.
 
     ``batch=None`` keeps the batch dimension dynamic (the server path); an int fixes it.
@@ -32,7 +32,8 @@ def to_pt2e(model: nn.Module, resolution: int, in_chans: int, batch: Optional[in
     ``fold_float_bn=False`` ("xnnpack" only): float-weight layers keep rsq's weight and apply their BN
     after it (unfold_float_layers), so every resolution's program holds the same float weights.
     ``integer`` ("xnnpack" with int8 weights): the model already lowered at this resolution (``lowered``),
-    so that a caller writing several resolutions lowers once; lowered here when not given.
+    so that a caller writing several resolutions lowers once; lowered here when not given. ``counts``: see
+    fit_xnnpack_requantization.
     """
     refuse_residual_grids(model, "the PT2E / ExecuTorch path")
     activation_dtype(backend)  # an unknown backend fails before any work
@@ -40,7 +41,7 @@ def to_pt2e(model: nn.Module, resolution: int, in_chans: int, batch: Optional[in
     float_model, grids = float_model_for(model, resolution, in_chans)
     if backend == "xnnpack" and int8_weights:
         integer = integer if integer is not None else lowered(model, [resolution])
-        fit_xnnpack_requantization(integer, float_model, grids, resolution)
+        fit_xnnpack_requantization(integer, float_model, grids, resolution, counts)
     # Batch 2 when dynamic: export specialises a size-1 dimension instead of keeping it symbolic.
     example = (torch.randn(batch or 2, in_chans, resolution, resolution),)
     dynamic = None if batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)

@@ -68,17 +68,19 @@ def lowered(model: nn.Module, resolutions: list[int]):
 
 @torch.no_grad()
 def fit_xnnpack_requantization(integer, float_model: nn.Module, grids: dict[str, LayerGrid],
-                               resolution: int) -> dict[str, tuple[int, int]]:
+                               resolution: int, counts: Optional[dict] = None) -> dict[str, tuple[int, int]]:
     """Give every int8 conv of an XNNPACK program whose output is requantized the per-channel weight scale
     and int32 bias that make XNNPACK's float32 requantization reproduce rsq.runtime's integers for every
     input, where one exists (rsq/export/requant_fit.py); returns {layer: (channels exact, channels)}.
     ``integer``: the model lowered at ``resolution`` among others (``lowered``); None keeps the writer's
-    own rounding everywhere.
+    own rounding everywhere. ``counts`` (rsq.export.qlinear.calibrate's at this resolution): a channel with no
+    exact fit takes the scale and bias that keep the rounding boundaries most calibration values sit at
+    (requant_fit.fit_channel_weighted); without them it keeps XNNPACK's own rounding of its bias.
 
     The float layer gets weights equal to its int8 integers times the fitted scale and a bias equal to the
     fitted integer bias times its accumulator unit, which XNNPACK's own rounding gives back unchanged.
     """
-    from ..requant_fit import fit_layer, input_range
+    from ..requant_fit import boundary_weights_from_counts, fit_layer, input_range
     if integer is None:
         return {}
     tables, scales, report = integer.tables[resolution], integer.scales[resolution], {}
@@ -91,13 +93,16 @@ def fit_xnnpack_requantization(integer, float_model: nn.Module, grids: dict[str,
             continue
         shifts = weight_shift(ints)
         rsq_ints = integer.weights[op.attrs["weight"]].values
-        fit = fit_layer(tables[op.name], rsq_ints, (1 << shifts).numpy(), input_range(integer, resolution, op.inputs[0]))
+        weights = boundary_weights_from_counts(counts[op.output]) if counts and op.output in counts else None
+        x_range = input_range(integer, resolution, op.inputs[0])
+        fit = fit_layer(tables[op.name], rsq_ints, (1 << shifts).numpy(), x_range, weights)
         shape = (-1,) + (1,) * (ints.dim() - 1)
         if not np.array_equal(ints.numpy(), rsq_ints * fit.sign.reshape(shape)):
             continue  # not the orientation the fit assumes (cannot happen for an LSQ layer; keep the old way)
         s_in, s_out = float(scales[op.inputs[0]]), float(scales[op.output])
-        # Channels without an exact fit keep what they had: XNNPACK rounds their float bias itself.
-        exact = torch.from_numpy(fit.exact)
+        # Channels without an exact fit keep what they had, XNNPACK rounding their float bias itself, unless
+        # calibration counts chose their scale and bias.
+        exact = torch.from_numpy(fit.exact if fit.kept is None else fit.exact | (tables[op.name]["m0"] != 0))
         fitted = torch.from_numpy(fit.scale * s_out / s_in).float()
         w_scale = torch.where(exact, fitted, grid.weight_scale.abs() / 2.0 ** shifts)
         layer = float_model.get_submodule(op.name)
