@@ -138,15 +138,14 @@ def switchable_graph(onnx, model: IntegerModel, protos: dict, locations):
 
 def _short_names(protos: list, outer: set[str]) -> dict[str, str]:
     """A short code for every tensor name that the If branches rename, the same in every branch (the
-    resolutions' graphs share their names): numbers in base 36, in the order the graphs hold them. Each branch repeats
-    every name, so at the ResNet-20's size the readable ones cost about a third of a branch's bytes; the
-    per-resolution graphs keep them, node for node in the same order."""
-    names = [name for proto in protos for name in [t.name for t in proto.graph.initializer]
-             + [n for node in proto.graph.node for n in node.output]]
+    resolutions' graphs share their names): numbers in base 36, in the order the graphs hold them. Each branch
+    repeats every name, so at the ResNet-20's size the readable ones cost about a third of a branch's bytes;
+    the per-resolution graphs keep them, node for node in the same order."""
     codes: dict[str, str] = {}
-    for name in names:
-        if name and name not in outer and name not in codes:
-            codes[name] = np.base_repr(len(codes), 36).lower()
+    for proto in protos:
+        for name in [t.name for t in proto.graph.initializer] + [n for node in proto.graph.node for n in node.output]:
+            if name and name not in outer and name not in codes:
+                codes[name] = np.base_repr(len(codes), 36).lower()
     return codes
 
 
@@ -342,8 +341,8 @@ class _QLinearGraph(OnnxGraph):
         """(real value of one accumulator unit per channel, int32 bias in accumulator units).
 
         A conv with a narrow output takes the per-channel scale and bias that reproduce rsq.runtime's
-        integers for every input where one exists (requant_fit); elsewhere, the bias rounded to the
-        accumulator's units."""
+        integers for every input where one exists (requant_fit), else with calibration counts those that keep
+        the boundaries most values sit at; elsewhere, the bias rounded to the accumulator's units."""
         if self.model.tensors[op.output].kind == "narrow":
             fit = narrow_output_fit(self.model, self.r, op, self.shifts, self.counts.get(op.output))
         else:  # accumulator units per rsq.runtime unit: the weights' shift inside int8

@@ -76,9 +76,13 @@ def boundaries(bias: int, bias_shift: int, m0: int, shift: int, lo: int, hi: int
     return np.array(out, dtype=np.int64)
 
 
-def _boundary_intervals(thresholds, c, multiple, candidates, least, most):
-    """Per candidate bias (rows) and boundary (columns): the open interval (low, high) of scales S for which
-    the kernel rounds boundary v where rsq.runtime does, and whether the boundary constrains S at all."""
+def _boundary_intervals(thresholds, lo, multiple, bias_real, search, least, most):
+    """The candidate biases (a column: every B within ``search`` of ``multiple * bias_real``) and, per candidate
+    (rows) and boundary (columns), the open interval (low, high) of scales S for which the kernel rounds
+    boundary v where rsq.runtime does, and whether the boundary constrains S at all."""
+    c = np.arange(lo, lo + len(thresholds), dtype=np.float64) + 0.5
+    centre = int(np.rint(multiple * bias_real))
+    candidates = np.arange(centre - search, centre + search + 1, dtype=np.int64)[:, None]
     above = thresholds <= most            # acc = T_v is reachable: it must round to >= v + 1
     below = thresholds - 1 >= least       # acc = T_v - 1 is reachable: it must round to <= v
     x = (multiple * thresholds[None, :] + candidates).astype(np.float64)        # S * x > c
@@ -88,7 +92,7 @@ def _boundary_intervals(thresholds, c, multiple, candidates, least, most):
         high = np.minimum(np.where(above & (x < 0), c / x, np.inf), np.where(below & (y > 0), c / y, np.inf))
     impossible = (above & (x == 0) & (c >= 0)) | (below & (y == 0) & (c <= 0))
     impossible |= (np.abs(x) >= FLOAT_EXACT) & above | (np.abs(y) >= FLOAT_EXACT) & below
-    return low, np.where(impossible, 0.0, high), np.broadcast_to(above | below, low.shape)
+    return candidates, low, np.where(impossible, 0.0, high), np.broadcast_to(above | below, low.shape)
 
 
 def fit_channel(thresholds: np.ndarray, lo: int, multiple: int, bias_real: float, own: float,
@@ -96,10 +100,7 @@ def fit_channel(thresholds: np.ndarray, lo: int, multiple: int, bias_real: float
     """(S, B) with S > 0 such that round(S * (multiple * acc + B)) crosses v + 1/2 exactly between
     thresholds[v - lo] - 1 and thresholds[v - lo], for every reachable boundary, S as near ``own`` (the
     multiplier's scale) as allows; None if no B within ``search`` of ``multiple * bias_real`` allows it."""
-    c = np.arange(lo, lo + len(thresholds), dtype=np.float64) + 0.5
-    centre = int(np.rint(multiple * bias_real))
-    candidates = np.arange(centre - search, centre + search + 1, dtype=np.int64)[:, None]
-    low, high, _ = _boundary_intervals(thresholds, c, multiple, candidates, least, most)
+    candidates, low, high, _ = _boundary_intervals(thresholds, lo, multiple, bias_real, search, least, most)
     low, high = low.max(1), high.min(1)
     room = np.where(~np.isfinite(high) | (low <= 0) | (high <= 0), -1.0,
                     np.log(np.maximum(high, 1e-300)) - np.log(np.maximum(low, 1e-300)))
@@ -123,10 +124,8 @@ def fit_channel_weighted(thresholds: np.ndarray, lo: int, multiple: int, bias_re
 
     For each candidate B every boundary allows an interval of S; the best S lies where the most weight overlaps,
     found by a sweep over the intervals' ends."""
-    c = np.arange(lo, lo + len(thresholds), dtype=np.float64) + 0.5
-    centre = int(np.rint(multiple * bias_real))
-    candidates = np.arange(centre - search, centre + search + 1, dtype=np.int64)[:, None]
-    low, high, constrains = _boundary_intervals(thresholds, c, multiple, candidates, least, most)
+    candidates, low, high, constrains = _boundary_intervals(thresholds, lo, multiple, bias_real, search, least,
+                                                            most)
     low, high = low * (1 + 2 * MARGIN), high * (1 - 2 * MARGIN)
     total = float(weights[constrains[0]].sum())
     best = (-1.0, np.inf, own, int(candidates[0, 0]))  # (weight, log distance to own, S, B)

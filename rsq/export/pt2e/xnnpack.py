@@ -102,14 +102,14 @@ def fit_xnnpack_requantization(integer, float_model: nn.Module, grids: dict[str,
         s_in, s_out = float(scales[op.inputs[0]]), float(scales[op.output])
         # Channels without an exact fit keep what they had, XNNPACK rounding their float bias itself, unless
         # calibration counts chose their scale and bias.
-        exact = torch.from_numpy(fit.exact if fit.kept is None else fit.exact | (tables[op.name]["m0"] != 0))
+        chosen = torch.from_numpy(fit.exact if fit.kept is None else fit.exact | (tables[op.name]["m0"] != 0))
         fitted = torch.from_numpy(fit.scale * s_out / s_in).float()
-        w_scale = torch.where(exact, fitted, grid.weight_scale.abs() / 2.0 ** shifts)
+        w_scale = torch.where(chosen, fitted, grid.weight_scale.abs() / 2.0 ** shifts)
         layer = float_model.get_submodule(op.name)
         weight = (ints << shifts.reshape(shape)).float() * w_scale.reshape(shape)
-        layer.weight = nn.Parameter(torch.where(exact.reshape(shape), weight, layer.weight), requires_grad=False)
+        layer.weight = nn.Parameter(torch.where(chosen.reshape(shape), weight, layer.weight), requires_grad=False)
         bias = (torch.from_numpy(fit.bias).double() * w_scale.double() * float(np.float32(s_in))).float()
-        layer.bias = nn.Parameter(torch.where(exact, bias, layer.bias), requires_grad=False)
+        layer.bias = nn.Parameter(torch.where(chosen, bias, layer.bias), requires_grad=False)
         grid.fitted_scale = w_scale
         report[op.name] = (int(fit.exact.sum()), len(fit.exact))
     return report
