@@ -114,3 +114,12 @@ def test_without_an_exact_fit_the_weighted_fit_keeps_the_busiest_boundaries():
     assert all(k >= r - 1e-9 for k, r in zip(kept, rounded_kept))
     assert np.mean(kept) > np.mean(rounded_kept) + 0.05  # here 0.86 against 0.76
     assert (fit.kept[fit.exact] == 1).all() and np.array_equal(fit.exact, plain.exact)
+
+
+def test_a_channel_whose_boundaries_no_scale_keeps_falls_back_to_the_rounded_bias():
+    """Every boundary beyond float32's exact integers (|acc| >= 2^24): no (S, B) is trusted, so the weighted fit
+    returns the multiplier's own scale and the bias rounded to the kernel's unit, keeping no weight."""
+    from rsq.export.requant_fit import fit_channel_weighted
+    thresholds = np.arange(3, dtype=np.int64) * 1000 + 2 ** 25
+    scale, bias, share = fit_channel_weighted(thresholds, 0, 1, 12.6, 1e-7, 0, 2 ** 26, 4, np.ones(3))
+    assert (scale, bias, share) == (1e-7, 13, 0.0)

@@ -123,12 +123,12 @@ def fit_channel_weighted(thresholds: np.ndarray, lo: int, multiple: int, bias_re
     weight kept over all the weight of the reachable boundaries.
 
     For each candidate B every boundary allows an interval of S; the best S lies where the most weight overlaps,
-    found by a sweep over the intervals' ends."""
+    found by a sweep over the intervals' ends. Where no boundary can be kept: ``own`` and the rounded bias."""
     candidates, low, high, constrains = _boundary_intervals(thresholds, lo, multiple, bias_real, search, least,
                                                             most)
     low, high = low * (1 + 2 * MARGIN), high * (1 - 2 * MARGIN)
     total = float(weights[constrains[0]].sum())
-    best = (-1.0, np.inf, own, int(candidates[0, 0]))  # (weight, log distance to own, S, B)
+    best = (0.0, np.inf, own, int(np.rint(multiple * bias_real)))  # (weight, log distance to own, S, B)
     for row, bias in enumerate(candidates[:, 0]):
         keep = constrains[row] & (high[row] > low[row]) & (high[row] > 0)
         starts, ends, w = np.maximum(low[row][keep], 0.0), high[row][keep], weights[keep]
