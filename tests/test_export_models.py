@@ -127,13 +127,22 @@ def test_onnx_is_valid_integer_only_and_matches_runtime(runs, images, bits):
         assert {out for node in proto.graph.node for out in node.output} <= {v.name for v in values}  # all typed
         floats = {v.name for v in values if v.type.tensor_type.elem_type in float_types}
         assert floats == {"input", "logits"}
-        # Requantization is one function, integer inside (int64 but for its final Cast to the output type) ...
+        # Requantization is one function, integer inside (int64, uint64 for the shift, but for its final Cast to
+        # the output type) ...
         [function] = proto.functions
         assert function.name == "Requantize" and sum(n.op_type == "Requantize" for n in proto.graph.node) > 20
         casts = [n for n in function.node if n.op_type == "Cast"]
         assert [a.ref_attr_name for n in casts for a in n.attribute if a.ref_attr_name] == ["to"]
-        assert all(a.i == onnx.TensorProto.INT64 for n in casts for a in n.attribute if not a.ref_attr_name)
-        assert {n.op_type for n in function.node} <= {"Constant", "Cast", "Pow", "Mul", "Add", "Div", "Sub", "Clip"}
+        assert {a.i for n in casts for a in n.attribute if not a.ref_attr_name} == {onnx.TensorProto.INT64,
+                                                                                   onnx.TensorProto.UINT64}
+        assert {n.op_type for n in function.node} <= {"Constant", "Cast", "Pow", "Mul", "Add", "Div", "Sub", "Clip",
+                                                      "BitShift"}
+        # ... and the conv weights uint8 (q + 128, read with zero point 128: onnxruntime's fast ConvInteger) ...
+        convs = [n for n in proto.graph.node if n.op_type == "ConvInteger"]
+        weights = {t.name: t.data_type for t in proto.graph.initializer}
+        assert convs and {weights.get(n.input[1], weights.get(n.input[1][:-2])) for n in convs} == {
+            onnx.TensorProto.UINT8}  # the linear's through a Reshape (name.weight4d) of name.weight
+        assert all(n.input[3] == "uint8 128" for n in convs)
         # ... so a resolution's graph holds only its tables as stored: int32 m0 and bias, uint8 n per channel.
         per_channel = [t for t in proto.graph.initializer
                        if t.data_location != onnx.TensorProto.EXTERNAL and np.prod(t.dims) > 4]  # not a shape

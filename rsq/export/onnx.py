@@ -1,9 +1,10 @@
 """ONNX writer: one graph per resolution, integers from the input's QuantizeLinear to the logits' DequantizeLinear,
 and one switchable graph that holds every resolution (the input's height and width pick it).
 
-Convs (and the final linear, as a 1x1 conv on [N, C, 1, 1]) are ConvInteger with int8 operands;
-every requantization is a call of one model-local function, Requantize, made of int64 ops (Mul,
-Add, Pow, Div, Sub; then Clip and Cast), the same integers as rsq.runtime's
+Convs (and the final linear, as a 1x1 conv on [N, C, 1, 1]) are ConvInteger on the int8/uint8 activations
+and uint8 weights (q + 128, zero point 128); every requantization is a call of one model-local function,
+Requantize, made of int64 ops (Mul, Add, a uint64 BitShift, Sub; then Clip and Cast), the same integers as
+rsq.runtime's
 floor((x * m0 + 2**(n-1)) / 2**n), n = 31 + shift (see requantize_function). So onnxruntime
 reproduces rsq.runtime bit for bit. The integer weights are written once, to weights.bin, and every
 graph points into it (ONNX external data).
@@ -29,6 +30,7 @@ OPSET = 21
 IR_VERSION = 10
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 64
+WEIGHT_ZERO_POINT = 128  # the exact graph's weights are uint8 q + 128
 
 
 def require_onnx():
@@ -53,7 +55,7 @@ def write_onnx(model: IntegerModel, folder) -> list[Path]:
     onnx = require_onnx()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    locations = write_weights(model, folder / WEIGHTS_FILE)
+    locations = write_weights(model, folder / WEIGHTS_FILE, offset=WEIGHT_ZERO_POINT)
     paths = []
     for r in model.resolutions:
         path = folder / graph_file(r)
@@ -65,14 +67,16 @@ def write_onnx(model: IntegerModel, folder) -> list[Path]:
     return paths
 
 
-def write_weights(model: IntegerModel, path: Path, shifts: Optional[dict[str, int]] = None) -> dict[str, tuple[int, int]]:
-    """int8 weights, each at a 64-byte aligned offset: {name: (offset, length)}; ``shifts[name]`` bits to the left."""
+def write_weights(model: IntegerModel, path: Path, shifts: Optional[dict[str, int]] = None,
+                  offset: int = 0) -> dict[str, tuple[int, int]]:
+    """8-bit weights, each at a 64-byte aligned offset: {name: (offset, length)}; ``shifts[name]`` bits to the left.
+    int8, or with ``offset`` 128 uint8 holding q + 128 (read with that zero point)."""
     data = bytearray()
     locations = {}
     for name in sorted(model.weights):
         data.extend(b"\0" * (-len(data) % ALIGN))
-        values = model.weights[name].values.astype(np.int16) << (shifts or {}).get(name, 0)
-        payload = np.ascontiguousarray(values, dtype=np.int8).tobytes()
+        values = (model.weights[name].values.astype(np.int16) << (shifts or {}).get(name, 0)) + offset
+        payload = np.ascontiguousarray(values, dtype=np.uint8 if offset else np.int8).tobytes()
         locations[name] = (len(data), len(payload))
         data.extend(payload)
     path.write_bytes(bytes(data))
@@ -162,11 +166,12 @@ class OnnxGraph:
         self.mode = self.node("Add", [found, self.scalar(count, np.int64)], "mode")
         return graph_input
 
-    def weight(self, name: str) -> str:
+    def weight(self, name: str, unsigned: bool = False) -> str:
+        """The weights in weights.bin: int8, or ``unsigned`` uint8 (q + 128, write_weights' offset)."""
         values = self.model.weights[name].values
         tensor = self.onnx.TensorProto()
         tensor.name = f"{name}.weight"
-        tensor.data_type = self.onnx.TensorProto.INT8
+        tensor.data_type = self.onnx.TensorProto.UINT8 if unsigned else self.onnx.TensorProto.INT8
         tensor.dims.extend(values.shape)
         offset, length = self.locations[name]
         tensor.data_location = self.onnx.TensorProto.EXTERNAL
@@ -208,9 +213,10 @@ def requantize_function(onnx):
 
     Inputs: x (any integer type), m0 (int32), n = 31 + shift (uint8, 1..62), bias (int32) and
     up = 2**P (int64), the last four per channel or scalar; lo and hi (int64 scalars). With
-    y = x * m0 * up + (bias * m0 + 2**(n-1) + 2**62) the result is Div(y, 2**n) - 2**(62-n): lower
-    keeps |((x << P) + bias) * m0| < 2**61, so y > 0 and integer Div (which truncates) floors it.
-    The same integers, regrouped.
+    y = x * m0 * up + (bias * m0 + 2**(n-1) + 2**62) the result is (y >> n) - 2**(62-n): lower
+    keeps |((x << P) + bias) * m0| < 2**61, so 0 < y < 2**63, and the shift (BitShift, on uint64: ONNX
+    shifts only unsigned integers) floors it. The same integers, regrouped; an int64 Div took about 4x a
+    shift's time (tools/results/probe_onnx_exact_speed.md).
     Defined once per graph, called once per requantization: each resolution's graph then holds only
     its tables (m0, n, bias), not four int64 constants per channel; onnxruntime inlines the function
     and folds the constant parts when it loads the graph."""
@@ -229,7 +235,10 @@ def requantize_function(onnx):
         op("Pow", ["two", "n64"], "divisor"), op("Div", ["divisor", "two"], "half"),
         op("Mul", ["b", "m"], "bm"), op("Add", ["bm", "half"], "rounding"), op("Add", ["rounding", "big"], "offset"),
         op("Mul", ["m", "up"], "scale"), op("Mul", ["x64", "scale"], "product"),
-        op("Add", ["product", "offset"], "positive"), op("Div", ["positive", "divisor"], "quotient"),
+        op("Add", ["product", "offset"], "positive"),
+        op("Cast", ["positive"], "positive_u", to=TP.UINT64), op("Cast", ["n"], "n_u", to=TP.UINT64),
+        op("BitShift", ["positive_u", "n_u"], "quotient_u", direction="RIGHT"),
+        op("Cast", ["quotient_u"], "quotient", to=TP.INT64),
         op("Div", ["big", "divisor"], "correction"), op("Sub", ["quotient", "correction"], "rounded"),
         op("Clip", ["rounded", "lo", "hi"], "clipped"),
     ]
@@ -317,8 +326,8 @@ class _ExactGraph(OnnxGraph):
     def _conv(self, op):
         attrs = op.attrs
         ph, pw = attrs["padding"]
-        self._layer(op, op.inputs[0], self.weight(attrs["weight"]), op.output, kernel_shape=attrs["kernel"],
-                    strides=attrs["stride"], pads=[ph, pw, ph, pw], group=attrs["groups"])
+        self._layer(op, op.inputs[0], self.weight(attrs["weight"], unsigned=True), op.output,
+                    kernel_shape=attrs["kernel"], strides=attrs["stride"], pads=[ph, pw, ph, pw], group=attrs["groups"])
 
     def _linear(self, op):
         # A 1x1 ConvInteger on [N, C, 1, 1]: the weights keep their stored [out, in] layout (as [out, in, 1, 1]).
@@ -329,14 +338,17 @@ class _ExactGraph(OnnxGraph):
 
     def _layer(self, op, x: str, weight: str, output: str, **conv_attrs) -> str:
         """clamp(rq((acc << bias_shift) + bias, m0, shift), lo, hi), per output channel."""
-        acc = self.node("ConvInteger", [x, weight], f"{op.name}.acc", **conv_attrs)
+        # uint8 weights with zero point 128: onnxruntime's ConvInteger runs u8/s8 x u8 4-6x as fast as x s8
+        # (tools/results/probe_onnx_exact_speed.md); the products are the same integers.
+        zero = self.scalar(WEIGHT_ZERO_POINT, np.uint8)
+        acc = self.node("ConvInteger", [x, weight, "", zero], f"{op.name}.acc", **conv_attrs)
         channels = len(self.tables[op.name]["m0"])
         return self.requant(acc, op.name, op.name, output, [1, channels, 1, 1], bias=True,
                             dtype=self.model.tensors[op.output].dtype)
 
     def weight_4d(self, name: str) -> str:
         """A linear's [out, in] weights seen as [out, in, 1, 1]: a Reshape of the same external bytes."""
-        flat = self.weight(name)
+        flat = self.weight(name, unsigned=True)
         shape = self.const(f"{name}.shape4d", np.array(list(self.model.weights[name].values.shape) + [1, 1], np.int64))
         return self.node("Reshape", [flat, shape], f"{name}.weight4d")
 
@@ -373,4 +385,3 @@ class _ExactGraph(OnnxGraph):
         as_double = self.node("Cast", [op.inputs[0]], f"{op.name}.double", to=TP.DOUBLE)
         pooled = self.node("MaxPool", [as_double], f"{op.name}.pooled", **pool)
         self.node("Cast", [pooled], op.output, to=TP.INT32)
-
