@@ -3,9 +3,8 @@ and one switchable graph that holds every resolution (the input's height and wid
 
 Convs (and the final linear, as a 1x1 conv on [N, C, 1, 1]) are ConvInteger on the int8/uint8 activations
 and uint8 weights (q + 128, zero point 128); every requantization is a call of one model-local function,
-Requantize, made of int64 ops (Mul, Add, a uint64 BitShift, Sub; then Clip and Cast), the same integers as
-rsq.runtime's
-floor((x * m0 + 2**(n-1)) / 2**n), n = 31 + shift (see requantize_function). So onnxruntime
+Requantize, made of int64 ops (Mul, Add, a uint64 BitShift, Sub; then Clip and Cast), the same integers
+as rsq.runtime's floor((x * m0 + 2**(n-1)) / 2**n), n = 31 + shift (see requantize_function). So onnxruntime
 reproduces rsq.runtime bit for bit. The integer weights are written once, to weights.bin, and every
 graph points into it (ONNX external data).
 
@@ -338,7 +337,7 @@ class _ExactGraph(OnnxGraph):
 
     def _layer(self, op, x: str, weight: str, output: str, **conv_attrs) -> str:
         """clamp(rq((acc << bias_shift) + bias, m0, shift), lo, hi), per output channel."""
-        # uint8 weights with zero point 128: onnxruntime's ConvInteger runs u8/s8 x u8 4-6x as fast as x s8
+        # uint8 weights with zero point 128: onnxruntime's ConvInteger runs u8/s8 x u8 4-5.5x as fast as x s8
         # (tools/results/probe_onnx_exact_speed.md); the products are the same integers.
         zero = self.scalar(WEIGHT_ZERO_POINT, np.uint8)
         acc = self.node("ConvInteger", [x, weight, "", zero], f"{op.name}.acc", **conv_attrs)
