@@ -305,7 +305,8 @@ def format_verify_table(result: dict) -> str:
            for row in result["rows"]):
         lines.append("note: qlinear differs from rsq.runtime by design: its residual stream is 8-bit, and "
                      "onnxruntime's kernels take each conv's bias in whole accumulator units, so a conv with no exact "
-                     "fit keeps only the rounding boundaries most values sit at (docs/export.md §8a, §8c)")
+                     "fit keeps only the rounding boundaries most values sit at (docs/export.md §8a, §8c); "
+                     "the onnx format is the bit-exact graph")
     stale = [fmt for fmt, same in result["lowering_unchanged"].items() if not same]
     if stale:
         lines.append(f"note: lowering the checkpoint now gives a different integer model than the {', '.join(stale)} "
