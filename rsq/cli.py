@@ -397,7 +397,10 @@ def _require_pandas(command: str) -> None:
 @click.option("--bits", type=Bits(), default=None,
               help="for a checkpoint that switches bit widths: the one to export")
 @click.option("--overwrite", is_flag=True, help="replace an export already in --out")
-def export(checkpoint, fmt, out, resolutions, bits, overwrite):
+@click.option("--no-snap", "no_snap", is_flag=True,
+              help="export the checkpoint's BatchNorm shifts as they are, not snapped onto the int8 kernels' bias "
+                   "grid (docs/export.md §8d); the export's fake-quant model is then the checkpoint's")
+def export(checkpoint, fmt, out, resolutions, bits, overwrite, no_snap):
     """Export a quantized checkpoint for edge targets: integer-only ONNX (exact, or on onnxruntime's fast
     8-bit kernels), a bit-packed checkpoint with a numpy reference runtime, C source for rsq's C runtime
     (microcontrollers), QONNX for FINN, PT2E and ExecuTorch (see the README's export section).
@@ -414,7 +417,8 @@ def export(checkpoint, fmt, out, resolutions, bits, overwrite):
     names, left_out = formats_for(checkpoint) if fmt == "all" else ([fmt], "")
     for name in names:
         with third_party_notes_off():
-            written = export_checkpoint(checkpoint, name, out, resolutions, overwrite=overwrite, bits=bits)
+            written = export_checkpoint(checkpoint, name, out, resolutions, overwrite=overwrite, bits=bits,
+                                        snap=not no_snap)
         overwrite = False  # the next format joins this export
         click.echo(f"wrote {written}" + (_c_memory(written) if name == "c" else "")
                    + (QLINEAR_NOTE if name == "qlinear" else ""))
@@ -424,8 +428,9 @@ def export(checkpoint, fmt, out, resolutions, bits, overwrite):
 
 
 # What a user deploying the QLinear graph must know before trusting it as the model (docs/export.md §8a, §8c).
-QLINEAR_NOTE = (" (onnxruntime's fused 8-bit kernels: fast, but not bit-exact; `rsq verify` measures its agreement, "
-                "and the onnx, packed and c formats are the exact ones)")
+QLINEAR_NOTE = (" (onnxruntime's fused 8-bit kernels: fast, bit-exact only where every conv output is narrow, as "
+                "with --residual-bits 8; `rsq verify` measures its agreement, and the onnx, packed and c formats are "
+                "the exact ones)")
 
 
 def _c_memory(folder) -> str:

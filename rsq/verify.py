@@ -264,7 +264,7 @@ def _verify_export(export_dir, test_subset, data_dir, quiet: bool, gemm: str, la
         rows += [tallies[r, name].row(r, name, fq_top1, timed.get((r, name), (None, None))) for name in names]
     result = {"images": tallies[resolutions[0], "fake-quant"].images, "rows": rows, "lowering_unchanged": unchanged,
               "skipped": skipped, "latency_batch": len(first[resolutions[0]]) if latency and first else None,
-              "latency_threads": torch.get_num_threads() if latency else None}
+              "latency_threads": torch.get_num_threads() if latency else None, "bias_snap": info.get("bias_snap")}
     if not quiet:
         print(format_verify_table(result))
     return result
@@ -307,6 +307,11 @@ def format_verify_table(result: dict) -> str:
                      "onnxruntime's kernels take each conv's bias in whole accumulator units, so a conv with no exact "
                      "fit keeps only the rounding boundaries most values sit at (docs/export.md §8a, §8c); "
                      "the onnx format is the bit-exact graph")
+    snap = result.get("bias_snap") or {}
+    if snap.get("convs"):
+        lines.append(f"note: fake-quant is the exported model (the export's checkpoint.pt): {snap['convs']} convs' "
+                     f"BatchNorm shifts moved by at most {snap['largest_move']:.2f} of an int8 kernel's accumulator "
+                     "unit, so their biases sit on that kernel's grid (docs/export.md §8d)")
     stale = [fmt for fmt, same in result["lowering_unchanged"].items() if not same]
     if stale:
         lines.append(f"note: lowering the checkpoint now gives a different integer model than the {', '.join(stale)} "

@@ -162,3 +162,31 @@ def test_a_second_format_must_share_the_resolutions(tmp_path, checkpoint):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "export.json", "onnx", "packed"]
     export_checkpoint(checkpoint, "onnx", out, overwrite=True)  # another resolution set: a fresh folder
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "export.json", "onnx"]
+
+
+def test_export_snaps_biases_unless_told_not_to_and_keeps_one_kind_per_folder(tmp_path, checkpoint, capsys):
+    """The export's checkpoint.pt is the model as exported: its BN shifts snapped (rsq.export.snap) by default,
+    the checkpoint's own with --no-snap; a folder holds one kind, and mixing them is one clear line."""
+    import json
+
+    from rsq.cli import main
+
+    source = torch.load(checkpoint, weights_only=False)["model"]
+    snapped, plain = tmp_path / "snapped", tmp_path / "plain"
+    export_checkpoint(checkpoint, "packed", snapped)
+    info = json.loads((snapped / "export.json").read_text())["bias_snap"]
+    assert info["snapped"] and info["convs"] > 0 and 0 < info["largest_move"] <= 0.5
+    stored = torch.load(snapped / "checkpoint.pt", weights_only=False)["model"]
+    changed = sorted(k for k in source if not torch.equal(source[k], stored[k]))
+    assert changed and all(k.endswith(".bias") and ".bn" in k.replace("downsample.1", "bn") for k in changed)
+    with pytest.raises(RsqError, match="holds an export with snapped biases") as error:
+        export_checkpoint(checkpoint, "onnx", snapped, snap=False)
+    one_line(error)
+    assert main(["export", str(checkpoint), "--format", "packed", "--out", str(plain), "--no-snap"]) == 0
+    stored = torch.load(plain / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(source[k], stored[k]) for k in source)
+    assert not json.loads((plain / "export.json").read_text())["bias_snap"]["snapped"]
+    assert main(["export", str(checkpoint), "--format", "onnx", "--out", str(plain)]) == 2
+    assert "holds an export without snapped biases" in capsys.readouterr().err
+    export_checkpoint(checkpoint, "onnx", plain, overwrite=True)  # replaced whole: snapped now
+    assert sorted(p.name for p in plain.iterdir()) == ["checkpoint.pt", "export.json", "onnx"]

@@ -86,7 +86,7 @@ def test_weights_identical_across_resolutions_tables_differ(runs):
 @pytest.mark.parametrize("bits", BITS)
 def test_runtime_on_packed_equals_in_memory_and_float_gemm(runs, images, bits):
     run, export = runs[bits]
-    in_memory = Runtime(lower(load_model(run)[0]))
+    in_memory = Runtime(lower(load_model(export / "checkpoint.pt")[0]))  # the exported (snapped) model
     packed = Runtime(load(export / "packed"))
     fast = Runtime(load(export / "packed"), gemm="float")
     for r in RESOLUTIONS:
@@ -133,10 +133,10 @@ def test_onnx_is_valid_integer_only_and_matches_runtime(runs, images, bits):
         assert function.name == "Requantize" and sum(n.op_type == "Requantize" for n in proto.graph.node) > 20
         casts = [n for n in function.node if n.op_type == "Cast"]
         assert [a.ref_attr_name for n in casts for a in n.attribute if a.ref_attr_name] == ["to"]
-        assert {a.i for n in casts for a in n.attribute if not a.ref_attr_name} == {onnx.TensorProto.INT64,
-                                                                                   onnx.TensorProto.UINT64}
-        assert {n.op_type for n in function.node} <= {"Constant", "Cast", "Pow", "Mul", "Add", "Div", "Sub", "Clip",
-                                                      "BitShift"}
+        targets = {a.i for n in casts for a in n.attribute if not a.ref_attr_name}
+        assert targets == {onnx.TensorProto.INT64, onnx.TensorProto.UINT64}
+        allowed = {"Constant", "Cast", "Pow", "Mul", "Add", "Div", "Sub", "Clip", "BitShift"}
+        assert {n.op_type for n in function.node} <= allowed
         # ... and the conv weights uint8 (q + 128, read with zero point 128: onnxruntime's fast ConvInteger) ...
         convs = [n for n in proto.graph.node if n.op_type == "ConvInteger"]
         weights = {t.name: t.data_type for t in proto.graph.initializer}

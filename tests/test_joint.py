@@ -217,7 +217,7 @@ def test_export_writes_one_bit_width_of_a_joint_checkpoint(joint_run, tmp_path, 
     from rsq.data.multires import resize_batch
     from rsq.runtime import Runtime, dequantize_logits, load
 
-    model, _ = load_model(out / "checkpoint.pt")
+    model, _ = load_model(tmp_path / "w2" / "checkpoint.pt")  # the exported model (its 2-bit biases snapped)
     runtime = Runtime(load(tmp_path / "w2" / "packed"))
     assert {w.bits for w in runtime.model.weights.values()} == {2, 8}
     images, _ = fashion_mnist.load("test", None)

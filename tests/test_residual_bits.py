@@ -88,6 +88,37 @@ def test_exact_onnx_and_c_equal_the_runtime_and_the_c_arena_shrinks(model, tmp_p
         assert np.array_equal(native.run(x, 12), runtime.run(x, 12))
 
 
+def test_snapping_puts_each_narrow_conv_bias_on_the_int8_kernels_grid(model):
+    """rsq.export.snap moves BN shifts so that each conv with a narrow output has a folded bias the int8 kernels
+    hold (kernel_bias_bits fraction bits), by at most half a kernel unit, and moves nothing else."""
+    from rsq.export.snap import kernel_bias_bits, snap_biases
+
+    snapped = copy.deepcopy(model)
+    report = snap_biases(snapped)
+    assert report["convs"] == 21 and 0 < report["largest_move"] <= 0.5  # every conv (2 downsample): all narrow
+
+    def fractions(net):
+        """Per narrow conv and resolution: how far the lowered bias is from the kernel's grid, in kernel units."""
+        integer_model = lower(net)
+        out = []
+        for op in integer_model.ops:
+            if op.kind == "conv" and integer_model.tensors[op.output].kind == "narrow":
+                weight = integer_model.weights[op.attrs["weight"]]
+                bits = kernel_bias_bits(weight.values, weight.bits, integer_model.tensors[op.inputs[0]].bits)
+                for r in RESOLUTIONS:
+                    table = integer_model.tables[r][op.name]
+                    units = table["bias"] / 2.0 ** (int(table["bias_shift"][0]) - bits)
+                    out.append(np.abs(units - np.rint(units)).max())
+        return np.array(out)
+
+    assert fractions(model).max() > 0.1  # as trained (here: initialised), the biases fall anywhere
+    assert fractions(snapped).max() < 1e-2  # float32 storage of the BN shift leaves a trace of noise
+    moved = [(a - b).abs().max() for a, b in zip(snapped.state_dict().values(), model.state_dict().values())
+             if a.is_floating_point() and not torch.equal(a, b)]
+    assert moved and len(moved) == 21 * len(RESOLUTIONS)  # one BN shift per conv and resolution, nothing else
+    assert snap_biases(snapped)["largest_move"] < 1e-2  # snapped already: nothing left to move
+
+
 def test_bad_combinations_are_clear_errors():
     with pytest.raises(RsqError, match="pick one"):
         QuantConfig(4, 4, quantized_shortcut=True, residual_bits=8)
@@ -125,6 +156,14 @@ def test_a_trained_checkpoint_reloads_and_exports_the_integer_formats_only(tmp_p
     out = capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "all").iterdir() if p.is_dir()) == ["c", "onnx", "packed", "qlinear"]
     assert "qonnx, pt2e, executorch, executorch-exact left out" in out
+    # Every conv output is narrow here, and the export snaps their biases onto the int8 kernels' grid
+    # (rsq.export.snap): the QLinear graph then computes rsq.runtime's integers, its pooled features equal.
+    from rsq.verify import verify_export
+    checked = verify_export(tmp_path / "all", test_subset=32, quiet=True, latency=False)
+    rows = [row for row in checked["rows"] if row["artifact"] == "qlinear"]
+    assert [row["resolution"] for row in rows] == RESOLUTIONS
+    assert all(row["integers_vs_runtime"] == "avgpool: identical" and row["agreement"] == 100.0 for row in rows)
+    assert checked["bias_snap"]["convs"] == 21
     export_checkpoint(tmp_path / "run", "packed", tmp_path / "export")
     with pytest.raises(RsqError, match="does not take a residual stream on learned grids"):
         export_checkpoint(tmp_path / "run", "pt2e", tmp_path / "export")

@@ -4,9 +4,11 @@ onnxruntime's QLinearConv (and XNNPACK's int8 conv) add an int32 bias in accumul
 weights stored shifted left inside int8 (docs/export.md section 8a) make that unit 2^k times finer. rsq's
 lowering keeps up to 16 fraction bits of the folded BatchNorm bias (section 3), more than any such kernel
 can hold. An experiment, not what rsq does: lower each conv with a narrow output with its bias rounded to
-``kernel_bias_bits`` fraction bits (below: 8 - weight bits for sub-8-bit weights read by
-at most 7-bit inputs, capped by the weights' headroom in int8; 0 for 8-bit weights), the rest unchanged, so
-that an exact requantization fit (section 8c) exists for (nearly) every channel. Both lowerings are written
+``rsq.export.snap.kernel_bias_bits`` fraction bits (8 - weight bits for sub-8-bit weights read
+by at most 7-bit inputs, capped by the weights' headroom in int8; 0 for 8-bit weights), the rest unchanged, so
+that an exact requantization fit (section 8c) exists for (nearly) every channel. The models are exported as
+trained (``snap=False``): `rsq export` now snaps the BN shifts instead (rsq/export/snap.py, section 8d), which
+moves the fake-quant model rather than the integer one. Both lowerings are written
 as `packed` and `qlinear` and verified against the fake-quant model: top-1 agreement of rsq.runtime and of
 the QLinear graph, and how the QLinear graph's pooled features compare with rsq.runtime's.
 
@@ -15,7 +17,6 @@ the QLinear graph, and how the QLinear graph's pooled features compare with rsq.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -28,21 +29,13 @@ from benchlib import cpu_name, write_outputs  # noqa: E402
 LOWERINGS = ("as rsq lowers it", "bias at the kernel's precision")
 
 
-def kernel_bias_bits(weights: np.ndarray, weight_bits: int, input_bits: int) -> int:
-    """Fraction bits of bias an int8 kernel holds exactly: the bits its weights can move left inside int8
-    (every integer and its negation still inside), 8 - bits at most, none for 8-bit weights or 8-bit inputs
-    (AVX2's u8 x s8 pair sums saturate int16 there, so the QLinear writer does not shift them)."""
-    if weight_bits >= 8 or input_bits > 7:
-        return 0
-    largest = max(int(np.abs(weights.astype(np.int64)).max()), 1)
-    return max(0, min(8 - weight_bits, int(math.floor(math.log2(127 / largest)))))
-
-
 def kernel_bias_lowering(lower_module):
     """Patch rsq.export.lower so each conv/linear with a narrow output keeps at most kernel_bias_bits of bias.
 
     The table is re-expressed, not re-derived: with P' = min(P, bits), bias' = round(bias / 2^(P - P')), and
     the multiplier, applied to (acc << P') + bias', moves its shift by P - P' (m0 unchanged)."""
+    from rsq.export.snap import kernel_bias_bits
+
     plain = lower_module._Lowering._layer_table
 
     def layer_table(self, op, key, s_in, s_out, lo, hi):
@@ -80,8 +73,8 @@ def main() -> None:
             try:
                 with tempfile.TemporaryDirectory(prefix="probe_kernel_bias.") as work:
                     export = Path(work) / "export"
-                    export_checkpoint(run, "packed", export)
-                    export_checkpoint(run, "qlinear", export)
+                    export_checkpoint(run, "packed", export, snap=False)  # the model as trained
+                    export_checkpoint(run, "qlinear", export, snap=False)
                     verified = verify_export(export, test_subset=args.test_subset, quiet=True, latency=False)
             finally:
                 if plain is not None:

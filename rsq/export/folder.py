@@ -2,6 +2,7 @@
 (into a temporary folder, then renamed) so that a failed export leaves the folder as it was."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -42,11 +43,13 @@ def read_export_info(folder) -> dict:
 
 
 def export_checkpoint(checkpoint, fmt: str, out, resolutions: Optional[Iterable[int]] = None,
-                      overwrite: bool = False, bits: Optional[int] = None) -> Path:
+                      overwrite: bool = False, bits: Optional[int] = None, snap: bool = True) -> Path:
     """Export ``checkpoint`` (file or run folder) as ``fmt`` into folder ``out``; returns the format's folder.
 
     ``bits``: for a checkpoint that switches bit widths, the one to export (its weights on that
     grid, its modes' tables); a checkpoint of one bit width takes None (or its own).
+    ``snap``: move the BN shifts so each narrow conv's bias sits on the int8 kernels' grid (rsq.export.snap);
+    the export's checkpoint.pt is the model so exported, the fake-quant model every format is verified against.
 
     A second format of the same checkpoint and resolutions is added to an existing export; any
     other existing export is refused unless ``overwrite``. Nothing is left behind on failure: the
@@ -74,6 +77,11 @@ def export_checkpoint(checkpoint, fmt: str, out, resolutions: Optional[Iterable[
     taken, feature = _formats_taking(config)
     if fmt not in taken:
         raise RsqError(f"the {fmt} format does not take {feature}; export it as {', '.join(taken)}")
+    same_snap = existing is None or existing.get("bias_snap", {}).get("snapped", False) == snap
+    if same_checkpoint and not same_snap and not overwrite:
+        raise RsqError(f"{out} holds an export {'without' if snap else 'with'} snapped biases; add this format the "
+                       f"same way ({'--no-snap' if snap else 'without --no-snap'}), or pass --overwrite")
+    snapped = _snap(model, config, bits) if snap else {"snapped": False, "convs": 0, "largest_move": 0.0}
     if fmt in INTEGER_FORMATS:
         job = _Job(model, ckpt, lower_checkpoint_model(model, config, resolutions, bits), bits)
         chosen, entry_digest = list(job.integer_model.resolutions), job.integer_model.digest()
@@ -82,7 +90,7 @@ def export_checkpoint(checkpoint, fmt: str, out, resolutions: Optional[Iterable[
         job = _Job(model, ckpt, None, bits, chosen)
     entry = {"resolutions": chosen, "digest": entry_digest}
     # One folder, one checkpoint and one set of resolutions: a second format joins the first.
-    joins = same_checkpoint and existing.get("resolutions") == chosen
+    joins = same_checkpoint and same_snap and existing.get("resolutions") == chosen
     if existing is not None and not joins and not overwrite:
         raise RsqError(f"{out} holds an export at resolutions {existing.get('resolutions')}, not "
                        f"{chosen}; pass overwrite=True (--overwrite) to replace it")
@@ -93,7 +101,8 @@ def export_checkpoint(checkpoint, fmt: str, out, resolutions: Optional[Iterable[
     else:
         info = _new_info(ckpt, config, source, digest, chosen, bits)
         info["formats"] = {fmt: entry}
-        _replace_whole(out, lambda tmp: _fill_new(tmp, source, fmt, job, info))
+        info["bias_snap"] = snapped
+        _replace_whole(out, lambda tmp: _fill_new(tmp, fmt, job, info))
     return out / fmt
 
 
@@ -173,16 +182,30 @@ def _check_bits(source: Path, config, bits: Optional[int]) -> None:
 def lower_checkpoint_model(model, config, resolutions=None, bits: Optional[int] = None):
     """The IntegerModel that export_checkpoint writes for a checkpoint's model and config
     (at ``bits`` for a checkpoint that switches bit widths)."""
-    from ..convert import mode_state, using_mode
     from .lower import lower as _lower
     chosen = None if resolutions is None else [int(r) for r in resolutions]
-    if config.bit_widths:
-        with using_mode(model, mode_state(model).resolutions[0], bits):
-            integer_model = _lower(model, chosen)
-    else:
+    with _at_bits(model, config, bits):
         integer_model = _lower(model, chosen)
     integer_model.meta["input"] = _input_description(config)
     return integer_model
+
+
+def _at_bits(model, config, bits: Optional[int]):
+    """A checkpoint that switches bit widths at ``bits`` (any resolution: the lowering visits each); else nothing."""
+    from ..convert import mode_state, using_mode
+    return using_mode(model, mode_state(model).resolutions[0], bits) if config.bit_widths else contextlib.nullcontext()
+
+
+def _snap(model, config, bits: Optional[int]) -> dict:
+    """rsq.export.snap on the model to export, in place: its conv biases onto the int8 kernels' grid, so that the
+    export's fake-quant model, rsq.runtime and the int8 graphs agree. A model the lowering refuses is left as it
+    is (its integer formats give the error)."""
+    from .snap import snap_biases
+    try:
+        with _at_bits(model, config, bits):
+            return {"snapped": True, **snap_biases(model)}
+    except RsqError:
+        return {"snapped": True, "convs": 0, "largest_move": 0.0}
 
 
 def _input_description(config) -> dict:
@@ -293,8 +316,10 @@ def _write_info(info: dict, folder: Path) -> None:
     (folder / MARKER).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
 
 
-def _fill_new(tmp: Path, source: Path, fmt: str, job: _Job, info: dict) -> None:
-    shutil.copyfile(source, tmp / CHECKPOINT_COPY)
+def _fill_new(tmp: Path, fmt: str, job: _Job, info: dict) -> None:
+    import torch
+    # The model as exported (its biases snapped): what rsq verify compares every format with.
+    torch.save({**job.ckpt, "model": job.model.state_dict()}, tmp / CHECKPOINT_COPY)
     _write_format(fmt, job, tmp / fmt)
     _write_info(info, tmp)
 

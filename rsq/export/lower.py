@@ -54,10 +54,18 @@ def lower(model: nn.Module, resolutions: Optional[Iterable[int]] = None) -> Inte
         raise RsqError(f"resolution(s) {unknown or chosen} unknown to this model (known: "
                        f"{', '.join(str(r) for r in known)})")
     chosen = sorted(set(chosen), reverse=True)
-    graph = trace_graph(model)
-    float_ops = trace_float_ops(model, graph)
     with torch.no_grad():
-        return _Lowering(model, graph, float_ops, state).build(chosen)
+        return prepared_lowering(model).build(chosen)
+
+
+def prepared_lowering(model: nn.Module) -> "_Lowering":
+    """The lowering of ``model`` with its integer graph built (tensors, weights, which outputs are narrow), before
+    any resolution's tables: what rsq.export.snap reads."""
+    graph = trace_graph(model)
+    lowering = _Lowering(model, graph, trace_float_ops(model, graph), mode_state(model))
+    with torch.no_grad():
+        lowering.build_graph()
+    return lowering
 
 
 class _Lowering:
@@ -223,7 +231,6 @@ class _Lowering:
     # ---- scales and tables (per resolution) ----
 
     def build(self, resolutions: list[int]) -> IntegerModel:
-        self.build_graph()
         tables, scales = {}, {}
         for r in resolutions:
             key = self.state.find(r).key
