@@ -145,6 +145,8 @@ TABLE = [
     ("export-lq-nets", ["export", "lqrun", "--format", "packed", "--out", "e_lq"], "uses the lqnet quantizer"),
     ("export-out-holds-an-export", ["export", "qrun", "--format", "packed", "--out", "exp"],
      "exp already holds a packed export; pass overwrite=True (--overwrite) to replace it"),
+    ("export-snap-mismatch", ["export", "qrun", "--format", "onnx", "--out", "exp", "--no-snap"],
+     "exp holds an export with snapped biases; add this format the same way (without --no-snap), or pass --overwrite"),
     ("export-out-is-a-file", ["export", "qrun", "--out", "afile"], "export target afile is a file, not a folder"),
     ("export-bits-of-a-single-run", ["export", "qrun", "--bits", "2", "--out", "e_bits"],
      "is a one-bit-width checkpoint (W4A4); drop --bits 2"),
