@@ -195,10 +195,15 @@ def weight_shifts(model: IntegerModel) -> dict[str, int]:
     shifts = {}
     for op in model.ops:
         if op.kind in ("conv", "linear"):
-            weight_bits = model.weights[op.attrs["weight"]].bits
-            if weight_bits < 8 and model.tensors[op.inputs[0]].bits <= 7:
-                shifts[op.attrs["weight"]] = 8 - weight_bits
+            shift = layer_weight_shift(model.weights[op.attrs["weight"]].bits, model.tensors[op.inputs[0]].bits)
+            if shift:
+                shifts[op.attrs["weight"]] = shift
     return shifts
+
+
+def layer_weight_shift(weight_bits: int, input_bits: int) -> int:
+    """weight_shifts' rule for one layer: 8 - bits for sub-8-bit weights read by an input of at most 7 bits."""
+    return 8 - weight_bits if weight_bits < 8 and input_bits <= 7 else 0
 
 
 def narrow_output_fit(model: IntegerModel, resolution: int, op, shifts: dict[str, int],

@@ -27,14 +27,17 @@ from .steps import act_quantizer, bn_affine
 def kernel_bias_bits(weights: np.ndarray, weight_bits: int, input_bits: int) -> int:
     """Fraction bits of bias an int8 kernel holds: the bits its weights can move left inside int8.
 
-    Every integer and its negation (a negative BN gain) stays inside int8, at most 8 - bits; none for 8-bit
-    weights, nor for 8-bit inputs, whose weights the QLinear writer does not shift (AVX2's u8 x s8 pair
-    sums saturate int16 there; qlinear.weight_shifts).
+    The QLinear writer's shift (qlinear.layer_weight_shift: 8 - bits, none for 8-bit weights or 8-bit
+    inputs), at most as many as keep every integer and its negation (a negative BN gain, which XNNPACK's
+    per-channel shift folds in) inside int8.
     """
-    if weight_bits >= 8 or input_bits > 7:
+    from .qlinear import layer_weight_shift
+
+    shift = layer_weight_shift(weight_bits, input_bits)
+    if not shift:
         return 0
     largest = max(int(np.abs(weights.astype(np.int64)).max()), 1)
-    return max(0, min(8 - weight_bits, int(math.floor(math.log2(127 / largest)))))
+    return max(0, min(shift, int(math.floor(math.log2(127 / largest)))))
 
 
 @torch.no_grad()
